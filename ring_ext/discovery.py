@@ -8,6 +8,7 @@ and the other plugins still load.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
@@ -16,6 +17,9 @@ import pluggy
 
 from ring_ext.hookspecs import ENTRY_POINT_GROUP, PROJECT, RingExtSpec
 from ring_ext.registrar import Registrar, Registration
+
+
+logger = logging.getLogger("ring_ext")
 
 
 class RingExtPluginWarning(UserWarning):
@@ -42,7 +46,12 @@ def _distribution(ep: EntryPoint) -> tuple[str, str]:
 def load_plugins(*, reload: bool = False) -> list[PluginReport]:
     """Import every installed plugin and call its `ring_ext_register` hook; cached per process."""
     global _reports
-    if _reports is not None and not reload:
+    # Plugins register into verl, and `import verl` runs verl's entry-point loader, which calls back
+    # here through `ring_ext.verl_entry`: import it first so that nested call does the work once.
+    already_loaded = _reports
+    import verl  # noqa: F401
+
+    if _reports is not None and (not reload or _reports is not already_loaded):
         return _reports
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(RingExtSpec)
@@ -60,11 +69,12 @@ def load_plugins(*, reload: bool = False) -> list[PluginReport]:
             report.registrations = registrar.records
         except Exception as exc:  # a broken plugin must not take the others down
             report.error = f"{type(exc).__name__}: {exc}"
-            warnings.warn(
+            message = (
                 f"ring-ext plugin {ep.name!r} ({dist_name} {version}, entry point {ep.value}) failed to load: "
-                f"{report.error}. The other plugins are unaffected; fix or uninstall {dist_name}.",
-                RingExtPluginWarning,
-                stacklevel=2,
+                f"{report.error}. The other plugins are unaffected; fix or uninstall {dist_name}."
             )
+            # Both: warnings can be filtered away by other libraries, the log line cannot.
+            logger.warning(message)
+            warnings.warn(message, RingExtPluginWarning, stacklevel=2)
     _reports = reports
     return reports

@@ -16,6 +16,9 @@ from verl.plugin.platform.platform_base import PlatformBase
 from ring_ext.device import on_cpu
 
 
+CPU = torch.device("cpu")
+
+
 class _CPUDeviceModule(ModuleType):
     """Stands in for `torch.cuda` where verl calls it: memory and stream calls are no-ops on CPU."""
 
@@ -34,8 +37,8 @@ class _CPUDeviceModule(ModuleType):
         return 1
 
     @staticmethod
-    def current_device() -> int:
-        return 0
+    def current_device() -> torch.device:
+        return CPU
 
     @staticmethod
     def set_device(device: Any) -> None:
@@ -111,8 +114,9 @@ class PlatformCPU(PlatformBase):
     def is_platform_available(self, use_smi_check: bool = False) -> bool:
         return on_cpu()
 
-    def current_device(self) -> int:
-        return 0
+    def current_device(self) -> torch.device:  # type: ignore[override]
+        # verl passes this to `.to()`/`device=`; an int there would mean cuda:<int>.
+        return CPU
 
     def device_count(self) -> int:
         return 1

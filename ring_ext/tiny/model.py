@@ -1,0 +1,71 @@
+"""Random-init tiny causal LMs for the tiny default (`ring_ext/tiny/model.py`).
+
+A dense Qwen2 and a Qwen3-MoE (4 experts, top-2), saved with `save_pretrained` (safetensors) next
+to the tokenizer, so one directory is a complete HF model for FSDP/Megatron actors and vLLM/SGLang
+rollout alike. Weights are drawn under `torch.manual_seed(0)` in float32, then stored as bfloat16
+to match the rollout dtype (so actor and rollout see the same numbers from step 0).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ring_ext.tiny.tokenizer import IM_END, PAD, build_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+SEED = 0
+# Shared by both variants; head_dim = 64 / 4 = 16.
+COMMON: dict[str, Any] = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
+MOE: dict[str, Any] = dict(
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=64,
+    norm_topk_prob=True,  # as in the released Qwen3-MoE checkpoints
+    head_dim=16,  # Qwen3 configs carry head_dim explicitly; keep it equal to hidden/heads
+)
+
+
+def _special_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
+    pad, eos = tok.convert_tokens_to_ids(PAD), tok.convert_tokens_to_ids(IM_END)
+    # Like Qwen2: no BOS is prepended, but bos_token_id names <|endoftext|>.
+    return {"pad_token_id": pad, "bos_token_id": pad, "eos_token_id": eos}
+
+
+def build_model(out_dir: Path, *, moe: bool = False) -> PreTrainedModel:
+    """Write tokenizer + random-init model (+ generation_config.json) into `out_dir`."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tok = build_tokenizer(out_dir)
+    ids = _special_ids(tok)
+    vocab = math.ceil(len(tok) / 64) * 64  # pad the embedding to a multiple of 64 (TP/kernel friendly)
+    if moe:
+        config: Any = Qwen3MoeConfig(vocab_size=vocab, **COMMON, **MOE, **ids)
+        cls: Any = Qwen3MoeForCausalLM
+    else:
+        config, cls = Qwen2Config(vocab_size=vocab, **COMMON, **ids), Qwen2ForCausalLM
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # a fixed init dtype -> byte-identical weights
+    try:
+        torch.manual_seed(SEED)
+        model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to(torch.bfloat16).eval()  # bf16 on disk = the vLLM rollout dtype
+    model.config.dtype = torch.bfloat16
+    model.generation_config = GenerationConfig(**ids)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return model

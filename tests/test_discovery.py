@@ -1,0 +1,127 @@
+"""Plugin discovery: verl's entry point reaches every process, failures are loud, import stays cheap."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from conftest import last_json, run_python
+from ring_ext.discovery import RingExtPluginWarning, load_plugins
+
+BROKEN = "raise RuntimeError('boom: missing native library')\n"
+GOOD = """
+from ring_ext.hookspecs import hookimpl
+
+@hookimpl
+def ring_ext_register(registrar):
+    registrar.workaround("hello", "registered by a scratch plugin")
+"""
+
+
+def test_broken_plugin_warns_by_name_and_others_still_load(plugin_site) -> None:
+    plugin_site("ring-ext-broken", "broken", "ring_ext_broken_plugin", BROKEN)
+    plugin_site("ring-ext-hello", "hello", "ring_ext_hello_plugin", GOOD)
+    with pytest.warns(RingExtPluginWarning) as caught:
+        reports = {r.name: r for r in load_plugins(reload=True)}
+    messages = [str(w.message) for w in caught]
+    assert any("'broken'" in m and "ring-ext-broken" in m and "boom: missing native library" in m for m in messages)
+    assert reports["broken"].error == "RuntimeError: boom: missing native library"
+    assert [(r.kind, r.name) for r in reports["hello"].registrations] == [("workaround", "hello")]
+    assert reports["cpu"].error is None and any(r.kind == "platform" for r in reports["cpu"].registrations)
+
+
+def test_plugin_whose_hook_raises_is_reported_not_fatal(plugin_site) -> None:
+    plugin_site(
+        "ring-ext-badhook",
+        "badhook",
+        "ring_ext_badhook_plugin",
+        "from ring_ext.hookspecs import hookimpl\n\n@hookimpl\ndef ring_ext_register(registrar):\n    raise KeyError('x')\n",
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reports = {r.name: r for r in load_plugins(reload=True)}
+    assert reports["badhook"].error == "KeyError: 'x'"
+    assert any("badhook" in str(w.message) for w in caught)
+    assert reports["cpu"].error is None
+
+
+def test_import_verl_loads_ring_ext_through_verl_entry_point() -> None:
+    out = run_python(
+        """
+        import json, sys
+        import verl
+        from verl.plugin.platform.platform_manager import PlatformRegistry
+        from ring_ext.discovery import _reports
+        print(json.dumps({
+            "entry": "ring_ext.verl_entry" in sys.modules,
+            "cpu_platform": PlatformRegistry.get("cpu").__module__,
+            "plugins": [r.name for r in _reports or []],
+        }))
+        """
+    )
+    assert last_json(out) == {"entry": True, "cpu_platform": "ring_ext_cpu.platform", "plugins": ["cpu"]}
+
+
+def test_entry_point_import_is_cheap() -> None:
+    """ring-ext's entry point adds no heavy package beyond what verl itself already imported."""
+    out = run_python(
+        """
+        import json, sys
+        import verl
+        before = set(sys.modules)
+        import ring_ext.verl_entry
+        added = sorted(set(sys.modules) - before)
+        print(json.dumps(added))
+        """,
+        env={"VERL_USE_EXTERNAL_PLUGINS": "none"},
+    )
+    added = last_json(out)
+    heavy = [m for m in added if m.split(".")[0] in {"vllm", "transformers", "torch", "ray", "megatron", "wandb"}]
+    heavy += [m for m in added if m.startswith(("verl.trainer", "verl.workers", "verl.checkpoint_engine"))]
+    assert "ring_ext_cpu.plugin" in added
+    assert heavy == []
+
+
+def test_ray_task_and_verl_worker_group_see_registrations() -> None:
+    """Registrations exist in Ray workers: verl imports ring-ext there, nobody else does."""
+    out = run_python(
+        """
+        import json
+        import ray
+        import verl
+        from verl.single_controller.base import Worker
+        from verl.single_controller.base.decorator import Dispatch, register
+        from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+
+        def probe():
+            import sys
+            from verl.plugin.platform.platform_manager import PlatformRegistry
+            from ring_ext.discovery import _reports
+            cls = PlatformRegistry.get("cpu")
+            return {"platform": cls and cls.__name__, "plugins": [r.name for r in _reports or []],
+                    "entry": "ring_ext.verl_entry" in sys.modules}
+
+        @ray.remote
+        def task():
+            import verl  # a Ray task imports verl; verl imports ring-ext
+            return probe()
+
+        @ray.remote
+        class ProbeWorker(Worker):
+            @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+            def probe(self):
+                return probe()
+
+        ray.init(num_cpus=2, include_dashboard=False)
+        pool = RayResourcePool([2], use_gpu=False)
+        group = RayWorkerGroup(pool, RayClassWithInitArgs(cls=ProbeWorker))
+        print(json.dumps({"task": ray.get(task.remote()), "workers": group.probe()}))
+        ray.shutdown()
+        """,
+        timeout=400,
+    )
+    result = last_json(out)
+    expected = {"platform": "PlatformCPU", "plugins": ["cpu"], "entry": True}
+    assert result["task"] == expected
+    assert result["workers"] == [expected, expected]
