@@ -91,7 +91,6 @@ def test_ray_task_and_verl_worker_group_see_registrations() -> None:
         import ray
         import verl
         from verl.single_controller.base import Worker
-        from verl.single_controller.base.decorator import Dispatch, register
         from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 
         def probe():
@@ -109,14 +108,14 @@ def test_ray_task_and_verl_worker_group_see_registrations() -> None:
 
         @ray.remote
         class ProbeWorker(Worker):
-            @register(dispatch_mode=Dispatch.ONE_TO_ALL)
             def probe(self):
                 return probe()
 
-        ray.init(num_cpus=2, include_dashboard=False)
+        # Logical CPUs: verl's placement-group bundles ask for more than this 2-core host has.
+        ray.init(num_cpus=16, include_dashboard=False)
         pool = RayResourcePool([2], use_gpu=False)
         group = RayWorkerGroup(pool, RayClassWithInitArgs(cls=ProbeWorker))
-        print(json.dumps({"task": ray.get(task.remote()), "workers": group.probe()}))
+        print(json.dumps({"task": ray.get(task.remote()), "workers": group.execute_all_sync("probe")}))
         ray.shutdown()
         """,
         timeout=400,

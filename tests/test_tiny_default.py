@@ -32,7 +32,7 @@ def _run(code: str, *args: str, seed: str = "0") -> subprocess.Popen[str]:
 
 
 def _hashes(cache: Path) -> dict[str, str]:
-    root = cache / "tiny-v1"
+    root = cache / "tiny-v2"
     files = sorted(p for p in root.rglob("*") if p.is_file())
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
@@ -54,7 +54,7 @@ def dense(cache: Path) -> TinyDefault:
 
 
 def test_layout(cache: Path, dense: TinyDefault) -> None:
-    root = cache / "tiny-v1"
+    root = cache / "tiny-v2"
     assert dense == TinyDefault(root / "qwen2", root / "data/arith_train.parquet", root / "data/arith_val.parquet")
     assert build_tiny_default(cache, moe=True).model_dir == root / "qwen3moe"
     assert sorted(p.name for p in root.iterdir()) == ["data", "qwen2", "qwen3moe"]  # no temp leftovers
@@ -67,7 +67,7 @@ def test_two_concurrent_fresh_builds_are_byte_identical(cache: Path, tmp_path: P
     a, b = _hashes(cache), _hashes(tmp_path)
     assert len(a) == 14 and {"qwen2/model.safetensors", "qwen3moe/tokenizer.json", "data/arith_val.parquet"} <= set(a)
     assert a == b
-    assert sorted(p.name for p in (tmp_path / "tiny-v1").iterdir()) == ["data", "qwen2", "qwen3moe"]
+    assert sorted(p.name for p in (tmp_path / "tiny-v2").iterdir()) == ["data", "qwen2", "qwen3moe"]
 
 
 def test_cheap_path_imports_nothing_heavy(cache: Path) -> None:
@@ -104,7 +104,7 @@ def test_tokenizer(cache: Path, variant: str) -> None:
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    d = cache / "tiny-v1" / variant
+    d = cache / "tiny-v2" / variant
     tok = AutoTokenizer.from_pretrained(d)
     raw = Tokenizer.from_file(str(d / "tokenizer.json"))
     assert len(tok) == 512
@@ -132,10 +132,10 @@ def test_model_loads_and_runs(cache: Path, variant: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    d = cache / "tiny-v1" / variant
+    d = cache / "tiny-v2" / variant
     cfg = json.loads((d / "config.json").read_text())
     assert (cfg["dtype"], cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"]) == ("bfloat16", 512, 64, 2)
-    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["tie_word_embeddings"]) == (4, 2, True)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["tie_word_embeddings"]) == (2, 1, True)
     assert (cfg["eos_token_id"], cfg["pad_token_id"], cfg["bos_token_id"]) == (2, 0, 0)
     assert GenerationConfig.from_pretrained(d).eos_token_id == 2
     model = AutoModelForCausalLM.from_pretrained(d)

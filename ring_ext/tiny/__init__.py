@@ -4,9 +4,9 @@
 versions), a random-init tiny Qwen2 (or Qwen3-MoE) with its own tokenizer, and a synthetic
 arithmetic RL dataset in verl's parquet format, scored by `ring_ext.tiny.reward.compute_score`:
 
-    <cache>/tiny-v1/qwen2/      HF model dir: config, bf16 safetensors, tokenizer, chat template
-    <cache>/tiny-v1/qwen3moe/   the same with 4 experts, top-2
-    <cache>/tiny-v1/data/       arith_train.parquet (256 rows), arith_val.parquet (32 rows)
+    <cache>/tiny-v2/qwen2/      HF model dir: config, bf16 safetensors, tokenizer, chat template
+    <cache>/tiny-v2/qwen3moe/   the same with 4 experts, top-2
+    <cache>/tiny-v2/data/       arith_train.parquet (256 rows), arith_val.parquet (32 rows)
 
 Each part is built in a temp dir and renamed into place (readers never see half a part), under
 a file lock so concurrent callers (Ray workers) build it once. Once built, a call only stats a
@@ -26,7 +26,7 @@ from pathlib import Path
 
 __all__ = ["TinyDefault", "build_tiny_default", "default_cache_dir"]
 
-VERSION = "tiny-v1"  # bump when the recipe changes, so stale caches are not reused
+VERSION = "tiny-v2"  # bump when the recipe changes, so stale caches are not reused
 CACHE_ENV = "RING_EXT_CACHE"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")
 DATA_FILES = ("arith_train.parquet", "arith_val.parquet")
@@ -49,7 +49,7 @@ def default_cache_dir() -> Path:
 def build_tiny_default(
     cache_dir: Path | str | None = None, *, moe: bool = False, force: bool = False
 ) -> TinyDefault:
-    """Return the tiny default under `<cache_dir>/tiny-v1/`, building the missing parts first."""
+    """Return the tiny default under `<cache_dir>/tiny-v2/`, building the missing parts first."""
     root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser().absolute() / VERSION
     model_dir, data_dir = root / ("qwen3moe" if moe else "qwen2"), root / "data"
     result = TinyDefault(model_dir, data_dir / DATA_FILES[0], data_dir / DATA_FILES[1])

@@ -18,12 +18,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 SEED = 0
-# Shared by both variants; head_dim = 64 / 4 = 16.
+# Shared by both variants; head_dim = 64 / 2 = 32, the smallest vLLM-CPU attention supports.
 COMMON: dict[str, Any] = dict(
     hidden_size=64,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
     intermediate_size=128,
     max_position_embeddings=512,
     tie_word_embeddings=True,
@@ -33,7 +33,7 @@ MOE: dict[str, Any] = dict(
     num_experts_per_tok=2,
     moe_intermediate_size=64,
     norm_topk_prob=True,  # as in the released Qwen3-MoE checkpoints
-    head_dim=16,  # Qwen3 configs carry head_dim explicitly; keep it equal to hidden/heads
+    head_dim=32,  # Qwen3 configs carry head_dim explicitly; keep it equal to hidden/heads
 )
 
 

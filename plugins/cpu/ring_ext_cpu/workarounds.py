@@ -103,6 +103,13 @@ WORKAROUNDS: tuple[Workaround, ...] = (
         _select_cuda_engine_class,
     ),
     Workaround(
+        "vllm_cpu_gemm_drops_weights",
+        "vLLM-CPU replaces linear weights by packed oneDNN/AMX copies and drops `layer.weight`, so weight "
+        "sync fails or goes stale; applied inside vLLM processes by ring_ext_cpu.vllm_plugin "
+        "(vllm.general_plugins)",
+        lambda: None,
+    ),
+    Workaround(
         "vllm_target_device",
         "vLLM's CPU platform is chosen with VLLM_TARGET_DEVICE=cpu in every process that imports vLLM",
         _vllm_target_cpu,

@@ -1,0 +1,42 @@
+"""ring-ext-cpu's vLLM general plugin (`vllm.general_plugins`): vLLM runs it in every engine process.
+
+vLLM-CPU repacks each linear weight for oneDNN/AMX/zentorch after loading and, for linear layers,
+replaces `layer.weight` by an empty tensor (vllm/model_executor/layers/utils.py,
+`dispatch_cpu_unquantized_gemm(..., remove_weight=True)`). verl's weight push then fails with
+"'Parameter' object has no attribute 'weight_loader'", and where the weight is kept (lm_head) the
+packed copy goes stale after a sync. Keeping the live weight and calling `F.linear` on it makes every
+weight update visible, at the price of the packed kernels, which tiny models do not need.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PATCH_FLAG = "__ring_ext_patched__"
+
+
+def _linear_on_live_weight(x: Any, weight: Any, bias: Any) -> Any:
+    import torch.nn.functional as F
+
+    return F.linear(x, weight, bias)
+
+
+def register() -> None:
+    from ring_ext.device import on_cpu
+
+    if not on_cpu():
+        return
+    from vllm.model_executor.layers import utils
+
+    original = utils.dispatch_cpu_unquantized_gemm
+    if getattr(original, PATCH_FLAG, False):
+        return
+
+    def dispatch_keeping_weight(layer: Any, remove_weight: bool) -> None:
+        if layer.weight.ndim != 2:  # MoE expert stacks and convs: vLLM's own path keeps them
+            original(layer, remove_weight)
+            return
+        layer.cpu_linear = _linear_on_live_weight
+
+    setattr(dispatch_keeping_weight, PATCH_FLAG, True)
+    utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight

