@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,8 +11,8 @@ import verl
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError
 
+from ring_ext.config_check import UnknownConfigKeyError, check_config_keys, unknown_keys
 from ring_ext.recipes import list_recipes
 
 VERL_CONFIG_DIR = str(Path(verl.__file__).parent / "trainer" / "config")
@@ -71,13 +73,42 @@ def test_misspelled_knob_fails_naming_it() -> None:
     assert "ppo_mini_bach_size" in str(err.value)
 
 
-def test_misspelled_knob_inside_a_recipe_file_fails_naming_it(tmp_path: Path) -> None:
-    """A recipe (or a user's own recipe dir) with a typo is refused, not silently added to the config."""
+TYPO_RECIPE = """# @package _global_
+hydra:
+  callbacks:
+    ring_ext_key_check:
+      _target_: ring_ext.config_check.KeyCheckCallback
+actor_rollout_ref:
+  actor:
+    clip_ratoi: 0.3
+"""
+
+
+def test_misspelled_knob_inside_a_recipe_file_is_named(tmp_path: Path) -> None:
+    """Hydra lets a config file add keys; ring-ext's check refuses the ones verl would never read."""
     (tmp_path / "recipe").mkdir()
-    (tmp_path / "recipe" / "typo.yaml").write_text("# @package _global_\nactor_rollout_ref:\n  actor:\n    clip_ratoi: 0.3\n")
-    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
-        compose_ppo("+recipe=typo", f"hydra.searchpath=[file://{tmp_path}]")
-    assert "clip_ratoi" in str(err.value)
+    (tmp_path / "recipe" / "typo.yaml").write_text(TYPO_RECIPE)
+    cfg = compose_ppo("+recipe=typo", f"hydra.searchpath=[file://{tmp_path}]")
+    assert unknown_keys(cfg) == ["actor_rollout_ref.actor.clip_ratoi"]
+    with pytest.raises(UnknownConfigKeyError, match=r"actor_rollout_ref.actor.clip_ratoi.*did you mean 'actor_rollout_ref.actor.clip_ratio'"):
+        check_config_keys(cfg)
+
+
+def test_misspelled_recipe_knob_stops_main_ppo_before_ray_starts(tmp_path: Path) -> None:
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "typo.yaml").write_text(TYPO_RECIPE)
+    proc = subprocess.run(
+        [sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=typo", f"hydra.searchpath=[file://{tmp_path}]"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "actor_rollout_ref.actor.clip_ratoi" in proc.stderr
+    assert "ray init kwargs" not in proc.stdout
+
+
+def test_ring1t_adds_only_keys_verl_accepts() -> None:
+    cfg = compose_ppo("+recipe=ring1t")
+    assert unknown_keys(cfg) == []
 
 
 def test_list_recipes_reads_installed_package() -> None:

