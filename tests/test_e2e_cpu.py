@@ -1,7 +1,7 @@
 """End to end on CPU: verl's unchanged `main_ppo` entry point, `+recipe=ring1t`, a real vLLM server.
 
-Three GRPO steps on the tiny default with a large learning rate, so each step moves the policy far
-enough that a rollout engine left on stale weights would be caught by the log-prob comparison.
+A few GRPO steps on the tiny default with a large learning rate, so the policy moves far enough that
+a rollout engine left on stale weights would be caught by the log-prob comparison.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from ring_ext.tiny import build_tiny_default
 
 pytestmark = pytest.mark.e2e
 
-STEPS = 3
+STEPS = 6
 # vLLM (bf16 kernels) vs the FSDP actor (bf16 forward) on the same weights: measured on this CPU
 # ~0.01 mean |log-ppl| difference and Pearson >= 0.998 of token probabilities.
-MAX_LOG_PPL_GAP = 0.05
+MAX_LOG_PPL_GAP = 0.02
 MIN_PEARSON = 0.99
 
 
@@ -37,7 +37,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "trainer.logger=[console,file]",
         f"trainer.save_freq={STEPS}",
         f"trainer.default_local_dir={workdir / 'ckpt'}",
-        "actor_rollout_ref.actor.optim.lr=1e-2",
+        "actor_rollout_ref.actor.optim.lr=3e-2",
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
     ]  # fmt: skip
     env = {**os.environ, "VERL_FILE_LOGGER_PATH": str(metrics_file)}
@@ -45,6 +45,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (workdir / "run.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"main_ppo failed, log in {workdir / 'run.log'}:\n{proc.stderr[-5000:]}"
     steps = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    for s in steps:
+        d = s["data"]
+        print(f"step {s['step']}: step_s={d['timing_s/step']:.2f} log_ppl={d['rollout_corr/training_log_ppl']:.4f} "
+              f"gap={d['rollout_corr/log_ppl_abs_diff']:.4f} pearson={d['training/rollout_actor_probs_pearson_corr']:.4f}")
     return {"steps": {s["step"]: s["data"] for s in steps}, "workdir": workdir}
 
 
@@ -76,4 +80,4 @@ def test_rollout_logprobs_follow_the_synced_weights(run: dict) -> None:
         assert data["training/rollout_actor_probs_pearson_corr"] >= MIN_PEARSON, step
         assert data["rollout_corr/log_ppl_abs_diff"] <= MAX_LOG_PPL_GAP, step
     drift = abs(steps[STEPS]["rollout_corr/training_log_ppl"] - steps[1]["rollout_corr/training_log_ppl"])
-    assert drift > 4 * MAX_LOG_PPL_GAP, f"policy barely moved ({drift}); the sync check would prove nothing"
+    assert drift > 5 * MAX_LOG_PPL_GAP, f"policy barely moved ({drift}); the sync check would prove nothing"
