@@ -111,9 +111,8 @@ def test_ray_task_and_verl_worker_group_see_registrations() -> None:
             def probe(self):
                 return probe()
 
-        # Logical CPUs: verl's placement-group bundles ask for more than this 2-core host has.
-        ray.init(num_cpus=16, include_dashboard=False)
-        pool = RayResourcePool([2], use_gpu=False)
+        ray.init(num_cpus=4, include_dashboard=False)
+        pool = RayResourcePool([2], use_gpu=False, max_colocate_count=1)  # one logical CPU per worker
         group = RayWorkerGroup(pool, RayClassWithInitArgs(cls=ProbeWorker))
         print(json.dumps({"task": ray.get(task.remote()), "workers": group.execute_all_sync("probe")}))
         ray.shutdown()
