@@ -52,7 +52,7 @@ def _dataclass_fields(target: str) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
 
 
-def _accepted(path: str, base: DictConfig) -> bool:
+def _accepted(path: str, cfg: DictConfig, base: DictConfig) -> bool:
     parts = path.split(".")
     for i in range(len(parts) - 1, 0, -1):
         parent = ".".join(parts[:i])
@@ -63,7 +63,8 @@ def _accepted(path: str, base: DictConfig) -> bool:
             continue
         if isinstance(node, DictConfig) and len(node) == 0:
             return True
-        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        # The user's `_target_` wins: a typed subclass (e.g. a plugin's policy-loss config) adds fields.
+        target = OmegaConf.select(cfg, f"{parent}._target_", default=None) or node.get("_target_")
         return bool(target) and parts[i] in _dataclass_fields(str(target))
     return parts[0] in FREE_FORM
 
@@ -74,7 +75,7 @@ def unknown_keys(cfg: DictConfig, base: DictConfig | None = None) -> list[str]:
     added = [p for p in _leaf_paths(cfg) if p not in known]
     # Report the topmost unknown key only, not every key below it.
     roots = [p for p in added if not any(p.startswith(q + ".") for q in added if q != p)]
-    return [p for p in roots if not _accepted(p, base)]
+    return [p for p in roots if not _accepted(p, cfg, base)]
 
 
 def check_config_keys(cfg: DictConfig) -> None:

@@ -1,13 +1,21 @@
 """The one place that knows verl 0.9.1's registries: plugins declare, the registrar forwards and records.
 
-Every method imports its verl registry lazily, so a plugin that only adds a platform does not pay for
-importing verl's trainer. Records feed `ring-ext plugins`.
+Registrations into verl's trainer, loss and checkpoint modules wait (`after_import`) until verl
+itself imports those modules, so loading a plugin stays cheap in every process. Records feed
+`ring-ext plugins`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Callable
+
+from ring_ext.patching import after_import
+
+
+def _qualname(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
 
 
 @dataclass(frozen=True)
@@ -29,28 +37,33 @@ class Registrar:
         self.records.append(Registration(self.plugin, kind, name, detail))
 
     def policy_loss(self, name: str, fn: Callable[..., Any]) -> None:
-        from verl.trainer.ppo.core_algos import register_policy_loss
+        def register(core_algos: ModuleType) -> None:
+            if core_algos.POLICY_LOSS_REGISTRY.get(name) is not fn:
+                core_algos.register_policy_loss(name)(fn)
 
-        register_policy_loss(name)(fn)
-        self._record("policy_loss", name, f"{fn.__module__}.{fn.__qualname__}")
+        after_import("verl.trainer.ppo.core_algos", register)
+        self._record("policy_loss", name, _qualname(fn))
 
     def trainer_mode(self, name: str, cls: type) -> None:
-        from verl.trainer.ppo.v1 import register_trainer
-
-        register_trainer(name)(cls)
-        self._record("trainer_mode", name, f"{cls.__module__}.{cls.__qualname__}")
+        after_import("verl.trainer.ppo.v1", lambda v1: v1.register_trainer(name)(cls))
+        self._record("trainer_mode", name, _qualname(cls))
 
     def checkpoint_engine(self, name: str, cls: type) -> None:
-        from verl.checkpoint_engine.base import CheckpointEngineRegistry
+        after_import("verl.checkpoint_engine.base", lambda base: base.CheckpointEngineRegistry.register(name)(cls))
+        self._record("checkpoint_engine", name, _qualname(cls))
 
-        CheckpointEngineRegistry.register(name)(cls)
-        self._record("checkpoint_engine", name, f"{cls.__module__}.{cls.__qualname__}")
+    def startup_check(self, name: str, check: Callable[[Any], None]) -> None:
+        """`check(config)` runs in the driver inside verl's `validate_config`, before Ray starts."""
+        from ring_ext.startup import add_startup_check
+
+        add_startup_check(name, check)
+        self._record("startup_check", name, _qualname(check))
 
     def platform(self, name: str, cls: type) -> None:
         from verl.plugin.platform.platform_manager import PlatformRegistry
 
         PlatformRegistry.register(platform=name)(cls)
-        self._record("platform", name, f"{cls.__module__}.{cls.__qualname__}")
+        self._record("platform", name, _qualname(cls))
 
     def workaround(self, name: str, description: str) -> None:
         """Record a patch of a verl/vLLM defect so users can see exactly what ring-ext changed."""

@@ -1,0 +1,154 @@
+"""verl adapter: the `icepop`/`kpop`/`tis` policy losses and the rollout log-probs they need.
+
+verl's actor loss (`verl.workers.utils.losses.ppo_loss`) selects old log-probs, advantages and masks
+from the micro-batch and drops `rollout_log_probs` before calling the registered policy loss. For
+the mismatch losses `with_rollout_log_probs` wraps that call site: it pads the rollout log-probs
+(and the entropy, when verl computed it) of the same micro-batch and hands them to the loss through
+a context variable. A run whose batch has no rollout log-probs stops with an error; it never falls
+back to the vanilla loss.
+
+Each loss is verl's own PPO-clip (`compute_policy_loss_vanilla`, dual clip included) with the
+per-token weights of `core.mismatch_weights` as its `rollout_is_weights`: masked tokens contribute
+0 but stay in the `loss_agg_mode` denominator, so the loss scale does not jump when the mask does.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextvars import ContextVar
+from typing import Any, Callable
+
+import torch
+
+from ring_ext_icepop.core import MISMATCH_KINDS, mismatch_metrics, mismatch_weights
+
+METRIC_PREFIX = "mismatch/"
+_ROLLOUT = ContextVar[dict[str, torch.Tensor] | None]("ring_ext_icepop_rollout", default=None)
+
+
+class RolloutLogProbsMissing(RuntimeError):
+    pass
+
+
+def with_rollout_log_probs(ppo_loss: Callable[..., Any], no_padding_2_padding: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(ppo_loss)
+    def wrapped(config: Any, model_output: Any, data: Any, dp_group: Any = None) -> Any:
+        mode = config.policy_loss.get("loss_mode", "vanilla")
+        if mode not in MISMATCH_KINDS:
+            return ppo_loss(config, model_output, data, dp_group)
+        if "rollout_log_probs" not in data.keys():
+            raise RolloutLogProbsMissing(
+                f"policy loss '{mode}' needs the rollout engine's per-token log-probs, but the batch has no "
+                "'rollout_log_probs': keep actor_rollout_ref.rollout.calculate_log_probs=True."
+            )
+        extra = {"infer_logp": data.select("rollout_log_probs").to_padded_tensor()["rollout_log_probs"]}
+        if model_output.get("entropy", None) is not None:
+            extra["entropy"] = no_padding_2_padding(model_output["entropy"], data)
+        token = _ROLLOUT.set(extra)
+        try:
+            loss, metrics = ppo_loss(config, model_output, data, dp_group)
+        finally:
+            _ROLLOUT.reset(token)
+        return loss, _exact_extrema(metrics)
+
+    wrapped.__ring_ext_patched__ = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _exact_extrema(metrics: dict[str, Any]) -> dict[str, Any]:
+    """verl averages policy-loss metrics over micro-batches; min/max must aggregate as min/max."""
+    from verl.utils.metric.utils import AggregationType, Metric
+
+    for key, metric in metrics.items():
+        if key.startswith(METRIC_PREFIX) and isinstance(metric, Metric) and key.endswith(("_min", "_max")):
+            exact = Metric(AggregationType.MIN if key.endswith("_min") else AggregationType.MAX)
+            exact.extend(metric.values)
+            metrics[key] = exact
+    return metrics
+
+
+def mismatch_policy_loss(
+    kind: str,
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+
+    from ring_ext_icepop.config import mismatch_config
+
+    rollout = _ROLLOUT.get()
+    if rollout is None:
+        raise RolloutLogProbsMissing(
+            f"policy loss '{kind}' was called without rollout log-probs: call it through verl's ppo_loss "
+            "with ring-ext-icepop installed (it patches the call site), or use rollout_logprobs_context()."
+        )
+    infer_logp = rollout["infer_logp"].to(old_log_prob.device)
+    if infer_logp.shape != old_log_prob.shape:
+        raise ValueError(f"rollout log-probs {tuple(infer_logp.shape)} != old log-probs {tuple(old_log_prob.shape)}")
+    mask = response_mask.bool()
+    weights = mismatch_weights(old_log_prob, infer_logp, mask, mismatch_config(kind, config.policy_loss))
+    # A rejected token may carry a non-finite log-prob: zero it before verl's ratio so 0 * inf cannot
+    # become NaN; torch.where also stops its gradient.
+    finite = torch.isfinite(old_log_prob) & torch.isfinite(log_prob)
+    old_log_prob = torch.where(finite, old_log_prob, torch.zeros_like(old_log_prob))
+    log_prob = torch.where(finite, log_prob, torch.zeros_like(log_prob))
+    metrics = mismatch_metrics(weights, mask, entropy=rollout.get("entropy"), train_logp=old_log_prob, prefix=METRIC_PREFIX)
+    if not mask.any():
+        # verl's local token-mean would divide 0 by 0; an empty micro-batch contributes a zero loss
+        # that is still connected to the graph, so every rank runs the same backward.
+        empty = {"actor/pg_clipfrac": 0.0, "actor/ppo_kl": 0.0, "actor/pg_clipfrac_lower": 0.0}
+        return log_prob.sum() * 0.0, empty | metrics
+    is_weights = weights.weight.to(log_prob.dtype)
+    if rollout_is_weights is not None:
+        is_weights = is_weights * rollout_is_weights
+    pg_loss, pg_metrics = compute_policy_loss_vanilla(
+        old_log_prob=old_log_prob,
+        log_prob=log_prob,
+        advantages=advantages,
+        response_mask=response_mask,
+        loss_agg_mode=loss_agg_mode,
+        config=config,
+        rollout_is_weights=is_weights,
+    )
+    return pg_loss, pg_metrics | metrics
+
+
+def rollout_logprobs_context(infer_logp: torch.Tensor, entropy: torch.Tensor | None = None) -> Any:
+    """Context manager giving the losses their rollout log-probs outside verl's call site (tests, benchmarks)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope() -> Any:
+        token = _ROLLOUT.set({"infer_logp": infer_logp} | ({"entropy": entropy} if entropy is not None else {}))
+        try:
+            yield
+        finally:
+            _ROLLOUT.reset(token)
+
+    return scope()
+
+
+def _registered_loss(kind: str) -> Callable[..., Any]:
+    def loss(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = "token-mean",
+        config: Any = None,
+        rollout_is_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return mismatch_policy_loss(
+            kind, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
+        )
+
+    loss.__name__ = loss.__qualname__ = f"{kind}_policy_loss"
+    return loss
+
+
+LOSSES: dict[str, Callable[..., Any]] = {kind: _registered_loss(kind) for kind in MISMATCH_KINDS}

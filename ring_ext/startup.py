@@ -1,0 +1,58 @@
+"""Checks that run in the driver inside verl's `validate_config`, before Ray or any worker starts.
+
+`python -m verl.trainer.main_ppo` calls `verl.utils.config.validate_config(config, ...)` first thing;
+ring-ext wraps it (lazily, on import) so a misconfigured plugin fails in seconds with the knob's name
+instead of at the first actor update minutes later.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from types import ModuleType
+from typing import Any, Callable
+
+from ring_ext.patching import after_import
+
+logger = logging.getLogger("ring_ext")
+Check = Callable[[Any], None]
+_checks: dict[str, Check] = {}
+
+
+def add_startup_check(name: str, check: Check) -> None:
+    if not _checks:
+        after_import("verl.utils.config", _wrap_validate_config)
+    _checks[name] = check
+
+
+def run_startup_checks(config: Any) -> None:
+    for check in _checks.values():
+        check(config)
+
+
+def _wrap_validate_config(module: ModuleType) -> None:
+    original = module.validate_config
+    if getattr(original, "__ring_ext_patched__", False):
+        return
+
+    @functools.wraps(original)
+    def validate_config(config: Any, *args: Any, **kwargs: Any) -> Any:
+        run_startup_checks(config)
+        return original(config, *args, **kwargs)
+
+    validate_config.__ring_ext_patched__ = True  # type: ignore[attr-defined]
+    module.validate_config = validate_config
+
+
+def check_policy_loss_registered(config: Any) -> None:
+    """verl only looks the loss up at the first actor update; fail now, listing what exists."""
+    from verl.trainer.ppo import core_algos
+
+    mode = config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla")
+    if mode not in core_algos.POLICY_LOSS_REGISTRY:
+        available = ", ".join(sorted(core_algos.POLICY_LOSS_REGISTRY))
+        raise ValueError(
+            f"actor_rollout_ref.actor.policy_loss.loss_mode={mode!r} is not a registered policy loss. "
+            f"Available: {available}. (ring-ext plugins add theirs when installed: see `ring-ext plugins`.)"
+        )
+    logger.warning("ring-ext: actor policy loss = %s", mode)
