@@ -75,7 +75,7 @@ class MismatchWeights:
     kept: torch.Tensor  # [B, T] bool: valid, inside the mask (and inside response_mask)
     below: torch.Tensor  # [B, T] bool: rejected low (icepop: k < alpha; kpop: rejected with k < 1)
     above: torch.Tensor  # [B, T] bool: rejected high (icepop: k > beta; kpop: rejected with k >= 1)
-    invalid: torch.Tensor  # [B, T] bool: inside response_mask but non-finite train/infer log-prob
+    invalid: torch.Tensor  # [B, T] bool: inside response_mask but non-finite train/infer log-prob (or log k)
     log_ratio: torch.Tensor  # [B, T] float32 log k, 0.0 where invalid or padding
 
 
@@ -84,13 +84,15 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _binary_kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """D_B(p||q) from finite log-probs lp, lq <= 0 (float64), with 0 * log(0 / x) = 0."""
-    p, one_minus_p = torch.exp(lp), -torch.expm1(lp)
-    head = p * (lp - lq)
-    # p == 1 makes the tail 0 whatever q is; the unselected branch may be nan (-inf - -inf), torch.where drops it.
-    tail = torch.where(one_minus_p > 0, one_minus_p * (_log1mexp(lp) - _log1mexp(lq)), torch.zeros_like(lp))
-    return head + tail
+def _binary_kl_both(lp: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D_B(p||q), D_B(q||p)) from finite log-probs lp, lq <= 0 (float64), with 0 * log(0 / x) = 0."""
+    p, q = torch.exp(lp), torch.exp(lq)
+    p_bar, q_bar = -torch.expm1(lp), -torch.expm1(lq)  # 1 - p, 1 - q without cancellation
+    log_ratio, log_bar_ratio = lp - lq, _log1mexp(lp) - _log1mexp(lq)  # log(p/q), log((1-p)/(1-q))
+    # p == 1 makes the (1-p) term 0 whatever q is; the unselected branch may be nan (-inf - -inf).
+    forward = p * log_ratio + torch.where(p_bar > 0, p_bar * log_bar_ratio, 0.0)
+    backward = -q * log_ratio - torch.where(q_bar > 0, q_bar * log_bar_ratio, 0.0)
+    return forward, backward
 
 
 def mismatch_weights(
@@ -123,13 +125,14 @@ def mismatch_weights(
         lp = torch.where(valid, train, torch.zeros_like(train)).to(torch.float64).clamp(max=0.0)
         lq = torch.where(valid, infer, torch.zeros_like(infer)).to(torch.float64).clamp(max=0.0)
         limit = cfg.phi * (1.0 + _KL_RTOL)
-        kept = valid & (_binary_kl(lp, lq) <= limit) & (_binary_kl(lq, lp) <= limit)
+        forward, backward = _binary_kl_both(lp, lq)
+        kept = valid & (forward <= limit) & (backward <= limit)
         rejected = valid & ~kept
         below = rejected & (log_k < 0)
         above = rejected & (log_k >= 0)
         log_w = torch.where(kept, log_k.clamp(max=KPOP_MAX_LOG_WEIGHT), torch.zeros_like(log_k))
     else:  # tis
-        kept, below, above = valid, zeros, zeros
+        kept, below, above = valid, zeros, zeros.clone()
         log_w = torch.minimum(log_k, torch.tensor(math.log(cfg.cap), dtype=dtype))
 
     weight = torch.where(kept, torch.exp(log_w), torch.zeros_like(log_w)).to(torch.float32)
@@ -165,36 +168,52 @@ def mismatch_metrics(
     rejected = valid & ~w.kept
     r = w.log_ratio.detach().to(torch.float64)
     wt = w.weight.detach().to(torch.float64)
-    n = mask.sum().item()
-    n_valid = valid.sum().item()
-
-    def frac(t: torch.Tensor) -> float:
-        return float((t & mask).sum().item()) / n if n else 0.0
-
-    def mean_over(values: torch.Tensor, sel: torch.Tensor, *, finite_only: bool = False) -> float:
-        values = values.detach().to(torch.float64)
-        sel = sel & torch.isfinite(values) if finite_only else sel  # only for caller-supplied tensors
-        count = sel.sum().item()
-        return float(torch.where(sel, values, torch.zeros_like(values)).sum().item()) / count if count else 0.0
-
     c = r.clamp(-_K3_CLAMP, _K3_CLAMP)
-    sum_w, sum_w2 = wt[valid].sum().item(), wt[valid].square().sum().item()
-    ess = sum_w**2 / (n_valid * sum_w2) if n_valid and sum_w2 > 0 else 0.0
-    out = {
-        "k1": -mean_over(r, valid),
-        "k3": mean_over(torch.expm1(c) - c, valid),  # expm1: no cancellation for small c
-        "masked_below_frac": frac(w.below),
-        "masked_above_frac": frac(w.above),
-        "invalid_frac": frac(w.invalid),
-        "kept_frac": frac(w.kept),
-        "ess": ess if math.isfinite(ess) else 0.0,
-        "log_ratio_min": r[valid].min().item() if n_valid else 0.0,
-        "log_ratio_max": r[valid].max().item() if n_valid else 0.0,
-        "log_ratio_mean": mean_over(r, valid),
+    inf = r.new_tensor([math.inf])
+    # All reductions go into one tensor and cross to the host once (one device sync per call, not ~15).
+    parts: dict[str, torch.Tensor] = {
+        "n": mask.sum(),
+        "n_valid": valid.sum(),
+        "below": (w.below & mask).sum(),
+        "above": (w.above & mask).sum(),
+        "invalid": (w.invalid & mask).sum(),
+        "kept": (w.kept & mask).sum(),
+        "sum_r": torch.where(valid, r, 0.0).sum(),
+        "sum_k3": torch.where(valid, torch.expm1(c) - c, 0.0).sum(),  # expm1: no cancellation for small c
+        "sum_w": torch.where(valid, wt, 0.0).sum(),
+        "sum_w2": torch.where(valid, wt.square(), 0.0).sum(),
+        "min_r": torch.cat([torch.where(valid, r, math.inf).flatten(), inf]).min(),  # +inf when V is empty
+        "max_r": torch.cat([torch.where(valid, r, -math.inf).flatten(), -inf]).max(),
     }
-    if entropy is not None:
-        out["masked_entropy_mean"] = mean_over(entropy, rejected, finite_only=True)
-        out["kept_entropy_mean"] = mean_over(entropy, w.kept & mask, finite_only=True)
-    if train_logp is not None:
-        out["masked_train_logp_mean"] = mean_over(train_logp, rejected, finite_only=True)
+    # Caller-supplied tensors: means over their finite entries only.
+    extra = {"masked_entropy_mean": (entropy, rejected), "kept_entropy_mean": (entropy, w.kept & mask)}
+    extra["masked_train_logp_mean"] = (train_logp, rejected)
+    for key, (values, sel) in extra.items():
+        if values is not None:
+            values = values.detach().to(device=r.device, dtype=torch.float64)
+            sel = sel & torch.isfinite(values)
+            parts[f"{key}:sum"] = torch.where(sel, values, 0.0).sum()
+            parts[f"{key}:count"] = sel.sum()
+    host = dict(zip(parts, torch.stack([v.to(torch.float64) for v in parts.values()]).tolist()))
+
+    def ratio(num: float, den: float) -> float:
+        return num / den if den else 0.0
+
+    n, n_valid = host["n"], host["n_valid"]
+    ess = ratio(host["sum_w"] ** 2, n_valid * host["sum_w2"])
+    out = {
+        "k1": -ratio(host["sum_r"], n_valid),
+        "k3": ratio(host["sum_k3"], n_valid),
+        "masked_below_frac": ratio(host["below"], n),
+        "masked_above_frac": ratio(host["above"], n),
+        "invalid_frac": ratio(host["invalid"], n),
+        "kept_frac": ratio(host["kept"], n),
+        "ess": ess if math.isfinite(ess) else 0.0,
+        "log_ratio_min": host["min_r"] if n_valid else 0.0,
+        "log_ratio_max": host["max_r"] if n_valid else 0.0,
+        "log_ratio_mean": ratio(host["sum_r"], n_valid),
+    }
+    for key in extra:
+        if f"{key}:sum" in parts:
+            out[key] = ratio(host[f"{key}:sum"], host[f"{key}:count"])
     return {f"{prefix}{key}": float(value) for key, value in out.items()}

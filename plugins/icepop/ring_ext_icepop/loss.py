@@ -92,18 +92,18 @@ def mismatch_policy_loss(
         raise ValueError(f"rollout log-probs {tuple(infer_logp.shape)} != old log-probs {tuple(old_log_prob.shape)}")
     mask = response_mask.bool()
     weights = mismatch_weights(old_log_prob, infer_logp, mask, mismatch_config(kind, config.policy_loss))
+    metrics = mismatch_metrics(weights, mask, entropy=rollout.get("entropy"), train_logp=old_log_prob, prefix=METRIC_PREFIX)
     # A rejected token may carry a non-finite log-prob: zero it before verl's ratio so 0 * inf cannot
     # become NaN; torch.where also stops its gradient.
     finite = torch.isfinite(old_log_prob) & torch.isfinite(log_prob)
     old_log_prob = torch.where(finite, old_log_prob, torch.zeros_like(old_log_prob))
     log_prob = torch.where(finite, log_prob, torch.zeros_like(log_prob))
-    metrics = mismatch_metrics(weights, mask, entropy=rollout.get("entropy"), train_logp=old_log_prob, prefix=METRIC_PREFIX)
     if not mask.any():
         # verl's local token-mean would divide 0 by 0; an empty micro-batch contributes a zero loss
         # that is still connected to the graph, so every rank runs the same backward.
         empty = {"actor/pg_clipfrac": 0.0, "actor/ppo_kl": 0.0, "actor/pg_clipfrac_lower": 0.0}
         return log_prob.sum() * 0.0, empty | metrics
-    is_weights = weights.weight.to(log_prob.dtype)
+    is_weights = weights.weight.to(log_prob.dtype) * finite  # a -inf current log-prob cannot be trained on
     if rollout_is_weights is not None:
         is_weights = is_weights * rollout_is_weights
     pg_loss, pg_metrics = compute_policy_loss_vanilla(

@@ -37,7 +37,9 @@ def check_mismatch_loss(config: Any) -> None:
             f"policy loss '{mode}' compares the trainer's recomputed log-probs with the rollout's; "
             "algorithm.rollout_correction.bypass_mode=True skips that recomputation (k would be 1 everywhere)"
         )
-    logger.warning("ring-ext: policy loss %s %s on rollout log-probs (train/infer mismatch masking)", mode, cfg)
+    knobs = {"icepop": ("alpha", "beta"), "kpop": ("phi",), "tis": ("cap",)}[mode]
+    described = ", ".join(f"{k}={getattr(cfg, k)}" for k in knobs)
+    logger.warning("ring-ext: policy loss %s(%s) on the rollout engine's log-probs", mode, described)
 
 
 @hookimpl

@@ -354,6 +354,19 @@ def test_metrics_match_hand_computation_tis() -> None:
     assert "tis/masked_train_logp_mean" not in m
 
 
+def test_metric_extrema_ignore_padding_and_non_finite_entropy_is_left_out() -> None:
+    infer = _t([[-1.0, -1.0, -1.0, -1.0, -1.0]])
+    train = infer + _t([[0.3, 0.5, 2.0, NAN, 9.0]])  # token 3 invalid, token 4 padding; log_ratio 0.0 there
+    mask = torch.tensor([[True, True, True, True, False]])
+    w = mismatch_weights(train, infer, mask, MismatchConfig("icepop", alpha=0.5, beta=2.0))
+    assert w.kept[0].tolist() == [True, True, False, False, False]
+    entropy = _t([[NAN, 1.0, 3.0, 7.0, 7.0]])  # nan on a kept token is left out, not averaged in
+    m = mismatch_metrics(w, mask, entropy=entropy, train_logp=train, prefix="")
+    assert m["log_ratio_min"] == pytest.approx(0.3) and m["log_ratio_max"] == pytest.approx(2.0)
+    assert m["kept_entropy_mean"] == 1.0 and m["masked_entropy_mean"] == 3.0
+    assert m["masked_train_logp_mean"] == pytest.approx(1.0)
+
+
 # --- property test ------------------------------------------------------------------------------------------------
 
 _SPECIAL = st.sampled_from([NAN, INF, -INF, 1e4, -1e4, 0.0])
