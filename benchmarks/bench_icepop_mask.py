@@ -97,7 +97,9 @@ def inject(train: torch.Tensor, infer: torch.Tensor) -> tuple[torch.Tensor, torc
     return train, infer
 
 
-def interleaved_medians(methods: dict[str, Method], args: tuple[torch.Tensor, ...], budget_s: float) -> dict[str, float]:
+def interleaved_medians(
+    methods: dict[str, Method], args: tuple[torch.Tensor, ...], budget_s: float
+) -> dict[str, float]:
     """Median seconds per call of each method, sampled in rotating rounds so that load drifting on a shared
     machine hits every method alike (back-to-back blocks would charge it to whichever ran at the time)."""
     timers = {name: Timer(stmt="fn(*args)", globals={"fn": fn, "args": args}) for name, fn in methods.items()}
@@ -140,7 +142,9 @@ def plot(results: list[dict], methods: list[str], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES} and shorter timing")
-    parser.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per method and size (0.8, quick 0.1)")
+    parser.add_argument(
+        "--min-run-time", type=float, default=None, help="seconds of timing per method and size (0.8, quick 0.1)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--no-verl", action="store_true", help="skip verl's IcePop even if importable")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
@@ -173,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     train, infer = inject(train, infer)
     nan_flags = {name: bool((~torch.isfinite(fn(train, infer, mask))).any()) for name, fn in methods.items()}
 
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    cpu = platform.processor() or platform.machine()
+    print(f"\ntorch {torch.__version__}, threads={torch.get_num_threads()}, {cpu}; ratio = time / naive time")
     print(f"{'B x T':>10} " + " ".join(f"{m:>15}" for m in methods))
     for b, t in sizes:
         row = {r["method"]: r for r in results if r["size"] == [b, t]}
