@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from ring_ext_icepop.core import MISMATCH_KINDS, mismatch_metrics, mismatch_weights
+from ring_ext_icepop.core import MISMATCH_KINDS, _metrics_and_host, mismatch_weights
 
 METRIC_PREFIX = "mismatch/"
 _ROLLOUT = ContextVar[dict[str, torch.Tensor] | None]("ring_ext_icepop_rollout", default=None)
@@ -92,18 +92,28 @@ def mismatch_policy_loss(
         raise ValueError(f"rollout log-probs {tuple(infer_logp.shape)} != old log-probs {tuple(old_log_prob.shape)}")
     mask = response_mask.bool()
     weights = mismatch_weights(old_log_prob, infer_logp, mask, mismatch_config(kind, config.policy_loss))
-    metrics = mismatch_metrics(weights, mask, entropy=rollout.get("entropy"), train_logp=old_log_prob, prefix=METRIC_PREFIX)
-    # A rejected token may carry a non-finite log-prob: zero it before verl's ratio so 0 * inf cannot
-    # become NaN; torch.where also stops its gradient.
-    finite = torch.isfinite(old_log_prob) & torch.isfinite(log_prob)
-    old_log_prob = torch.where(finite, old_log_prob, torch.zeros_like(old_log_prob))
-    log_prob = torch.where(finite, log_prob, torch.zeros_like(log_prob))
-    if not mask.any():
+    # 0.0 where old and current log-probs are both finite (x - x == 0 exactly), nan otherwise; its sum rides along
+    # with the metrics' single device-to-host transfer, so the all-finite batch (the usual one) costs no extra sync
+    # and none of the masking below.
+    new = log_prob.detach()
+    non_finite = ((old_log_prob.detach() - old_log_prob.detach()) + (new - new)).sum()
+    metrics, host = _metrics_and_host(
+        weights, mask, entropy=rollout.get("entropy"), train_logp=old_log_prob, prefix=METRIC_PREFIX,
+        extra={"non_finite": non_finite},
+    )
+    is_weights = weights.weight.to(log_prob.dtype)
+    if host["extra:non_finite"] != 0:  # nan: some log-prob is nan or +-inf
+        # A rejected token may carry a non-finite log-prob: zero it before verl's ratio so 0 * inf cannot
+        # become NaN; torch.where also stops its gradient.
+        finite = torch.isfinite(old_log_prob) & torch.isfinite(log_prob)
+        old_log_prob = torch.where(finite, old_log_prob, torch.zeros_like(old_log_prob))
+        log_prob = torch.where(finite, log_prob, torch.zeros_like(log_prob))
+        is_weights = is_weights * finite  # a -inf current log-prob cannot be trained on
+    if host["n"] == 0:  # == not mask.any(), without another sync
         # verl's local token-mean would divide 0 by 0; an empty micro-batch contributes a zero loss
         # that is still connected to the graph, so every rank runs the same backward.
         empty = {"actor/pg_clipfrac": 0.0, "actor/ppo_kl": 0.0, "actor/pg_clipfrac_lower": 0.0}
         return log_prob.sum() * 0.0, empty | metrics
-    is_weights = weights.weight.to(log_prob.dtype) * finite  # a -inf current log-prob cannot be trained on
     if rollout_is_weights is not None:
         is_weights = is_weights * rollout_is_weights
     pg_loss, pg_metrics = compute_policy_loss_vanilla(
