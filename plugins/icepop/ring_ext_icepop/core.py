@@ -158,12 +158,13 @@ def mismatch_weights(
     zeros = torch.zeros_like(mask)
 
     if cfg.kind == "icepop":
-        lo = torch.tensor(math.log(cfg.alpha), dtype=dtype, device=log_k.device)  # rounded to nearest in dtype
-        hi = torch.tensor(math.log(cfg.beta), dtype=dtype, device=log_k.device)
+        lo = torch.tensor(math.log(cfg.alpha), dtype=dtype)  # rounded to nearest in the compute dtype
+        hi = torch.tensor(math.log(cfg.beta), dtype=dtype)
         below = valid & _flag(torch.lt, log_k, lo, out=scratch)
         above = valid & _flag(torch.gt, log_k, hi, out=scratch)
         kept = valid & ~(below | above)
-        log_w = torch.clamp(log_k, max=hi, out=scratch)  # == log_k on kept tokens; bounded (never exp(1e4)) elsewhere
+        # == log_k on kept tokens; bounded (never exp(1e4)) elsewhere. hi.item() is hi's value exactly.
+        log_w = torch.clamp(log_k, max=hi.item(), out=scratch)
     elif cfg.kind == "kpop":
         # No zeroing of invalid tokens first: their D_B may come out nan, and `valid &` rejects them anyway.
         lp = train.to(torch.float64, copy=True).clamp_(max=0.0)
@@ -179,8 +180,8 @@ def mismatch_weights(
         log_w = torch.clamp(log_k, max=KPOP_MAX_LOG_WEIGHT, out=scratch)
     else:  # tis
         kept, below, above = valid, zeros, zeros.clone()
-        cap = torch.tensor(math.log(cfg.cap), dtype=dtype, device=log_k.device)
-        log_w = torch.minimum(log_k, cap, out=scratch)
+        cap = torch.tensor(math.log(cfg.cap), dtype=dtype).item()  # log(cap) rounded to the compute dtype
+        log_w = torch.clamp(log_k, max=cap, out=scratch)  # min(log_k, log cap); log_k is never nan
 
     # where(kept, exp(log_w), 0): exp(log_w) is finite (log_w is bounded above), so a product with 0/1 is exact.
     weight = log_w.exp_().mul_(_u8(kept)).to(torch.float32)
@@ -273,7 +274,8 @@ def _metrics_and_host(
             parts[f"{key}:count"] = sel.sum()
     for key, value in (extra or {}).items():
         parts[f"extra:{key}"] = value.detach().to(a.device)
-    host = dict(zip(parts, torch.stack([v.to(torch.float64) for v in parts.values()]).tolist()))
+    # stack promotes to float64 (the sums are float64): counts stay exact up to 2^53.
+    host = dict(zip(parts, torch.stack(list(parts.values())).tolist()))
 
     def ratio(num: float, den: float) -> float:
         return num / den if den else 0.0

@@ -92,11 +92,11 @@ def mismatch_policy_loss(
         raise ValueError(f"rollout log-probs {tuple(infer_logp.shape)} != old log-probs {tuple(old_log_prob.shape)}")
     mask = response_mask.bool()
     weights = mismatch_weights(old_log_prob, infer_logp, mask, mismatch_config(kind, config.policy_loss))
-    # 0.0 where old and current log-probs are both finite (x - x == 0 exactly), nan otherwise; its sum rides along
-    # with the metrics' single device-to-host transfer, so the all-finite batch (the usual one) costs no extra sync
-    # and none of the masking below.
-    new = log_prob.detach()
-    non_finite = ((old_log_prob.detach() - old_log_prob.detach()) + (new - new)).sum()
+    # (old - old) + new - new: 0.0 where old and current log-probs are both finite (x - x == 0 exactly), nan
+    # otherwise. Its sum rides along with the metrics' single device-to-host transfer, so the all-finite batch (the
+    # usual one) costs no extra sync and none of the masking below.
+    old, new = old_log_prob.detach(), log_prob.detach()
+    non_finite = torch.sub(old, old).add_(new).sub_(new).sum()
     metrics, host = _metrics_and_host(
         weights, mask, entropy=rollout.get("entropy"), train_logp=old_log_prob, prefix=METRIC_PREFIX,
         extra={"non_finite": non_finite},
