@@ -17,6 +17,8 @@ from ring_ext.patching import after_import
 logger = logging.getLogger("ring_ext")
 Check = Callable[[Any], None]
 _checks: dict[str, Check] = {}
+# Losses ring-ext plugins provide, so a missing plugin gets an install hint instead of a bare "unknown".
+PLUGIN_LOSSES = {"icepop": "ring-ext-icepop", "kpop": "ring-ext-icepop", "tis": "ring-ext-icepop"}
 
 
 def add_startup_check(name: str, check: Check) -> None:
@@ -51,8 +53,14 @@ def check_policy_loss_registered(config: Any) -> None:
     mode = config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla")
     if mode not in core_algos.POLICY_LOSS_REGISTRY:
         available = ", ".join(sorted(core_algos.POLICY_LOSS_REGISTRY))
+        hint = (
+            f"'{mode}' comes with the plugin {PLUGIN_LOSSES[mode]}: pip install {PLUGIN_LOSSES[mode]} "
+            f"(in this repository: pip install -e plugins/{PLUGIN_LOSSES[mode].removeprefix('ring-ext-')})"
+            if mode in PLUGIN_LOSSES
+            else "ring-ext plugins add theirs when installed: see `ring-ext plugins`"
+        )
         raise ValueError(
             f"actor_rollout_ref.actor.policy_loss.loss_mode={mode!r} is not a registered policy loss. "
-            f"Available: {available}. (ring-ext plugins add theirs when installed: see `ring-ext plugins`.)"
+            f"Available: {available}. {hint}."
         )
     logger.warning("ring-ext: actor policy loss = %s", mode)

@@ -122,3 +122,16 @@ def test_resolved_recipe_has_no_dangling_interpolation(monkeypatch: pytest.Monke
     cfg = compose_ppo("+recipe=ring1t")
     OmegaConf.resolve(cfg)  # raises on an unknown resolver or a missing key
     assert cfg.reward.custom_reward_function.path.endswith("ring_ext/tiny/reward.py")
+
+
+def test_loss_of_a_missing_plugin_fails_at_start_with_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if ring-ext-icepop were not installed: its losses are absent from verl's registry."""
+    from verl.trainer.ppo import core_algos
+
+    from ring_ext.startup import check_policy_loss_registered
+
+    for name in ("icepop", "kpop", "tis"):
+        monkeypatch.delitem(core_algos.POLICY_LOSS_REGISTRY, name, raising=False)
+    cfg = compose_ppo("+recipe=ring1t", "actor_rollout_ref.actor.policy_loss.loss_mode=kpop")
+    with pytest.raises(ValueError, match=r"'kpop' comes with the plugin ring-ext-icepop: pip install ring-ext-icepop"):
+        check_policy_loss_registered(cfg)
