@@ -64,3 +64,15 @@ def check_policy_loss_registered(config: Any) -> None:
             f"Available: {available}. {hint}."
         )
     logger.warning("ring-ext: actor policy loss = %s", mode)
+
+
+def check_config_resolves(config: Any) -> None:
+    """verl resolves interpolations only inside its TaskRunner, after Ray started; a missing mandatory value
+    (e.g. `${oc.env:RING1T_REWARD_MODEL_PATH}`) should stop the driver instead, naming the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(config, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"the config does not resolve: {exc}") from exc
