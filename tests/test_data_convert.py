@@ -149,6 +149,16 @@ def test_rlhf_and_sft_exact_rows() -> None:
     ]
 
 
+# One valid row per converter, placed before the bad one so the error must name row 1.
+GOOD_ROW: dict[str, dict[str, Any]] = {
+    "gsm8k": GSM8K[0],
+    "math": {"problem": "p", "answer": "1"},
+    "code": {"question": "q", "test_list": ["a"]},
+    "rlhf": {"prompt": "p"},
+    "sft": {"prompt": "p", "response": "r"},
+}
+
+
 @pytest.mark.parametrize(
     ("name", "row", "column"),
     [
@@ -164,13 +174,7 @@ def test_rlhf_and_sft_exact_rows() -> None:
     ],
 )
 def test_missing_column(name: str, row: dict[str, Any], column: str) -> None:
-    good = {
-        "gsm8k": GSM8K[0],
-        "math": {"problem": "p", "answer": "1"},
-        "code": {"question": "q", "test_list": ["a"]},
-        "rlhf": {"prompt": "p"},
-        "sft": {"prompt": "p", "response": "r"},
-    }[name]
+    good = GOOD_ROW[name]
     with pytest.raises(cv.ConversionError) as err:  # missing columns are fatal even with skip_bad
         cv.CONVERTERS[name]([good, row], "train", skip_bad=True)
     msg = str(err.value)
@@ -195,13 +199,7 @@ def test_missing_column(name: str, row: dict[str, Any], column: str) -> None:
     ],
 )
 def test_malformed_rows(name: str, bad: dict[str, Any], problem: str) -> None:
-    good = {
-        "gsm8k": GSM8K[0],
-        "math": {"problem": "p", "answer": "1"},
-        "code": {"question": "q", "test_list": ["a"]},
-        "rlhf": {"prompt": "p"},
-        "sft": {"prompt": "p", "response": "r"},
-    }[name]
+    good = GOOD_ROW[name]
     with pytest.raises(cv.ConversionError, match=rf"^{name}: row 1: .*{re.escape(problem)}"):
         cv.CONVERTERS[name]([good, bad, good], "train")
     report = cv.Report()
