@@ -3,9 +3,9 @@
 vLLM-CPU repacks each linear weight for oneDNN/AMX/zentorch after loading and, for linear layers,
 replaces `layer.weight` by an empty tensor (vllm/model_executor/layers/utils.py,
 `dispatch_cpu_unquantized_gemm(..., remove_weight=True)`). verl's weight push then fails with
-"'Parameter' object has no attribute 'weight_loader'", and where the weight is kept (lm_head) the
-packed copy goes stale after a sync. Keeping the live weight and calling `F.linear` on it makes every
-weight update visible, at the price of the packed kernels, which tiny models do not need.
+"'Parameter' object has no attribute 'weight_loader'" on the first sync. Keeping the live weight and
+calling `F.linear` on it lets every push land in place, at the price of the packed kernels, which tiny
+models do not need.
 """
 
 from __future__ import annotations

