@@ -12,39 +12,28 @@ Optional reward_kwargs: cpu_seconds, memory_mb, wall_seconds, max_workers.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import re
 import secrets
-import sys
 import threading
-from pathlib import Path
 from typing import Any
+
+from ring_ext.recipes import load_sibling
 
 _FENCE_PY = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 _FENCE_ANY = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
-_load_lock = threading.Lock()
+_pool_lock = threading.Lock()
 _pools: dict[int, Any] = {}
 
 
 def _sandbox() -> Any:
-    """Import the sibling ``sandbox.py`` by path (this file is itself loaded by path by verl)."""
-    name = "ring1t_rewards_sandbox"
-    with _load_lock:
-        mod = sys.modules.get(name)
-        if mod is None:
-            spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("sandbox.py"))
-            assert spec is not None and spec.loader is not None
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            sys.modules[name] = mod
-        return mod
+    return load_sibling(__file__, "sandbox.py")  # this file is itself loaded by path by verl
 
 
 def _pool(max_workers: int) -> Any:
     sbx = _sandbox()
-    with _load_lock:
+    with _pool_lock:
         if max_workers not in _pools:
             _pools[max_workers] = sbx.SandboxPool(max_workers=max_workers)
         return _pools[max_workers]

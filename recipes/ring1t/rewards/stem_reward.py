@@ -15,13 +15,11 @@ The math-verify check is the timeout-guarded one of ``math_reward.py`` (loaded b
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
-import threading
-from pathlib import Path
 from typing import Any
+
+from ring_ext.recipes import load_sibling
 
 REL_TOL = 1e-4
 _CHOICE_GT = re.compile(r"\(?\s*([A-Ea-e])\s*\)?\.?")
@@ -32,20 +30,10 @@ _TEXT_CMD = re.compile(r"\\(?:text|textbf|mathrm|mathbf|operatorname)\s*\{([^{}]
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _UNIT = re.compile(r"(?:\s*(?:%|°|\\circ|\^\\circ|\s[A-Za-zµμΩ°][A-Za-zµμΩ°/^0-9.·]*))*")
 _WORDS = re.compile(r"[A-Za-z][A-Za-z'\-]*(?:\s+[A-Za-z][A-Za-z'\-]*)*")
-_load_lock = threading.Lock()
 
 
 def _math_reward() -> Any:
-    name = "ring1t_rewards_math_reward"
-    with _load_lock:
-        mod = sys.modules.get(name)
-        if mod is None:
-            spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("math_reward.py"))
-            assert spec is not None and spec.loader is not None
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            sys.modules[name] = mod
-        return mod
+    return load_sibling(__file__, "math_reward.py")
 
 
 def _clean(s: str) -> str:
