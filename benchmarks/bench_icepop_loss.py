@@ -80,14 +80,11 @@ PAD_FRAC = 0.10  # mean fraction of right padding
 
 def compose_actor() -> Any:
     """verl's actor config as its trainer gets it (same as plugins/icepop/tests/conftest.py::compose_actor)."""
-    import verl
-    from hydra import compose, initialize_config_dir
     from verl.utils.config import omega_conf_to_dataclass
 
-    config_dir = str(Path(verl.__file__).parent / "trainer" / "config")
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        cfg = compose(config_name="ppo_trainer", overrides=["+recipe=ring1t"])
-    return omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    from ring_ext.verl_config import compose_verl
+
+    return omega_conf_to_dataclass(compose_verl(["+recipe=ring1t"]).actor_rollout_ref.actor)
 
 
 def make_inputs(b: int, t: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ import dataclasses
 import difflib
 import functools
 import importlib
-from pathlib import Path
 from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
@@ -29,10 +28,9 @@ class UnknownConfigKeyError(ValueError):
 
 @functools.cache
 def verl_default_config() -> DictConfig:
-    import verl
+    from ring_ext.verl_config import verl_config_dir
 
-    path = Path(verl.__file__).parent / "trainer" / "config" / "_generated_ppo_trainer.yaml"
-    return OmegaConf.load(path)
+    return OmegaConf.load(verl_config_dir() / "_generated_ppo_trainer.yaml")
 
 
 def _leaf_paths(node: Any, prefix: str = "") -> Iterator[str]:
@@ -98,9 +96,22 @@ except ImportError:  # pragma: no cover - hydra is a dependency
     Callback = object  # type: ignore[misc,assignment]
 
 
+_enforced = False
+
+
 class KeyCheckCallback(Callback):  # type: ignore[misc]
-    """Hydra callback (set by ring-ext recipes): runs before verl's `main` sees the config."""
+    """Hydra callback set by ring-ext recipes: opts this run into the key check.
+
+    Hydra turns an exception raised in a callback into a warning and runs the job anyway, so the
+    callback only marks the run; `check_recipe_keys` raises from inside verl's `validate_config`.
+    """
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
-        check_config_keys(task_cfg)
+        global _enforced
+        _enforced = True
+
+
+def check_recipe_keys(config: Any) -> None:
+    """Startup check: refuse unknown keys in runs composed from a ring-ext recipe."""
+    if _enforced:
+        check_config_keys(config)

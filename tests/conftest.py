@@ -1,36 +1,13 @@
-"""Shared fixtures: a fresh-interpreter runner, and a scratch dist-info to install throwaway plugins."""
+"""Shared fixtures: a scratch dist-info to install throwaway plugins."""
 
 from __future__ import annotations
 
 import importlib
-import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import verl  # noqa: F401  (loads ring-ext's plugins once, as every verl process does)
-
-
-def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float = 300) -> str:
-    """Run `code` in a new interpreter (fresh plugin state) and return its stdout; fail with stderr."""
-    import os
-
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc.stdout
-
-
-def last_json(stdout: str) -> object:
-    return json.loads(stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from conftest import last_json, run_python
+from subprocess_helpers import last_json, run_python
 from ring_ext.discovery import RingExtPluginWarning, load_plugins
 
 # Every installed ring-ext plugin, by entry-point name: each verl process must have loaded all of them.

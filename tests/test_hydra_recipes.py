@@ -7,20 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import verl
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from ring_ext.config_check import UnknownConfigKeyError, check_config_keys, unknown_keys
 from ring_ext.recipes import list_recipes
+from ring_ext.verl_config import compose_verl
 
-VERL_CONFIG_DIR = str(Path(verl.__file__).parent / "trainer" / "config")
 
 
 def compose_ppo(*overrides: str):
-    with initialize_config_dir(config_dir=VERL_CONFIG_DIR, version_base=None):
-        return compose(config_name="ppo_trainer", overrides=list(overrides))
+    return compose_verl(overrides)
 
 
 def test_ring1t_composes_with_verl_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -95,14 +92,16 @@ def test_misspelled_knob_inside_a_recipe_file_is_named(tmp_path: Path) -> None:
 
 
 def test_misspelled_recipe_knob_stops_main_ppo_before_ray_starts(tmp_path: Path) -> None:
+    """A typo in an untyped section, which verl's own dataclass checks would never see."""
     (tmp_path / "recipe").mkdir()
-    (tmp_path / "recipe" / "typo.yaml").write_text(TYPO_RECIPE)
+    (tmp_path / "recipe" / "typo.yaml").write_text(TYPO_RECIPE.replace("actor_rollout_ref:\n  actor:\n    clip_ratoi: 0.3", "trainer:\n  total_traning_steps: 2"))
     proc = subprocess.run(
         [sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=typo", f"hydra.searchpath=[file://{tmp_path}]"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode != 0
-    assert "actor_rollout_ref.actor.clip_ratoi" in proc.stderr
+    assert "trainer.total_traning_steps  (did you mean 'trainer.total_training_steps'?)" in proc.stderr
+    assert "Callback KeyCheckCallback" not in proc.stderr  # raised as an error, not a Hydra warning
     assert "ray init kwargs" not in proc.stdout
 
 

@@ -11,13 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import verl
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ring_ext.config_check import unknown_keys
+from ring_ext.verl_config import compose_verl
 
-VERL_CONFIG_DIR = str(Path(verl.__file__).parent / "trainer" / "config")
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 
 # recipe -> (verl config it composes with, profile group)
@@ -85,13 +83,11 @@ def profile_override(recipe: str, profile: str) -> list[str]:
 
 
 def compose_recipe(recipe: str, profile: str, *extra: str):
-    with initialize_config_dir(config_dir=VERL_CONFIG_DIR, version_base=None):
-        return compose(config_name=RECIPES[recipe][0], overrides=[f"+recipe={recipe}", *profile_override(recipe, profile), *extra])
+    return compose_verl([f"+recipe={recipe}", *profile_override(recipe, profile), *extra], config_name=RECIPES[recipe][0])
 
 
 def compose_base(config_name: str):
-    with initialize_config_dir(config_dir=VERL_CONFIG_DIR, version_base=None):
-        return compose(config_name=config_name)
+    return compose_verl(config_name=config_name)
 
 
 def fmt(value: Any) -> str:
@@ -124,8 +120,7 @@ def test_adds_only_keys_verl_reads(recipe: str, profile: str) -> None:
 
 @pytest.mark.parametrize("recipe", ["ring1t_rlvr", "ring1t_rlhf"])
 def test_ppo_recipes_install_the_key_check(recipe: str) -> None:
-    with initialize_config_dir(config_dir=VERL_CONFIG_DIR, version_base=None):
-        cfg = compose(config_name="ppo_trainer", overrides=[f"+recipe={recipe}"], return_hydra_config=True)
+    cfg = compose_verl([f"+recipe={recipe}"], return_hydra_config=True)
     assert cfg.hydra.callbacks.ring_ext_key_check._target_ == "ring_ext.config_check.KeyCheckCallback"
 
 

@@ -1,60 +1,9 @@
-"""Builders for calling verl's real actor loss call site (`verl.workers.utils.losses.ppo_loss`)."""
+"""Fixtures of the IcePop tests: verl's real actor loss call site."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
 import verl  # noqa: F401  (loads ring-ext and its plugins, as in every verl process)
-from hydra import compose, initialize_config_dir
-from tensordict import TensorDict
-
-VERL_CONFIG_DIR = str(Path(verl.__file__).parent / "trainer" / "config")
-PROMPT_LEN = 3
-
-
-def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=VERL_CONFIG_DIR, version_base=None):
-        return compose(config_name="ppo_trainer", overrides=["+recipe=ring1t", *overrides])
-
-
-def compose_actor(*overrides: str):
-    """The actor config exactly as verl's trainer gets it: composed by Hydra, converted to its dataclass."""
-    from verl.utils.config import omega_conf_to_dataclass
-
-    cfg = compose_config(*overrides)
-    return cfg, omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
-
-
-def actor_batch(
-    log_prob: torch.Tensor,
-    old_log_prob: torch.Tensor,
-    rollout_log_prob: torch.Tensor | None,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-) -> tuple[dict, TensorDict]:
-    """A micro-batch in verl's padded layout, and the model output verl's loss slices log-probs from.
-
-    Each sequence is PROMPT_LEN prompt tokens + T response tokens; the model output is the flat
-    (no-padding) log-prob vector whose response slice is `log_prob` (gradients flow back to it).
-    """
-    batch, length = old_log_prob.shape
-    flat = [torch.cat([log_prob.new_zeros(PROMPT_LEN - 1), log_prob[b], log_prob.new_zeros(1)]) for b in range(batch)]
-    fields = {
-        "prompts": torch.ones(batch, PROMPT_LEN, dtype=torch.long),
-        "responses": torch.ones(batch, length, dtype=torch.long),
-        "attention_mask": torch.ones(batch, PROMPT_LEN + length, dtype=torch.long),
-        "response_mask": response_mask.long(),
-        "old_log_probs": old_log_prob,
-        "advantages": advantages,
-    }
-    if rollout_log_prob is not None:
-        fields["rollout_log_probs"] = rollout_log_prob
-    data = TensorDict(fields, batch_size=[batch])
-    for key, value in (("dp_size", 1), ("batch_num_tokens", None), ("global_batch_size", None)):
-        data.set_non_tensor(key, value)
-    return {"log_probs": torch.cat(flat)}, data
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import actor_batch, compose_actor, compose_config
+from icepop_batches import actor_batch, compose_actor, compose_config
 
 from ring_ext_icepop.loss import LOSSES, RolloutLogProbsMissing
 
