@@ -1,0 +1,328 @@
+"""Shared-memory transport of the AState-like weight sync: N sender processes -> M receiver processes, one host.
+
+No verl import. Each sender owns a balanced byte range of every tensor (`owned_byte_range`: no byte is
+sent twice, no rank-0 funnel) and streams it through a ring of `n_slots` shared-memory buckets, so memory
+stays bounded and packing bucket k+1 overlaps the receivers copying bucket k out. Control messages go over
+ZeroMQ IPC sockets; every wait has a timeout.
+
+A sync is all-or-nothing: receivers assemble into private staging tensors, check every bucket's xxh3
+checksum, check coverage (every byte of every tensor exactly once) and, when asked, a bit-exact digest of
+each assembled range against the sender's source; they report (with the version) to every sender, and only
+when every sender answers `commit` does `receive` return the new tensors. Any failure raises `SyncError`
+naming the tensor and the rank, and the caller's previous weights are untouched.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
+from typing import Any, Iterable
+
+import torch
+import xxhash
+import zmq
+
+Meta = tuple[str, tuple[int, ...], str]  # name, shape, dtype
+
+
+class SyncError(RuntimeError):
+    """A weight sync failed; the receiver's previous weights are untouched."""
+
+
+def owned_byte_range(nbytes: int, itemsize: int, rank: int, world: int) -> tuple[int, int]:
+    """Sender `rank`'s share of a tensor: element-aligned, sizes differ by at most one element."""
+    n = nbytes // itemsize
+    return (n * rank // world) * itemsize, (n * (rank + 1) // world) * itemsize
+
+
+def _meta(name: str, t: torch.Tensor) -> Meta:
+    return name, tuple(t.shape), str(t.dtype).removeprefix("torch.")
+
+
+def _map_segment(name: str, size: int) -> mmap.mmap:
+    """Map a sender's segment without multiprocessing's resource tracker (it would unlink it on our exit)."""
+    fd = os.open(f"/dev/shm/{name.lstrip('/')}", os.O_RDWR)
+    try:
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _digest(buf: torch.Tensor) -> int:
+    return xxhash.xxh3_64_intdigest(memoryview(buf.numpy())) if buf.numel() else 0
+
+
+class _Channel:
+    """A bound PULL socket (our inbox) plus PUSH sockets to peers' inboxes."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context.instance()
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.address = f"ipc:///tmp/ring-ext-astate-{uuid.uuid4().hex}.sock"
+        self.inbox.bind(self.address)
+        self.peers: list[zmq.Socket] = []
+
+    def connect(self, addresses: list[str]) -> None:
+        for a in addresses:
+            s = self.ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(a)
+            self.peers.append(s)
+
+    def send(self, peer: int, msg: tuple) -> None:
+        self.peers[peer].send_pyobj(msg)
+
+    def recv(self, deadline: float) -> tuple | None:
+        left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        return self.inbox.recv_pyobj() if self.inbox.poll(left_ms) else None
+
+    def close(self) -> None:
+        for s in [self.inbox, *self.peers]:
+            s.close(linger=0)
+        self.peers = []
+
+
+@dataclass
+class SyncStats:
+    bytes_moved: int = 0
+    buckets: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: {"pack": 0.0, "wait": 0.0, "commit": 0.0})
+
+
+class ShmSender:
+    def __init__(self, rank: int, world: int, slot_bytes: int, n_slots: int = 4, timeout_s: float = 60.0) -> None:
+        self.rank, self.world, self.slot_bytes, self.timeout_s = rank, world, slot_bytes, timeout_s
+        self.chan = _Channel()
+        self.shms = [shared_memory.SharedMemory(create=True, size=slot_bytes) for _ in range(n_slots)]
+        self.slots = [torch.frombuffer(s.buf, dtype=torch.uint8) for s in self.shms]
+
+    def address(self) -> dict[str, Any]:
+        return {"address": self.chan.address, "slots": [s.name for s in self.shms], "slot_bytes": self.slot_bytes}
+
+    def connect(self, receivers: list[str]) -> None:
+        self.chan.connect(receivers)
+        self.n_recv = len(receivers)
+
+    def _broadcast(self, msg: tuple) -> None:
+        for r in range(self.n_recv):
+            self.chan.send(r, msg)
+
+    def _drain(self, pending: dict[int, set[int]], free: deque[int], until_free: bool, version: int) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while (not free) if until_free else any(pending.values()):
+            msg = self.chan.recv(deadline)
+            if msg is None:
+                waiting = sorted({r for rs in pending.values() for r in rs})
+                raise SyncError(f"sender {self.rank}: no ack from receiver(s) {waiting} within {self.timeout_s}s")
+            if msg[2] != version:  # left over from an earlier, failed sync
+                continue
+            if msg[0] == "report":
+                if not msg[3]:
+                    raise SyncError(f"sender {self.rank}: receiver {msg[1]} failed: {msg[4]}")
+                self._reports[msg[1]] = msg
+            if msg[0] == "ack":
+                pending[msg[3]].discard(msg[1])
+                if not pending[msg[3]]:
+                    free.append(msg[3])
+                    del pending[msg[3]]
+
+    def send(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int, *, verify: bool = False,
+             manifest: list[Meta] | None = None) -> SyncStats:
+        """Stream this rank's share of every tensor; returns once every receiver committed (else SyncError)."""
+        stats, free, pending = SyncStats(), deque(range(len(self.slots))), {}
+        self._reports: dict[int, tuple] = {}
+        self._broadcast(("begin", self.rank, version, manifest))
+        slot, off, extents, owned = None, 0, [], []
+
+        def flush() -> None:
+            nonlocal slot, off, extents
+            if slot is not None and extents:
+                self._broadcast(("bucket", self.rank, version, slot, extents, _digest(self.slots[slot][:off])))
+                pending[slot] = set(range(self.n_recv))
+                stats.buckets += 1
+            elif slot is not None:
+                free.appendleft(slot)
+            slot, off, extents = None, 0, []
+
+        try:
+            for name, t in tensors:
+                t0 = time.perf_counter()
+                src = t.detach().contiguous().cpu().view(-1).view(torch.uint8)
+                a, b = owned_byte_range(src.numel(), t.element_size(), self.rank, self.world)
+                owned.append((_meta(name, t), a, b, _digest(src[a:b]) if verify else None))
+                pos = a
+                while pos < b:
+                    if slot is None:
+                        tw = time.perf_counter()
+                        self._drain(pending, free, until_free=True, version=version)
+                        stats.seconds["wait"] += time.perf_counter() - tw
+                        slot = free.popleft()
+                    n = min(b - pos, self.slot_bytes - off)
+                    self.slots[slot][off:off + n].copy_(src[pos:pos + n])
+                    extents.append((_meta(name, t), pos, pos + n, off))
+                    off, pos = off + n, pos + n
+                    if off == self.slot_bytes:
+                        flush()
+                stats.bytes_moved += b - a
+                stats.seconds["pack"] += time.perf_counter() - t0
+        except SyncError:
+            raise
+        except BaseException as e:  # the weights generator failed: tell receivers instead of leaving them waiting
+            self._broadcast(("error", self.rank, version, f"sender {self.rank} failed: {e!r}"))
+            raise
+        flush()
+        tc = time.perf_counter()
+        self._broadcast(("end", self.rank, version, owned))
+        self._drain(pending, free, until_free=False, version=version)
+        self._commit(version)
+        stats.seconds["commit"] = time.perf_counter() - tc
+        return stats
+
+    def _commit(self, version: int) -> None:
+        deadline, reports = time.monotonic() + self.timeout_s, self._reports
+        while len(reports) < self.n_recv:
+            msg = self.chan.recv(deadline)
+            if msg is None:
+                missing = sorted(set(range(self.n_recv)) - set(reports))
+                self._broadcast(("abort", self.rank, version))
+                raise SyncError(f"sender {self.rank}: no report from receiver(s) {missing} within {self.timeout_s}s")
+            if msg[0] == "report" and msg[2] == version:
+                reports[msg[1]] = msg
+        bad = [m for m in reports.values() if not m[3]]
+        self._broadcast(("abort" if bad else "commit", self.rank, version))
+        if bad:
+            m = bad[0]
+            raise SyncError(f"sender {self.rank}: receiver {m[1]} failed sync {version}: {m[4]}")
+
+    def close(self) -> None:
+        self.chan.close()
+        self.slots = []
+        for s in self.shms:
+            s.close()
+            s.unlink()
+        self.shms = []
+
+
+class ShmReceiver:
+    def __init__(self, rank: int, timeout_s: float = 60.0) -> None:
+        self.rank, self.timeout_s = rank, timeout_s
+        self.chan = _Channel()
+        self.shms: list[list[mmap.mmap]] = []
+
+    def address(self) -> dict[str, Any]:
+        return {"address": self.chan.address}
+
+    def connect(self, senders: list[dict[str, Any]]) -> None:
+        self.chan.connect([s["address"] for s in senders])
+        for s in senders:
+            self.shms.append([_map_segment(n, s["slot_bytes"]) for n in s["slots"]])
+        self.slots = [[torch.frombuffer(m, dtype=torch.uint8) for m in ms] for ms in self.shms]
+
+    def _report(self, version: int, ok: bool, why: str = "") -> None:
+        for s in range(len(self.slots)):
+            self.chan.send(s, ("report", self.rank, version, ok, why))
+
+    def receive(self, version: int, *, expected: dict[str, Meta] | None = None,
+                verify: bool = False) -> dict[str, torch.Tensor]:
+        """Assemble one sync; returns {name: tensor} only after every sender committed, else SyncError."""
+        try:
+            staged = self._assemble(version, expected, verify)
+        except SyncError as e:
+            self._report(version, False, str(e))
+            raise
+        self._report(version, True)
+        self._await_commit(version)
+        return staged
+
+    def _fail(self, why: str) -> SyncError:
+        return SyncError(f"receiver {self.rank}: {why}")
+
+    def _expect(self, meta: Meta, sender: int, want: Meta | None) -> None:
+        if want != meta:
+            raise self._fail(f"layout mismatch on tensor {meta[0]!r} from sender {sender}: got {meta[1:]}, "
+                             f"expected {want[1:] if want else 'no such tensor'}")
+
+    def _check(self, meta: Meta, sender: int, expected: dict[str, Meta] | None, staged: dict) -> torch.Tensor:
+        name = meta[0]
+        self._expect(meta, sender, expected.get(name) if expected is not None else staged.get(name, (meta,))[0])
+        if name not in staged:
+            dtype = getattr(torch, meta[2])
+            staged[name] = (meta, torch.empty(meta[1], dtype=dtype), [])
+        return staged[name][1]
+
+    def _assemble(self, version: int, expected: dict[str, Meta] | None, verify: bool) -> dict[str, torch.Tensor]:
+        staged: dict[str, tuple[Meta, torch.Tensor, list]] = {}
+        ended: dict[int, list] = {}
+        while len(ended) < len(self.slots):
+            msg = self.chan.recv(time.monotonic() + self.timeout_s)
+            if msg is None:
+                missing = sorted(set(range(len(self.slots))) - set(ended))
+                raise self._fail(f"timed out after {self.timeout_s}s waiting for sender(s) {missing}")
+            kind, sender, v = msg[:3]
+            if v < version:  # left over from an earlier, failed sync (versions only grow)
+                continue
+            if v != version:
+                raise self._fail(f"sender {sender} sent version {v}, expected {version}")
+            if kind == "error":
+                raise self._fail(msg[3])
+            if kind == "begin" and msg[3] is not None and expected is not None:
+                for m in msg[3]:  # refused before any byte of this sync is copied
+                    self._expect(m, sender, expected.get(m[0]))
+                if {m[0] for m in msg[3]} != set(expected):
+                    raise self._fail(f"sender {sender} manifest names differ from the expected layout: "
+                                     f"{sorted({m[0] for m in msg[3]} ^ set(expected))[:5]}")
+            elif kind == "bucket":
+                _, _, _, slot, extents, checksum = msg
+                used = max(e[3] + e[2] - e[1] for e in extents)
+                buf = self.slots[sender][slot]
+                if _digest(buf[:used]) != checksum:
+                    raise self._fail(f"checksum mismatch in a bucket from sender {sender} "
+                                     f"carrying {sorted({e[0][0] for e in extents})}")
+                for meta, a, b, off in extents:
+                    dst = self._check(meta, sender, expected, staged).view(-1).view(torch.uint8)
+                    dst[a:b].copy_(buf[off:off + b - a])
+                    staged[meta[0]][2].append((a, b, sender))
+                self.chan.send(sender, ("ack", self.rank, version, slot))
+            elif kind == "end":
+                ended[sender] = msg[3]
+                for meta, a, b, _ in msg[3]:
+                    self._check(meta, sender, expected, staged)
+        self._check_coverage(staged, ended, verify)
+        return {name: t for name, (_, t, _) in staged.items()}
+
+    def _check_coverage(self, staged: dict, ended: dict[int, list], verify: bool) -> None:
+        owned = {(meta[0], a, b, s): d for s, items in ended.items() for meta, a, b, d in items}
+        for name, (meta, t, pieces) in staged.items():
+            nbytes, pos = t.numel() * t.element_size(), 0
+            for a, b, s in sorted(pieces):
+                if a != pos:
+                    raise self._fail(f"tensor {name!r}: bytes [{pos}, {a}) {'missing' if a > pos else 'sent twice'}"
+                                     f" (sender {s})")
+                pos = b
+            if pos != nbytes:
+                raise self._fail(f"tensor {name!r}: received {pos} of {nbytes} bytes")
+        if verify:
+            for (name, a, b, s), d in owned.items():
+                got = _digest(staged[name][1].view(-1).view(torch.uint8)[a:b])
+                if got != d:
+                    raise self._fail(f"tensor {name!r} bytes [{a}, {b}) from sender {s} differ from the source")
+
+    def _await_commit(self, version: int) -> None:
+        deadline, votes = time.monotonic() + self.timeout_s, {}
+        while len(votes) < len(self.slots):
+            msg = self.chan.recv(deadline)
+            if msg is None:
+                raise self._fail(f"no commit from sender(s) {sorted(set(range(len(self.slots))) - set(votes))}")
+            if msg[0] in ("commit", "abort") and msg[2] == version:
+                votes[msg[1]] = msg[0]
+        if "abort" in votes.values():
+            raise self._fail(f"sync {version} aborted by sender(s) {[s for s, v in votes.items() if v == 'abort']}")
+
+    def close(self) -> None:
+        self.chan.close()
+        self.slots, self.shms = [], []  # the maps close when the last tensor view on them goes

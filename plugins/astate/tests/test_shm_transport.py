@@ -1,0 +1,125 @@
+"""The shared-memory transport between real processes: exact bytes, versions, and all-or-nothing on faults."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+
+import pytest
+import torch
+from astate_peers import make_weights, sender_main
+
+from ring_ext_astate.shm_transport import ShmReceiver, SyncError, _meta, owned_byte_range
+
+SLOT = 1024  # small slots: every tensor spans several buckets and the 2-slot ring wraps many times
+TIMEOUT = 5.0
+
+
+class Fleet:
+    """`world` sender processes and `n_recv` receivers (threads of this process, each its own sockets)."""
+
+    def __init__(self, world: int, n_recv: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.out, self.ins = ctx.Queue(), [ctx.Queue() for _ in range(world)]
+        self.procs = [ctx.Process(target=sender_main, args=(r, world, SLOT, self.ins[r], self.out, TIMEOUT))
+                      for r in range(world)]
+        for p in self.procs:
+            p.start()
+        addrs = dict(self.out.get(timeout=60)[1:] for _ in range(world))
+        self.receivers = [ShmReceiver(r, timeout_s=TIMEOUT) for r in range(n_recv)]
+        for q in self.ins:
+            q.put([r.address()["address"] for r in self.receivers])
+        for r in self.receivers:
+            r.connect([addrs[s] for s in range(world)])
+
+    def sync(self, version: int, seed: int, fault: str = "", verify: bool = True, expected=None):
+        for q in self.ins:
+            q.put((version, seed, fault, verify))
+        results: list = [None] * len(self.receivers)
+
+        def run(i: int) -> None:
+            try:
+                results[i] = self.receivers[i].receive(version, expected=expected, verify=verify)
+            except SyncError as e:
+                results[i] = e
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(self.receivers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        alive = [p for p in self.procs if p.is_alive() or p.exitcode == 0]
+        senders = [self.out.get(timeout=2 * TIMEOUT + 5) for _ in alive]
+        return results, sorted(senders)
+
+    def close(self) -> None:
+        for q, p in zip(self.ins, self.procs):
+            if p.is_alive():
+                q.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+        for r in self.receivers:
+            r.close()
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    f = Fleet(world=3, n_recv=2)
+    yield f
+    f.close()
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_owned_ranges_tile_each_tensor_without_overlap():
+    for nbytes, item, world in [(0, 4, 3), (8, 4, 3), (2 * 97, 2, 4), (4 * 1000, 4, 7)]:
+        ranges = [owned_byte_range(nbytes, item, r, world) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == nbytes
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        sizes = [b - a for a, b in ranges]
+        assert max(sizes) - min(sizes) <= item and all(s % item == 0 for s in sizes)
+
+
+def test_round_trip_is_bit_exact_and_second_sync_updates(fleet):
+    results, senders = fleet.sync(version=1, seed=1)
+    src = make_weights(1)
+    assert all(not isinstance(r, Exception) and _same(r, src) for r in results), results
+    total = sum(t.nbytes for t in src.values())
+    assert [s[0] for s in senders] == ["ok"] * 3
+    assert sum(s[2] for s in senders) == total  # each byte sent once, whatever the receiver count
+    assert max(s[2] for s in senders) - min(s[2] for s in senders) <= 4 * len(src)  # balanced to an element
+    results2, _ = fleet.sync(version=2, seed=2)
+    assert all(_same(r, make_weights(2)) for r in results2)
+    assert not _same(results2[0], src)
+
+
+def test_corrupted_bucket_is_detected_and_nothing_is_returned(fleet):
+    results, senders = fleet.sync(version=3, seed=3, fault="corrupt")
+    assert all(isinstance(r, SyncError) for r in results)
+    assert any("checksum mismatch" in str(r) and "sender 2" in str(r) for r in results)
+    assert all(s[0] == "error" for s in senders)  # every sender learns the sync failed
+    results, _ = fleet.sync(version=4, seed=4)  # the transport is usable again
+    assert all(_same(r, make_weights(4)) for r in results)
+
+
+def test_layout_mismatch_is_refused_from_the_manifest(fleet):
+    expected = {n: _meta(n, t) for n, t in make_weights(0).items()}
+    results, senders = fleet.sync(version=5, seed=5, fault="shrunk", expected=expected)
+    assert all(isinstance(r, SyncError) and "layout mismatch on tensor 'embed'" in str(r) for r in results)
+    assert all(s[0] == "error" for s in senders)
+
+
+def test_killed_sender_ends_in_error_within_timeout():
+    f = Fleet(world=2, n_recv=1)
+    try:
+        t0 = time.monotonic()
+        results, senders = f.sync(version=1, seed=1, fault="die")
+        assert time.monotonic() - t0 < 3 * TIMEOUT
+        assert isinstance(results[0], SyncError)
+        assert "sender(s) [1]" in str(results[0]) or "no commit" in str(results[0])
+        assert f.procs[1].exitcode == 17
+    finally:
+        f.close()
