@@ -7,6 +7,7 @@ itself imports those modules, so loading a plugin stays cheap in every process. 
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable
@@ -16,6 +17,11 @@ from ring_ext.patching import after_import
 
 def _qualname(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _resolve(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr, None)
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,17 @@ class Registrar:
         after_import("verl.trainer.ppo.v1", lambda v1: v1.register_trainer(name)(cls))
         self._record("trainer_mode", name, _qualname(cls))
 
-    def checkpoint_engine(self, name: str, cls: type) -> None:
-        after_import("verl.checkpoint_engine.base", lambda base: base.CheckpointEngineRegistry.register(name)(cls))
-        self._record("checkpoint_engine", name, _qualname(cls))
+    def checkpoint_engine(self, name: str, cls: type | str) -> None:
+        """`cls` may be "module:Class", imported only once verl imports its checkpoint engines; such a module
+        also registers the class itself (verl's decorator), so importing it directly works too."""
+
+        def register(base: ModuleType) -> None:
+            engine = _resolve(cls) if isinstance(cls, str) else cls
+            if engine is not None:  # None: that module is mid-import and registers itself when done
+                base.CheckpointEngineRegistry.register(name)(engine)
+
+        after_import("verl.checkpoint_engine.base", register)
+        self._record("checkpoint_engine", name, cls.replace(":", ".") if isinstance(cls, str) else _qualname(cls))
 
     def startup_check(self, name: str, check: Callable[[Any], None]) -> None:
         """`check(config)` runs in the driver inside verl's `validate_config`, before Ray starts."""

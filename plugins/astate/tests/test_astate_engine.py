@@ -1,0 +1,99 @@
+"""The ``astate`` engine through verl's CheckpointEngineRegistry, between real Ray worker processes.
+
+Stands in for verl's CheckpointEngineManager (it drives prepare -> build_topology -> init_process_group ->
+send/receive -> finalize in the same order); the full manager + vLLM path is in tests/test_e2e_astate.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from ring_ext_astate.engine import AStateCheckpointEngine
+
+TRAINERS, ROLLOUTS = 2, 2
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    here = str(Path(__file__).parent)
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def peers(ray_session):
+    """One set of worker processes for the module (each imports verl: seconds apiece on 2 cores)."""
+    from astate_ray_peers import EnginePeer
+
+    opts = {"slot_megabytes": 1, "slots": 2, "timeout_s": 4.0}
+    return ([EnginePeer.remote(r, **opts) for r in range(TRAINERS)],
+            [EnginePeer.remote(None, **opts) for _ in range(ROLLOUTS)])
+
+
+def _sync(trainers, rollouts, step: int, die_after: int | None = None):
+    meta = ray.get([p.call.remote("prepare") for p in trainers + rollouts])
+    actor_kw, rollout_kw = AStateCheckpointEngine.build_topology(len(trainers), len(rollouts), meta)
+    ray.get([p.call.remote("init_process_group", **{k: v[i] for k, v in actor_kw.items()})
+             for i, p in enumerate(trainers)]
+            + [p.call.remote("init_process_group", **{k: v[i] for k, v in rollout_kw.items()})
+               for i, p in enumerate(rollouts)])
+    sends = [p.send.remote(step, die_after if i == len(trainers) - 1 else None) for i, p in enumerate(trainers)]
+    received = ray.get([p.receive.remote(step) for p in rollouts])
+    return sends, received
+
+
+def test_round_trip_bit_identical_then_updated_in_place(peers):
+    from astate_ray_peers import model_weights
+
+    trainers, rollouts = peers
+    for step in (1, 2):
+        sends, received = _sync(trainers, rollouts, step)
+        metrics = ray.get(sends)
+        ray.get([p.call.remote("finalize") for p in trainers + rollouts])
+        assert received == [len(model_weights(step))] * ROLLOUTS
+        for w in ray.get([p.get_weights.remote() for p in rollouts]):
+            assert all(torch.equal(w[n], t) for n, t in model_weights(step).items())
+        total = sum(t.nbytes for t in model_weights(step).values())
+        assert sum(m["astate/bytes_per_sender"] for m in metrics) == total  # no byte sent twice
+        assert [m["astate/version"] for m in metrics] == [step] * TRAINERS
+
+
+def test_dead_trainer_rank_keeps_old_weights_and_fails_within_timeout(peers):
+    """Runs after the round trip (module order): the rollout side holds step 2's weights."""
+    from astate_ray_peers import model_weights
+
+    trainers, rollouts = peers
+    t0 = time.monotonic()
+    sends, received = _sync(trainers, rollouts, 3, die_after=2)
+    assert time.monotonic() - t0 < 12  # within the timeout, not a hang
+    assert received == [0] * ROLLOUTS  # nothing handed to the server adapter
+    for w in ray.get([p.get_weights.remote() for p in rollouts]):
+        assert all(torch.equal(w[n], t) for n, t in model_weights(2).items())
+    with pytest.raises(ray.exceptions.RayError):
+        ray.get(sends)
+    with pytest.raises(ray.exceptions.RayError, match="receiver"):
+        ray.get(sends[0])  # the surviving sender names the failing side
+
+
+def test_unknown_option_and_bad_values_are_refused():
+    with pytest.raises(TypeError, match="known options: slots, slot_megabytes, timeout_s, verify"):
+        AStateCheckpointEngine(bucket_size=1 << 20, slot_mb=4)
+    with pytest.raises(ValueError, match="verify"):
+        AStateCheckpointEngine(bucket_size=1 << 20, verify="sometimes")
+    with pytest.raises(ValueError, match="timeout_s > 0"):
+        AStateCheckpointEngine(bucket_size=1 << 20, timeout_s=0)
+
+
+def test_topology_refuses_several_hosts():
+    meta = [{"host": "a", "sender": True, "address": "x", "slots": [], "slot_bytes": 1},
+            {"host": "b", "sender": False, "address": "y"}]
+    with pytest.raises(ValueError, match="one host"):
+        AStateCheckpointEngine.build_topology(1, 1, meta)
