@@ -29,7 +29,7 @@ logger = logging.getLogger("ring_ext")
 @dataclass(frozen=True)
 class AStateOptions:
     slots: int = 4  # buckets in flight per sender: bounds shared memory to slots x slot size
-    slot_megabytes: int = 64  # capped by verl's update_weights_bucket_megabytes
+    slot_megabytes: int = 16  # capped by verl's update_weights_bucket_megabytes
     timeout_s: float = 120.0  # every wait of a sync; a dead peer ends the sync with an error after this
     verify: Literal["first", "always", "never"] = "first"  # bit-exact digest check of the assembled weights
 
@@ -56,10 +56,12 @@ class AStateCheckpointEngine(CheckpointEngine):
         self.last_metrics: dict[str, float] = {}
 
     def prepare(self) -> dict[str, Any]:
+        # the peer (its shared memory, sockets, staging buffers) lives across syncs: fresh memory would
+        # page-fault on every byte of every sync; it is rebuilt only after a failed sync
         o = self.options
-        if self.sender_side:
+        if self.peer is None and self.sender_side:
             self.peer = ShmSender(0, 1, self.slot_bytes, o.slots, o.timeout_s)  # rank set in init_process_group
-        else:
+        elif self.peer is None:
             self.peer = ShmReceiver(0, o.timeout_s)
         return {"host": socket.gethostname(), "sender": self.sender_side, **self.peer.address()}
 
@@ -98,7 +100,11 @@ class AStateCheckpointEngine(CheckpointEngine):
                 yield name, t
 
         t0 = time.perf_counter()
-        stats = self.peer.send(recorded(), self.syncs + 1, verify=self._verify(), manifest=self.layout)
+        try:
+            stats = self.peer.send(recorded(), self.syncs + 1, verify=self._verify(), manifest=self.layout)
+        except BaseException:
+            self._drop_peer()
+            raise
         seconds = time.perf_counter() - t0
         self.layout, self.syncs = sent, self.syncs + 1
         self.last_metrics = {
@@ -116,6 +122,7 @@ class AStateCheckpointEngine(CheckpointEngine):
             staged = await asyncio.to_thread(self.peer.receive, self.syncs + 1, expected=expected,
                                              verify=self._verify())
         except SyncError as e:  # yield nothing: the server adapter finishes an empty update, weights stay whole
+            self._drop_peer()
             logger.error("astate: weight sync %d failed, rollout keeps its previous weights: %s", self.syncs + 1, e)
             return
         self.layout, self.syncs = [_meta(n, t) for n, t in staged.items()], self.syncs + 1
@@ -123,6 +130,9 @@ class AStateCheckpointEngine(CheckpointEngine):
             yield item
 
     def finalize(self) -> None:
+        """Nothing to free per sync: the peer's buffers are reused by the next one (see prepare)."""
+
+    def _drop_peer(self) -> None:
         if self.peer is not None:
             self.peer.close()
             self.peer = None

@@ -68,6 +68,9 @@ class _Channel:
         self.peers: list[zmq.Socket] = []
 
     def connect(self, addresses: list[str]) -> None:
+        for s in self.peers:  # a new topology replaces the old one
+            s.close(linger=0)
+        self.peers = []
         for a in addresses:
             s = self.ctx.socket(zmq.PUSH)
             s.setsockopt(zmq.LINGER, 0)
@@ -212,7 +215,8 @@ class ShmReceiver:
     def __init__(self, rank: int, timeout_s: float = 60.0) -> None:
         self.rank, self.timeout_s = rank, timeout_s
         self.chan = _Channel()
-        self.shms: list[list[mmap.mmap]] = []
+        self.maps: dict[str, torch.Tensor] = {}  # sender segments, mapped once (fresh maps fault on every page)
+        self.pool: dict[Meta, torch.Tensor] = {}  # staging buffers reused sync after sync, for the same reason
 
     def address(self) -> dict[str, Any]:
         return {"address": self.chan.address}
@@ -220,8 +224,10 @@ class ShmReceiver:
     def connect(self, senders: list[dict[str, Any]]) -> None:
         self.chan.connect([s["address"] for s in senders])
         for s in senders:
-            self.shms.append([_map_segment(n, s["slot_bytes"]) for n in s["slots"]])
-        self.slots = [[torch.frombuffer(m, dtype=torch.uint8) for m in ms] for ms in self.shms]
+            for n in s["slots"]:
+                if n not in self.maps:
+                    self.maps[n] = torch.frombuffer(_map_segment(n, s["slot_bytes"]), dtype=torch.uint8)
+        self.slots = [[self.maps[n] for n in s["slots"]] for s in senders]
 
     def _report(self, version: int, ok: bool, why: str = "") -> None:
         for s in range(len(self.slots)):
@@ -229,7 +235,9 @@ class ShmReceiver:
 
     def receive(self, version: int, *, expected: dict[str, Meta] | None = None,
                 verify: bool = False) -> dict[str, torch.Tensor]:
-        """Assemble one sync; returns {name: tensor} only after every sender committed, else SyncError."""
+        """Assemble one sync; returns {name: tensor} only after every sender committed, else SyncError.
+
+        The returned tensors are staging buffers that the next `receive` reuses: apply them before calling it."""
         try:
             staged = self._assemble(version, expected, verify)
         except SyncError as e:
@@ -251,8 +259,8 @@ class ShmReceiver:
         name = meta[0]
         self._expect(meta, sender, expected.get(name) if expected is not None else staged.get(name, (meta,))[0])
         if name not in staged:
-            dtype = getattr(torch, meta[2])
-            staged[name] = (meta, torch.empty(meta[1], dtype=dtype), [])
+            buf = self.pool.get(meta)
+            staged[name] = (meta, buf if buf is not None else torch.empty(meta[1], dtype=getattr(torch, meta[2])), [])
         return staged[name][1]
 
     def _assemble(self, version: int, expected: dict[str, Meta] | None, verify: bool) -> dict[str, torch.Tensor]:
@@ -293,6 +301,7 @@ class ShmReceiver:
                 for meta, a, b, _ in msg[3]:
                     self._check(meta, sender, expected, staged)
         self._check_coverage(staged, ended, verify)
+        self.pool = {meta: t for meta, t, _ in staged.values()}
         return {name: t for name, (_, t, _) in staged.items()}
 
     def _check_coverage(self, staged: dict, ended: dict[int, list], verify: bool) -> None:
@@ -325,4 +334,4 @@ class ShmReceiver:
 
     def close(self) -> None:
         self.chan.close()
-        self.slots, self.shms = [], []  # the maps close when the last tensor view on them goes
+        self.slots, self.maps, self.pool = [], {}, {}  # the maps close when the last tensor view on them goes
