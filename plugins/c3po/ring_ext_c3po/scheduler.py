@@ -239,6 +239,8 @@ class C3POScheduler:
         self.policy_version += 1
         purged = []
         for seq, g in list(self._inference.items()):
+            if not any(t.length for t in g.trajectories):
+                continue  # still queued behind the engine's batch: it holds no stale tokens, so it does not age
             g.retention += 1
             if g.retention > self.config.max_retention:
                 del self._inference[seq]

@@ -224,9 +224,9 @@ def simulate(s: C3POScheduler, target, chunk, results: list, stop=None, admitted
         assert sorted(s.abort_in_flight()) == sorted(running)
         res = s.end_iteration()
         left.update(res.purged_prompt_ids)
-        if n_prompts is not None:  # admission versions known: purged after exactly sigma + 1 updates unfinished,
-            assert all(res.policy_version - admitted[p] == sigma for p in res.purged_prompt_ids)
-            assert all(res.policy_version - admitted[grp[0].prompt_id] <= sigma for grp in res.batch)  # trained sooner
+        if n_prompts is not None:  # a group ages only once it holds tokens, so no trained token is staler than sigma
+            assert all(res.policy_version - admitted[p] >= sigma for p in res.purged_prompt_ids)
+            assert max(res.version_lag, default=0) <= sigma
         if res.trained_tokens < phi:  # phase ended by draining the pool: nothing left behind
             assert res.carried_groups == res.purged_groups == 0
         results.append(res)

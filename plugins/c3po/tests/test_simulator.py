@@ -62,10 +62,9 @@ def test_no_tail_means_no_gain(max_batch, pool_size):
     assert c["trained_tokens"] == s["trained_tokens"] == c["decoded_tokens"] == 6 * 4 * 2 * 32
     assert c["steps"] == s["steps"] == 6 and c["idle_s"] == s["idle_s"] == 0 and c["mean_version_lag"] == 0
     assert r["rollout_speedup"] == pytest.approx(1.0) and r["step_speedup"] == pytest.approx(1.0)
-    # Scheduler policy, pinned here: retention counts updates since a group entered the pool, so when the pool holds
-    # more samples than the engine runs (Omega*G > 2*max_batch here) groups that waited in the queue are purged
-    # (their prompts dropped) without a decoded token: decoded == trained above, yet the purge rate is > 0.
-    assert (c["purge_rate"] > 0) == (r["config"]["pool_size"] * cfg.group_size > 2 * max_batch)
+    # A group queued behind the engine's batch holds no tokens and does not age: nothing is purged even when the
+    # pool holds more samples than the engine runs (an earlier scheduler purged those, dropping their prompts).
+    assert c["purge_rate"] == 0
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
