@@ -164,8 +164,9 @@ def main() -> None:
                 row[f"astate{n}_gbps"] = gbps(bench_astate(names, args.tensor_mib, dst, args.repeats, n,
                                                            args.slot_mib))
         rows.append(row)
+        limit = max(row["memcpy_gbps"], row["memcpy_1thread_gbps"])
         cells = "  ".join(f"astate x{n}: {row[f'astate{n}_gbps']:.2f} GB/s "
-                          f"({row[f'astate{n}_gbps'] / row['memcpy_gbps']:.0%} of memcpy, "
+                          f"({row[f'astate{n}_gbps'] / limit:.0%} of memcpy, "
                           f"{row[f'astate{n}_gbps'] / row['verl_gbps']:.2f}x verl)" for n in args.senders)
         print(f"{gib:>4} GiB  memcpy {row['memcpy_gbps']:.2f} GB/s (1 thread {row['memcpy_1thread_gbps']:.2f})  verl {row['verl_gbps']:.2f} GB/s  {cells}")
     OUT.mkdir(exist_ok=True)
