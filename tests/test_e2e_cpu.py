@@ -57,8 +57,11 @@ def test_every_step_logs_finite_metrics(run: dict) -> None:
     for data in steps.values():
         for key in ("actor/pg_loss", "actor/grad_norm", "critic/score/mean", "response_length/mean", "timing_s/gen"):
             assert torch.isfinite(torch.tensor(float(data[key]))), key
-        assert data["actor/grad_norm"] > 0
+        # a step where every group's samples scored alike has all-zero GRPO advantages, hence no gradient
+        if data["critic/advantages/max"] > data["critic/advantages/min"]:
+            assert data["actor/grad_norm"] > 0
         assert data["response_length/mean"] > 0
+    assert sum(d["actor/grad_norm"] > 0 for d in steps.values()) >= STEPS // 2
 
 
 def test_actor_weights_changed(run: dict) -> None:
