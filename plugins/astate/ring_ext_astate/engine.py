@@ -53,7 +53,6 @@ class AStateCheckpointEngine(CheckpointEngine):
         self.syncs = 0
         self.layout: list[Meta] | None = None
         self.peer: ShmSender | ShmReceiver | None = None
-        self.last_metrics: dict[str, float] = {}
 
     def prepare(self) -> dict[str, Any]:
         # the peer (its shared memory, sockets, staging buffers) lives across syncs: fresh memory would
@@ -107,12 +106,11 @@ class AStateCheckpointEngine(CheckpointEngine):
             raise
         seconds = time.perf_counter() - t0
         self.layout, self.syncs = sent, self.syncs + 1
-        self.last_metrics = {
+        return {
             "astate/bytes_per_sender": stats.bytes_moved, "astate/buckets": stats.buckets,
             "astate/seconds": seconds, "astate/gb_per_s": stats.bytes_moved / max(seconds, 1e-9) / 1e9,
             **{f"astate/seconds_{k}": v for k, v in stats.seconds.items()}, "astate/version": self.syncs,
         }
-        return self.last_metrics
 
     async def receive_weights(self, global_steps: int | None = None) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
         assert isinstance(self.peer, ShmReceiver), "receive_weights runs on rollout workers after init_process_group()"
