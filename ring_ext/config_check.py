@@ -20,6 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 FREE_FORM = frozenset({"ray_kwargs.ray_init", "hydra"})
 # Present after verl's own composition but not in its generated file (a defaults-list selector).
 COMPOSED_ONLY = frozenset({"model_engine"})
+# Sections that plugins add to verl's config (`Registrar.config_section`): path -> "module:Dataclass".
+_plugin_sections: dict[str, str] = {}
+
+
+def add_config_section(path: str, dataclass_spec: str) -> None:
+    _plugin_sections[path] = dataclass_spec
 
 
 class UnknownConfigKeyError(ValueError):
@@ -42,7 +48,7 @@ def _leaf_paths(node: Any, prefix: str = "") -> Iterator[str]:
 
 
 def _dataclass_fields(target: str) -> set[str]:
-    module, _, name = target.rpartition(".")
+    module, _, name = target.rpartition(":") if ":" in target else target.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
@@ -73,7 +79,15 @@ def unknown_keys(cfg: DictConfig, base: DictConfig | None = None) -> list[str]:
     added = [p for p in _leaf_paths(cfg) if p not in known]
     # Report the topmost unknown key only, not every key below it.
     roots = [p for p in added if not any(p.startswith(q + ".") for q in added if q != p)]
-    return [p for p in roots if not _accepted(p, cfg, base)]
+    bad = []
+    for path in roots:
+        if path in _plugin_sections:  # a plugin's section: only its dataclass's fields are read
+            section, fields_ = OmegaConf.select(cfg, path), _dataclass_fields(_plugin_sections[path])
+            keys = section.keys() if isinstance(section, DictConfig) else []
+            bad += [f"{path}.{k}" for k in keys if k not in fields_]
+        elif not _accepted(path, cfg, base):
+            bad.append(path)
+    return bad
 
 
 def check_config_keys(cfg: DictConfig) -> None:

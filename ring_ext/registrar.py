@@ -19,6 +19,10 @@ def _qualname(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
+def _detail(cls: type | str) -> str:
+    return cls.replace(":", ".") if isinstance(cls, str) else _qualname(cls)
+
+
 def _resolve(spec: str) -> Any:
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr, None)
@@ -50,9 +54,16 @@ class Registrar:
         after_import("verl.trainer.ppo.core_algos", register)
         self._record("policy_loss", name, _qualname(fn))
 
-    def trainer_mode(self, name: str, cls: type) -> None:
-        after_import("verl.trainer.ppo.v1", lambda v1: v1.register_trainer(name)(cls))
-        self._record("trainer_mode", name, _qualname(cls))
+    def trainer_mode(self, name: str, cls: type | str) -> None:
+        """`cls` may be "module:Class", imported only once verl imports its v1 trainers (in the TaskRunner)."""
+
+        def register(v1: ModuleType) -> None:
+            trainer = _resolve(cls) if isinstance(cls, str) else cls
+            if trainer is not None:  # None: that module is mid-import and registers itself when done
+                v1.register_trainer(name)(trainer)
+
+        after_import("verl.trainer.ppo.v1", register)
+        self._record("trainer_mode", name, _detail(cls))
 
     def checkpoint_engine(self, name: str, cls: type | str) -> None:
         """`cls` may be "module:Class", imported only once verl imports its checkpoint engines; such a module
@@ -64,7 +75,15 @@ class Registrar:
                 base.CheckpointEngineRegistry.register(name)(engine)
 
         after_import("verl.checkpoint_engine.base", register)
-        self._record("checkpoint_engine", name, cls.replace(":", ".") if isinstance(cls, str) else _qualname(cls))
+        self._record("checkpoint_engine", name, _detail(cls))
+
+    def config_section(self, path: str, dataclass_spec: str) -> None:
+        """Declare a config section the plugin reads (e.g. "trainer.v1.c3po"), typed by "module:Dataclass": the
+        recipe key check then accepts exactly that dataclass's fields under it."""
+        from ring_ext.config_check import add_config_section
+
+        add_config_section(path, dataclass_spec)
+        self._record("config_section", path, _detail(dataclass_spec))
 
     def startup_check(self, name: str, check: Callable[[Any], None]) -> None:
         """`check(config)` runs in the driver inside verl's `validate_config`, before Ray starts."""

@@ -19,6 +19,13 @@ Check = Callable[[Any], None]
 _checks: dict[str, Check] = {}
 # Losses ring-ext plugins provide, so a missing plugin gets an install hint instead of a bare "unknown".
 PLUGIN_LOSSES = {"icepop": "ring-ext-icepop", "kpop": "ring-ext-icepop", "tis": "ring-ext-icepop"}
+# v1 trainer modes ring-ext plugins provide: distribution and the module that registers the mode.
+PLUGIN_TRAINER_MODES = {"c3po": ("ring-ext-c3po", "ring_ext_c3po")}
+
+
+def _install_hint(distribution: str) -> str:
+    return (f"pip install {distribution} "
+            f"(in this repository: pip install -e plugins/{distribution.removeprefix('ring-ext-')})")
 
 
 def add_startup_check(name: str, check: Check) -> None:
@@ -54,8 +61,7 @@ def check_policy_loss_registered(config: Any) -> None:
     if mode not in core_algos.POLICY_LOSS_REGISTRY:
         available = ", ".join(sorted(core_algos.POLICY_LOSS_REGISTRY))
         hint = (
-            f"'{mode}' comes with the plugin {PLUGIN_LOSSES[mode]}: pip install {PLUGIN_LOSSES[mode]} "
-            f"(in this repository: pip install -e plugins/{PLUGIN_LOSSES[mode].removeprefix('ring-ext-')})"
+            f"'{mode}' comes with the plugin {PLUGIN_LOSSES[mode]}: {_install_hint(PLUGIN_LOSSES[mode])}"
             if mode in PLUGIN_LOSSES
             else "ring-ext plugins add theirs when installed: see `ring-ext plugins`"
         )
@@ -76,3 +82,17 @@ def check_config_resolves(config: Any) -> None:
         OmegaConf.to_container(config, resolve=True)
     except OmegaConfBaseException as exc:
         raise ValueError(f"the config does not resolve: {exc}") from exc
+
+
+def check_trainer_mode_plugin(config: Any) -> None:
+    """verl looks the v1 trainer mode up inside its TaskRunner, after Ray started; a mode that a ring-ext plugin
+    provides fails here instead when that plugin is not installed."""
+    import importlib.util
+
+    mode = config.trainer.get("v1", {}).get("trainer_mode", "sync")
+    if mode in PLUGIN_TRAINER_MODES:
+        distribution, module = PLUGIN_TRAINER_MODES[mode]
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"trainer.v1.trainer_mode={mode!r} comes with the plugin {distribution}, which is not "
+                             f"installed: {_install_hint(distribution)}")
+        logger.warning("ring-ext: v1 trainer mode = %s", mode)

@@ -5,7 +5,12 @@ import os
 from ring_ext.discovery import load_plugins
 from ring_ext.config_check import check_recipe_keys
 from ring_ext.resolvers import register_resolvers
-from ring_ext.startup import add_startup_check, check_config_resolves, check_policy_loss_registered
+from ring_ext.startup import (
+    add_startup_check,
+    check_config_resolves,
+    check_policy_loss_registered,
+    check_trainer_mode_plugin,
+)
 
 # Runs stay local unless the user opts in (WANDB_MODE=online); `wandb sync` uploads them later.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -13,4 +18,5 @@ register_resolvers()
 add_startup_check("recipe_keys_known", check_recipe_keys)
 add_startup_check("config_resolves", check_config_resolves)
 add_startup_check("policy_loss_registered", check_policy_loss_registered)
+add_startup_check("trainer_mode_plugin", check_trainer_mode_plugin)
 load_plugins()

@@ -134,3 +134,28 @@ def test_loss_of_a_missing_plugin_fails_at_start_with_an_install_hint(monkeypatc
     cfg = compose_ppo("+recipe=ring1t", "actor_rollout_ref.actor.policy_loss.loss_mode=kpop")
     with pytest.raises(ValueError, match=r"'kpop' comes with the plugin ring-ext-icepop: pip install ring-ext-icepop"):
         check_policy_loss_registered(cfg)
+
+
+def test_a_plugin_config_section_accepts_its_dataclass_fields_and_names_a_typo() -> None:
+    """ring-ext-c3po declares `trainer.v1.c3po` typed by C3POModeConfig (Registrar.config_section)."""
+    import verl  # noqa: F401  (loads the plugins, which declare their sections)
+
+    good = compose_ppo("+recipe=ring1t", "trainer.v1.trainer_mode=c3po", "+trainer.v1.c3po.token_budget=64",
+                       "+trainer.v1.c3po.max_retention=2")
+    assert unknown_keys(good) == []
+    typo = compose_ppo("+recipe=ring1t", "+trainer.v1.c3po.token_budget=64", "+trainer.v1.c3po.max_retentoin=2")
+    assert unknown_keys(typo) == ["trainer.v1.c3po.max_retentoin"]
+
+
+def test_trainer_mode_of_a_missing_plugin_fails_at_start_with_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if ring-ext-c3po were not installed: its module cannot be found."""
+    import importlib.util
+
+    from ring_ext import startup
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ring_ext_c3po" else real_find_spec(name, *a))
+    cfg = compose_ppo("+recipe=ring1t", "trainer.v1.trainer_mode=c3po")
+    with pytest.raises(ValueError, match=r"'c3po' comes with the plugin ring-ext-c3po, which is not installed: pip install ring-ext-c3po"):
+        startup.check_trainer_mode_plugin(cfg)
+    startup.check_trainer_mode_plugin(compose_ppo("+recipe=ring1t"))  # verl's own modes need no plugin
