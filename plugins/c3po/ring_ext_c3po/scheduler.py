@@ -1,8 +1,9 @@
 """C3PO++ scheduler core (Ring-1T, arXiv 2510.18855, §2.3.3, Algorithm 1): pure Python, no torch, no verl.
 
-Where it sits: the verl adapter (to come) drives a real vLLM server through verl's abort/resume path and calls
-this core for every decision: which (partial) rollouts to submit, when the rollout phase of an iteration ends,
-what the training batch is, and which rollouts are too stale to keep. One iteration, as the adapter runs it:
+Where it sits: the reference model of Algorithm 1, driven by the simulator (simulator.py). The verl trainer mode
+(verl_mode.py) keeps its pools in verl's TransferQueue and follows the same rules through resume.py and pool.py.
+A driver asks this core for every decision: which (partial) rollouts to submit, when the rollout phase of an
+iteration ends, what the training batch is, and which rollouts are too stale to keep. One iteration, as a driver runs it:
 
     while not s.budget_reached:   # and something is pending or running
         submit s.pending_requests() to the engine; s.record(uid, tokens, logprobs, finished=...) per segment
