@@ -38,12 +38,13 @@ def plot(rows: list[dict], out: Path, max_rows: int = 80) -> Path:
                     edgecolor="red" if row["purged"] else "none")
         ax.text(max(s[3] for s in row["segments"]) - t0 if row["segments"] else 0, y,
                 f" s{row['step']}" + (" purged" if row["purged"] else ""), va="center", fontsize=6)
-    for v in versions:
-        ax.barh([], [], color=colour[v], label=f"policy v{v}")
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colour[v], label=f"policy v{v}") for v in versions]
     ax.set_xlabel("wall clock (s)")
     ax.set_ylabel("request")
     ax.set_title("C3PO++ requests by policy version (label: the step that trained it)")
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(handles=handles, loc="lower right", fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
