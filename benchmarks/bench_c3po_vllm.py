@@ -17,10 +17,10 @@ import argparse
 import json
 import math
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from ring_ext.main_ppo_run import MainPPOError, run_main_ppo
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -29,29 +29,27 @@ RESULTS = HERE / "results"
 def _run(mode: str, args: argparse.Namespace, workdir: Path) -> list[dict]:
     loop_cfg = workdir / "agent_loops.yaml"
     loop_cfg.write_text("- name: lognormal_length\n  _target_: c3po_length_loop.LogNormalLengthAgentLoop\n")
-    metrics = workdir / f"{mode}.jsonl"
-    cmd = [
-        sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=ring1t",
-        f"trainer.total_training_steps={args.steps}", "trainer.logger=[console,file]",
+    overrides = [
+        "+recipe=ring1t",
+        f"trainer.total_training_steps={args.steps}",
         f"trainer.default_local_dir={workdir / mode}", f"data.train_batch_size={args.batch}",
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={args.batch}",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={args.batch}", f"actor_rollout_ref.rollout.n={args.n}",
         f"data.max_response_length={args.max_len}", f"actor_rollout_ref.rollout.max_num_seqs={args.engine_seqs}",
         f"actor_rollout_ref.rollout.agent.agent_loop_config_path={loop_cfg}",
         "actor_rollout_ref.rollout.agent.default_agent_loop=lognormal_length",
         f"trainer.v1.trainer_mode={mode}",
     ]  # fmt: skip
     if mode == "c3po":
-        cmd += [f"+trainer.v1.c3po.token_budget={args.budget}", f"+trainer.v1.c3po.pool_prompts={args.pool}",
-                f"+trainer.v1.c3po.max_retention={args.retention}"]
-    env = {**os.environ, "VERL_FILE_LOGGER_PATH": str(metrics), "C3PO_BENCH_MEDIAN": str(args.median),
-           "C3PO_BENCH_SIGMA": str(args.sigma), "C3PO_BENCH_MAX": str(args.max_len),
+        overrides += [f"+trainer.v1.c3po.token_budget={args.budget}", f"+trainer.v1.c3po.pool_prompts={args.pool}",
+                      f"+trainer.v1.c3po.max_retention={args.retention}"]
+    env = {"C3PO_BENCH_MEDIAN": str(args.median), "C3PO_BENCH_SIGMA": str(args.sigma), "C3PO_BENCH_MAX": str(args.max_len),
            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     print(f"[{mode}] running main_ppo ({args.steps} steps) ...", flush=True)
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=args.timeout)
-    (workdir / f"{mode}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"[{mode}] main_ppo failed (log: {workdir / f'{mode}.log'}):\n{proc.stderr[-3000:]}")
-    return [json.loads(line)["data"] for line in metrics.read_text().splitlines()]
+    try:
+        run = run_main_ppo(overrides, workdir, name=mode, env=env, timeout=args.timeout)
+    except MainPPOError as exc:
+        raise SystemExit(f"[{mode}] {exc}") from exc
+    return [s["data"] for s in run.steps]
 
 
 def _tokens(mode: str, step: dict, args: argparse.Namespace) -> float:
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=6, help="training steps per mode")
     p.add_argument("--warmup", type=int, default=1, help="leading steps left out of the comparison")
     p.add_argument("--batch", type=int, default=4, help="sync: prompts per step (data.train_batch_size)")
-    p.add_argument("--n", type=int, default=2, help="samples per prompt (the recipe's rollout.n)")
+    p.add_argument("--n", type=int, default=2, help="samples per prompt (actor_rollout_ref.rollout.n)")
     p.add_argument("--median", type=float, default=32.0, help="median response length (tokens)")
     p.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of response lengths")
     p.add_argument("--max-len", type=int, default=256, help="max_response_length")

@@ -6,15 +6,11 @@ a rollout engine left on stale weights would be caught by the log-prob compariso
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from ring_ext.main_ppo_run import run_main_ppo
 from ring_ext.tiny import build_tiny_default
 
 pytestmark = pytest.mark.e2e
@@ -29,21 +25,14 @@ MIN_PEARSON = 0.99
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     workdir = tmp_path_factory.mktemp("e2e")
-    metrics_file = workdir / "metrics.jsonl"
-    cmd = [
-        sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=ring1t",
+    steps = run_main_ppo([
+        "+recipe=ring1t",
         f"trainer.total_training_steps={STEPS}",
-        "trainer.logger=[console,file]",
         f"trainer.save_freq={STEPS}",
         f"trainer.default_local_dir={workdir / 'ckpt'}",
         "actor_rollout_ref.actor.optim.lr=3e-2",
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
-    ]  # fmt: skip
-    env = {**os.environ, "VERL_FILE_LOGGER_PATH": str(metrics_file)}
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=1200)
-    (workdir / "run.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, f"main_ppo failed, log in {workdir / 'run.log'}:\n{proc.stderr[-5000:]}"
-    steps = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    ], workdir, name="run").steps  # fmt: skip
     for s in steps:
         d = s["data"]
         print(f"step {s['step']}: step_s={d['timing_s/step']:.2f} log_ppl={d['rollout_corr/training_log_ppl']:.4f} "

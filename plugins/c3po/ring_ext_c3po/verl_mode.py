@@ -95,6 +95,16 @@ def _extra(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _uid(key: str) -> str:
+    return key.split("_")[0]  # verl's trajectory key: {uid}_{session_id}_{index}
+
+
+def _train_prompt_tags() -> dict[str, dict]:
+    """TransferQueue tags of the training partition's prompt groups (status pending/running/finished/failure)."""
+    items = (tq.kv_list("train") or {}).get("train", {})
+    return {uid: tag for uid, tag in items.items() if tag.get("is_prompt")}
+
+
 class C3POReplayBuffer(ReplayBufferAsync):
     """Token-budget sampling over verl's TransferQueue pools; purged groups are evicted like stale ones."""
 
@@ -110,9 +120,8 @@ class C3POReplayBuffer(ReplayBufferAsync):
     def _group_tokens(self, partition_id: str, uids: set[str]) -> dict[str, int]:
         tokens: dict[str, int] = defaultdict(int)
         for key, tag in self.partitions[partition_id].items():
-            uid = key.split("_")[0]
-            if uid in uids:
-                tokens[uid] += int(tag.get("response_len", 0))
+            if _uid(key) in uids:
+                tokens[_uid(key)] += int(tag.get("response_len", 0))
         return tokens
 
     def _read_extra(self, partition_id: str, keys: list[str]) -> list[dict]:
@@ -128,19 +137,13 @@ class C3POReplayBuffer(ReplayBufferAsync):
         for uid in self._purged.keys() - finished:
             del self._purged[uid]
         new = finished - self._purged.keys()
-        keys = [k for k in self.partitions[partition_id] if k.split("_")[0] in new]
-        purged_rows = []
-        for key, extra in zip(keys, self._read_extra(partition_id, keys), strict=True):
-            uid = key.split("_")[0]
-            self._purged[uid] = self._purged.get(uid, False) or bool(extra.get("c3po_purged"))
-            purged_rows.append((key, extra))
-        for uid in new:
-            self._purged.setdefault(uid, False)
-        purged = {uid for uid, p in self._purged.items() if p}
-        newly = purged & new
+        keys = [k for k in self.partitions[partition_id] if _uid(k) in new]
+        rows = list(zip(keys, self._read_extra(partition_id, keys), strict=True))
+        newly = {_uid(k) for k, extra in rows if extra.get("c3po_purged")}  # one purged sample purges its group
+        self._purged.update({uid: uid in newly for uid in new})
         self._purged_this_step += len(newly)
-        self._append_timeline(global_steps, [(k, e) for k, e in purged_rows if k.split("_")[0] in newly], True)
-        return purged
+        self._append_timeline(global_steps, [(k, e) for k, e in rows if _uid(k) in newly], True)
+        return {uid for uid, purged in self._purged.items() if purged}
 
     def _finished_stats(self, partition_id: str, sampleable: set[str]) -> list[tuple[str, int, int]]:
         steps = self.prompt_global_steps[partition_id]
@@ -187,7 +190,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
         return {
             "c3po/tokens_trained": tokens,
             "c3po/budget_used": tokens / self.c3po.token_budget,
-            "c3po/groups_trained": len({k.split("_")[0] for k in batch.keys}),
+            "c3po/groups_trained": len({_uid(k) for k in batch.keys}),
             "c3po/trajectories_trained": len(batch.keys),
             "c3po/trajectories_multi_version": multi_version,
             "c3po/groups_in_flight_at_cut": in_flight,  # carried into the next step (or purged there)
@@ -233,8 +236,7 @@ class C3POTrainer(PPOTrainerColocateAsync):
         return self.llm_server_manager.get_client(client_cls=C3POLLMServerClient)
 
     def _top_up_pool(self) -> int:
-        items = (tq.kv_list("train") or {}).get("train", {})
-        in_flight = sum(1 for t in items.values() if t.get("is_prompt") and t.get("status") in ("pending", "running"))
+        in_flight = sum(t.get("status") in ("pending", "running") for t in _train_prompt_tags().values())
         missing = top_up(in_flight, self.replay_buffer.c3po.pool_prompts)
         if missing:
             self._add_prompts_to_generate(missing)
@@ -244,8 +246,7 @@ class C3POTrainer(PPOTrainerColocateAsync):
         """verl saves the TransferQueue pools (finished groups kept, in-flight prompts re-issued on resume, their
         partial tokens regenerated); c3po_pool.json next to it lists the prompt groups the checkpoint holds."""
         super()._save_checkpoint()
-        items = (tq.kv_list("train") or {}).get("train", {})
-        pool = {uid: tag.get("status") for uid, tag in items.items() if tag.get("is_prompt")}
+        pool = {uid: tag.get("status") for uid, tag in _train_prompt_tags().items()}
         folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
         with open(os.path.join(folder, "c3po_pool.json"), "w") as f:
             json.dump({"global_steps": self.global_steps, "groups": pool}, f, indent=1)

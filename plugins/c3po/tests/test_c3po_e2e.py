@@ -9,13 +9,12 @@ process resumes it to step 4.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from ring_ext.main_ppo_run import run_main_ppo
 
 pytestmark = pytest.mark.e2e
 
@@ -23,21 +22,15 @@ BUDGET, MAX_LEN, SIGMA, HALF, STEPS = 512, 128, 1, 2, 4
 
 
 def _main_ppo(workdir: Path, steps: int) -> list[dict]:
-    metrics_file = workdir / f"metrics_{steps}.jsonl"
-    cmd = [
-        sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=ring1t",
+    return run_main_ppo([
+        "+recipe=ring1t",
         "trainer.v1.trainer_mode=c3po",
         f"+trainer.v1.c3po.token_budget={BUDGET}", f"+trainer.v1.c3po.max_retention={SIGMA}",
         "+trainer.v1.c3po.pool_prompts=8",
         f"data.max_response_length={MAX_LEN}", "actor_rollout_ref.rollout.max_num_seqs=4",
         f"trainer.total_training_steps={steps}", f"trainer.save_freq={HALF}",
-        "trainer.logger=[console,file]", f"trainer.default_local_dir={workdir / 'ckpt'}",
-    ]  # fmt: skip
-    env = {**os.environ, "VERL_FILE_LOGGER_PATH": str(metrics_file)}
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=1200)
-    (workdir / f"run_{steps}.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, f"main_ppo failed, log in {workdir}:\n{proc.stderr[-5000:]}"
-    return [json.loads(line) for line in metrics_file.read_text().splitlines()]
+        f"trainer.default_local_dir={workdir / 'ckpt'}",
+    ], workdir, name=f"run_{steps}").steps  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +78,14 @@ def test_segments_account_each_token_once_and_versions_never_go_back(run: dict) 
         assert per_step[step] == d["c3po/tokens_trained"], step
 
 
+def uid(key: str) -> str:
+    return key.split("_")[0]  # verl's trajectory key: {uid}_{session}_{index}
+
+
 def test_restart_neither_loses_nor_duplicates_a_trajectory(run: dict) -> None:
     trained = [r for r in run["timeline"] if not r["purged"]]
     keys = [r["key"] for r in trained]
     assert len(keys) == len(set(keys)), "a trajectory was trained twice"
-    uid = lambda key: key.split("_")[0]  # noqa: E731  (verl's trajectory key: {uid}_{session}_{index})
     before = {uid(r["key"]) for r in trained if r["step"] <= HALF}
     after = {uid(r["key"]) for r in trained if r["step"] > HALF}
     purged = {uid(r["key"]) for r in run["timeline"] if r["purged"]}
