@@ -20,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ring_ext.main_ppo_run import MainPPOError, run_main_ppo
+from ring_ext.verl_run import VerlRunError, run_main_ppo
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -47,7 +47,7 @@ def _run(mode: str, args: argparse.Namespace, workdir: Path) -> list[dict]:
     print(f"[{mode}] running main_ppo ({args.steps} steps) ...", flush=True)
     try:
         run = run_main_ppo(overrides, workdir, name=mode, env=env, timeout=args.timeout)
-    except MainPPOError as exc:
+    except VerlRunError as exc:
         raise SystemExit(f"[{mode}] {exc}") from exc
     return [s["data"] for s in run.steps]
 

@@ -1,4 +1,4 @@
-"""`ring-ext`: list installed plugins and what they registered, and the shipped recipes."""
+"""`ring-ext`: list installed plugins and what they registered, the shipped recipes; run the stage pipeline."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Sequence
 
 
@@ -41,6 +42,61 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_overrides(items: Sequence[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items:
+        stage, sep, override = item.partition(":")
+        if not sep or not override:
+            raise SystemExit(f"--set {item!r}: expected STAGE:KEY=VALUE, e.g. rlvr:trainer.total_training_steps=4")
+        out.setdefault(stage, []).append(override)
+    return out
+
+
+def _total_steps(overrides: Sequence[str]) -> int | None:
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+") == "trainer.total_training_steps" and value.isdigit():
+            return int(value)
+    return None
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ring_ext.pipeline import PipelineError, Stage, StageResult, run_pipeline, summary_table
+
+    overrides = _stage_overrides(args.set)
+    bars: dict[str, tqdm] = {}
+
+    def on_stage(stage: Stage, result: StageResult | None) -> None:
+        if result is None:
+            log = args.workdir / stage.name / f"{stage.name}.log"
+            print(f"[{stage.name}] +recipe={stage.recipe}, log: {log}", flush=True)
+            bars[stage.name] = tqdm(total=_total_steps(overrides.get(stage.name, ())), desc=stage.name, unit="step")
+            return
+        bar = bars.pop(stage.name, None)
+        if bar is not None:
+            bar.close()
+        state = "done" if bar is not None else "already done, skipped"
+        print(f"[{stage.name}] {state}: {result.steps} steps, {result.metric} {result.first} -> {result.last}, "
+              f"model {result.model}", flush=True)
+
+    def on_step(stage: Stage, record: dict) -> None:
+        bar = bars[stage.name]
+        bar.update(record["step"] - bar.n)
+        if stage.metric in record["data"]:
+            bar.set_postfix({stage.metric: f"{record['data'][stage.metric]:.4g}"})
+
+    try:
+        state = run_pipeline(args.name, args.workdir, overrides=overrides, model=args.model, save_freq=args.save_freq,
+                             nproc=args.nproc, on_step=on_step, on_stage=on_stage)
+    except PipelineError as exc:
+        print(f"ring-ext pipeline: {exc}", file=sys.stderr)
+        return 2
+    print(summary_table(state))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ring-ext",
@@ -54,6 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     recipes = sub.add_parser("recipes", help="list the Hydra recipes (+recipe=<name>)")
     recipes.add_argument("--json", action="store_true", help="machine-readable output")
     recipes.set_defaults(func=_recipes)
+    pipeline = sub.add_parser(
+        "pipeline",
+        help="run the Ring-1T stages in order (SFT -> RLVR -> RLHF), handing each stage's model to the next",
+        description="Runs verl's SFT trainer, then main_ppo twice, each with a ring-ext recipe; each stage starts "
+        "from the previous stage's checkpoint. Rerunning with the same --workdir skips finished stages and resumes "
+        "an interrupted one from its last checkpoint. Profiles: add e.g. --set rlvr:ring1t_profile/rlvr=paper.",
+    )
+    pipeline.add_argument("name", choices=["ring1t"], help="the pipeline")
+    pipeline.add_argument("--workdir", type=Path, default=Path("runs/ring1t"),
+                          help="checkpoints, logs and pipeline.json go here (default: runs/ring1t)")
+    pipeline.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                          help="a Hydra override for one stage (sft, rlvr, rlhf); repeatable")
+    pipeline.add_argument("--model", help="the first stage's starting model (default: the recipe's)")
+    pipeline.add_argument("--save-freq", type=int, default=50,
+                          help="checkpoint every N steps; verl also saves at each stage's last step (default: 50)")
+    pipeline.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node for the SFT stage's torchrun")
+    pipeline.set_defaults(func=_pipeline)
     return parser
 
 

@@ -3,7 +3,7 @@
 - `${ring_ext.accel:CPU_VALUE,GPU_VALUE}` picks a value by training device, so one recipe serves
   both a CPU machine (with ring-ext-cpu) and a GPU cluster without user overrides.
 - `${ring_ext.tiny:WHAT}` builds (once, cached) the embedded tiny default and returns the path of
-  WHAT in {model, moe_model, train, val, reward} (reward: the file of its
+  WHAT in {model, moe_model, train, val, sft, reward} (reward: the file of its
   rule-based `compute_score`, for verl's `custom_reward_function.path`).
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-TINY_ITEMS = ("model", "moe_model", "train", "val", "reward")
+TINY_ITEMS = ("model", "moe_model", "train", "val", "sft", "reward")
 
 
 def _accel(cpu_value: Any, gpu_value: Any) -> Any:
@@ -34,7 +34,13 @@ def _tiny(what: str) -> str:
     from ring_ext.tiny import build_tiny_default
 
     built = build_tiny_default(moe=what == "moe_model")
-    paths = {"model": built.model_dir, "moe_model": built.model_dir, "train": built.train_parquet, "val": built.val_parquet}
+    paths = {
+        "model": built.model_dir,
+        "moe_model": built.model_dir,
+        "train": built.train_parquet,
+        "val": built.val_parquet,
+        "sft": built.sft_parquet,
+    }
     return str(paths[what])
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ring_ext.main_ppo_run import run_main_ppo
+from ring_ext.verl_run import run_main_ppo
 from ring_ext.tiny import build_tiny_default
 
 pytestmark = pytest.mark.e2e

@@ -41,18 +41,26 @@ TINY_PPO = {
     "actor_rollout_ref.rollout.n": 2,
     "data.max_response_length": 32,
 }
-ICEPOP = {f"{A}.policy_loss.loss_mode": "icepop", f"{A}.policy_loss.icepop_alpha": 0.5, f"{A}.policy_loss.icepop_beta": 5.0}
-VANILLA = {f"{A}.policy_loss.loss_mode": "vanilla"}
-SFT_COMMON = {
-    "optim.lr": 2e-4,
-    "optim.lr_scheduler_type": "cosine",
-    "optim.lr_warmup_steps": 30,
-    "optim.weight_decay": 0.1,
-    "trainer.total_epochs": 3,
+ICEPOP = {
+    f"{A}.policy_loss.loss_mode": "icepop",
+    f"{A}.policy_loss.icepop_alpha": 0.5,
+    f"{A}.policy_loss.icepop_beta": 5.0,
 }
+C3PO = {"trainer.v1.trainer_mode": "c3po", "trainer.v1.c3po.max_retention": 1}
+VANILLA = {f"{A}.policy_loss.loss_mode": "vanilla"}
+SFT_COMMON = {"optim.lr_scheduler_type": "cosine", "optim.weight_decay": 0.1, "trainer.total_epochs": 3}
+SFT_PAPER = {"optim.lr": 2e-4, "optim.lr_warmup_steps": 30, "trainer.total_training_steps": None}
+SFT_TINY = {"optim.lr": 3e-3, "optim.lr_warmup_steps": 4, "trainer.total_training_steps": 128}
 
 EXPECTED: dict[tuple[str, str], dict[str, Any]] = {
-    ("ring1t_rlvr", "tiny"): {**PPO_COMMON, **TINY_PPO, **ICEPOP},
+    ("ring1t_rlvr", "tiny"): {
+        **PPO_COMMON,
+        **TINY_PPO,
+        **ICEPOP,
+        **C3PO,
+        "trainer.v1.c3po.token_budget": 256,
+        "trainer.v1.c3po.pool_prompts": 8,
+    },
     ("ring1t_rlvr", "paper"): {
         **PPO_COMMON,
         f"{A}.optim.lr": 2e-6,
@@ -60,6 +68,9 @@ EXPECTED: dict[tuple[str, str], dict[str, Any]] = {
         "actor_rollout_ref.rollout.n": 8,
         "data.max_response_length": 65536,
         **ICEPOP,
+        **C3PO,
+        "trainer.v1.c3po.token_budget": 62914560,
+        "trainer.v1.c3po.pool_prompts": 960,
     },
     ("ring1t_rlhf", "tiny"): {**PPO_COMMON, **TINY_PPO, **VANILLA, "reward.reward_model.enable": False},
     ("ring1t_rlhf", "paper"): {
@@ -71,8 +82,8 @@ EXPECTED: dict[tuple[str, str], dict[str, Any]] = {
         **VANILLA,
         "reward.reward_model.enable": True,
     },
-    ("ring1t_sft", "tiny"): {**SFT_COMMON, "data.max_length": 256},
-    ("ring1t_sft", "paper"): {**SFT_COMMON, "data.max_length": 65536},
+    ("ring1t_sft", "tiny"): {**SFT_COMMON, **SFT_TINY, "data.max_length": 256},
+    ("ring1t_sft", "paper"): {**SFT_COMMON, **SFT_PAPER, "data.max_length": 65536},
 }
 CASES = sorted(EXPECTED)
 
@@ -83,7 +94,9 @@ def profile_override(recipe: str, profile: str) -> list[str]:
 
 
 def compose_recipe(recipe: str, profile: str, *extra: str):
-    return compose_verl([f"+recipe={recipe}", *profile_override(recipe, profile), *extra], config_name=RECIPES[recipe][0])
+    return compose_verl(
+        [f"+recipe={recipe}", *profile_override(recipe, profile), *extra], config_name=RECIPES[recipe][0]
+    )
 
 
 def compose_base(config_name: str):
@@ -159,13 +172,31 @@ def test_rlhf_paper_profile_needs_the_reward_model_path(monkeypatch: pytest.Monk
     assert compose_recipe("ring1t_rlhf", "paper").reward.reward_model.model_path == "/models/rm-env"
 
 
-def test_sft_recipe_needs_its_data(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sft_paper_profile_needs_its_data(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RING1T_SFT_TRAIN_FILES", raising=False)
-    cfg = compose_recipe("ring1t_sft", "tiny")
+    cfg = compose_recipe("ring1t_sft", "paper")
     with pytest.raises(Exception, match=r"full_key: data\.train_files"):
         OmegaConf.to_container(cfg, resolve=True)
-    cfg = compose_recipe("ring1t_sft", "tiny", "data.train_files=/data/sft.parquet")
+    cfg = compose_recipe("ring1t_sft", "paper", "data.train_files=/data/sft.parquet")
     assert cfg.data.train_files == "/data/sft.parquet"
+
+
+def test_sft_tiny_profile_trains_on_the_embedded_long_cot_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("RING_EXT_CACHE", str(tmp_path))
+    cfg = OmegaConf.to_container(compose_recipe("ring1t_sft", "tiny"), resolve=True)
+    rows = pq.read_table(cfg["data"]["train_files"]).to_pylist()
+    assert len(rows) == 256 and cfg["model"]["path"].startswith(str(tmp_path))
+    # every answer is a worked chain that ends in the `#### n` line the RL reward checks, and n is right
+    from ring_ext.tiny.reward import compute_score
+
+    for row in rows:
+        user, answer = (m["content"] for m in row["messages"])
+        assert answer.startswith("Let's think step by step.") and "\nCheck: " in answer
+        expression = answer.split("\n")[1].rstrip(".").split(" = ")[0]
+        truth = eval(expression)  # noqa: S307 -- "a op b" written by our own generator
+        assert compute_score("ring_ext/arith", answer, str(truth))["acc"] == 1.0, (user, answer)
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
@@ -174,7 +205,9 @@ def test_switching_profile_is_exactly_one_override(recipe: str) -> None:
     assert len(override) == 1
     tiny, paper = compose_recipe(recipe, "tiny"), compose_recipe(recipe, "paper")
     # naming the default explicitly gives the same config as no override
-    assert OmegaConf.to_container(compose_recipe(recipe, "tiny", f"{RECIPES[recipe][1]}=tiny")) == OmegaConf.to_container(tiny)
+    assert OmegaConf.to_container(
+        compose_recipe(recipe, "tiny", f"{RECIPES[recipe][1]}=tiny")
+    ) == OmegaConf.to_container(tiny)
     assert tiny.trainer.experiment_name == f"{recipe}_tiny"
     assert paper.trainer.experiment_name == f"{recipe}_paper"
 
@@ -202,10 +235,23 @@ def test_docs_show_the_tested_table() -> None:
         column = PROFILES.index(profile)
         for key, value in values.items():
             assert key in table, f"docs/recipes.md ### {recipe}: no row for `{key}`"
-            assert table[key][column] == fmt(value), f"docs/recipes.md ### {recipe} `{key}` [{profile}]: {table[key][column]!r} != {fmt(value)!r}"
+            assert table[key][column] == fmt(value), (
+                f"docs/recipes.md ### {recipe} `{key}` [{profile}]: {table[key][column]!r} != {fmt(value)!r}"
+            )
 
 
 def test_docs_name_the_one_override() -> None:
     text = DOCS.read_text()
     for recipe, (_, group) in RECIPES.items():
         assert f"+recipe={recipe} {group}=paper" in text
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_rlvr_c3po_knobs_are_valid_and_reachable(profile: str) -> None:
+    from ring_ext_c3po.pool import C3POModeConfig
+
+    cfg = compose_recipe("ring1t_rlvr", profile)
+    knobs = C3POModeConfig.from_mapping(OmegaConf.to_container(cfg.trainer.v1.c3po))
+    knobs.check_reachable(cfg.actor_rollout_ref.rollout.n, cfg.data.max_response_length)
+    # the budget is at most one full-length synchronous batch: C3PO++ steps never wait longer than sync ones
+    assert knobs.token_budget <= cfg.data.train_batch_size * cfg.actor_rollout_ref.rollout.n * cfg.data.max_response_length

@@ -55,7 +55,10 @@ def dense(cache: Path) -> TinyDefault:
 
 def test_layout(cache: Path, dense: TinyDefault) -> None:
     root = cache / "tiny-v2"
-    assert dense == TinyDefault(root / "qwen2", root / "data/arith_train.parquet", root / "data/arith_val.parquet")
+    data = root / "data"
+    assert dense == TinyDefault(
+        root / "qwen2", data / "arith_train.parquet", data / "arith_val.parquet", data / "longcot_sft.parquet"
+    )
     assert build_tiny_default(cache, moe=True).model_dir == root / "qwen3moe"
     assert sorted(p.name for p in root.iterdir()) == ["data", "qwen2", "qwen3moe"]  # no temp leftovers
 
@@ -65,7 +68,7 @@ def test_two_concurrent_fresh_builds_are_byte_identical(cache: Path, tmp_path: P
     procs = [_run(BUILD_BOTH, str(tmp_path), seed=s) for s in ("1", "2")]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     a, b = _hashes(cache), _hashes(tmp_path)
-    assert len(a) == 14 and {"qwen2/model.safetensors", "qwen3moe/tokenizer.json", "data/arith_val.parquet"} <= set(a)
+    assert len(a) == 15 and {"qwen2/model.safetensors", "qwen3moe/tokenizer.json", "data/longcot_sft.parquet"} <= set(a)
     assert a == b
     assert sorted(p.name for p in (tmp_path / "tiny-v2").iterdir()) == ["data", "qwen2", "qwen3moe"]
 

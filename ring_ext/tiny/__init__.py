@@ -6,7 +6,8 @@ arithmetic RL dataset in verl's parquet format, scored by `ring_ext.tiny.reward.
 
     <cache>/tiny-v2/qwen2/      HF model dir: config, bf16 safetensors, tokenizer, chat template
     <cache>/tiny-v2/qwen3moe/   the same with 4 experts, top-2
-    <cache>/tiny-v2/data/       arith_train.parquet (256 rows), arith_val.parquet (32 rows)
+    <cache>/tiny-v2/data/       arith_train.parquet (256 rows), arith_val.parquet (32 rows),
+                                longcot_sft.parquet (256 chat rows with worked answers, for SFT)
 
 Each part is built in a temp dir and renamed into place (readers never see half a part), under
 a file lock so concurrent callers (Ray workers) build it once. Once built, a call only stats a
@@ -29,7 +30,7 @@ __all__ = ["TinyDefault", "build_tiny_default", "default_cache_dir"]
 VERSION = "tiny-v2"  # bump when the recipe changes, so stale caches are not reused
 CACHE_ENV = "RING_EXT_CACHE"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")
-DATA_FILES = ("arith_train.parquet", "arith_val.parquet")
+DATA_FILES = ("arith_train.parquet", "arith_val.parquet", "longcot_sft.parquet")
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +39,7 @@ class TinyDefault:
     model_dir: Path
     train_parquet: Path
     val_parquet: Path
+    sft_parquet: Path
 
 
 def default_cache_dir() -> Path:
@@ -52,7 +54,7 @@ def build_tiny_default(
     """Return the tiny default under `<cache_dir>/tiny-v2/`, building the missing parts first."""
     root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser().absolute() / VERSION
     model_dir, data_dir = root / ("qwen3moe" if moe else "qwen2"), root / "data"
-    result = TinyDefault(model_dir, data_dir / DATA_FILES[0], data_dir / DATA_FILES[1])
+    result = TinyDefault(model_dir, *(data_dir / f for f in DATA_FILES))
     parts: dict[Path, tuple[tuple[str, ...], Callable[[Path], object]]] = {
         model_dir: (MODEL_FILES, lambda d: _build_model(d, moe)),
         data_dir: (DATA_FILES, _build_data),

@@ -121,9 +121,57 @@ def write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def build_data(out_dir: Path, train_size: int = TRAIN_SIZE, val_size: int = VAL_SIZE) -> tuple[Path, Path]:
-    """Write `arith_train.parquet` and `arith_val.parquet` into `out_dir`; return their paths."""
+    """Write `arith_train.parquet`, `arith_val.parquet` and `longcot_sft.parquet` into `out_dir`.
+
+    Returns the two RL paths; the SFT set is `out_dir / SFT_FILE`.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     train, val = out_dir / "arith_train.parquet", out_dir / "arith_val.parquet"
     write_parquet(make_rows("train", train_size, TRAIN_SEED), train)
     write_parquet(make_rows("val", val_size, VAL_SEED), val)
+    write_sft_parquet(make_sft_rows(SFT_SIZE, SFT_SEED), out_dir / SFT_FILE)
     return train, val
+
+
+# Long-CoT SFT traces: the same problems, answered with a worked chain of thought that ends in the
+# `#### n` line the RL reward checks, so SFT teaches the format RL then rewards.
+SFT_FILE = "longcot_sft.parquet"
+SFT_SIZE = 256
+SFT_SEED = 3
+_VERBS = {"+": "add", "-": "subtract", "*": "multiply"}
+
+
+def long_cot(expression: str, result: int) -> str:
+    """A worked answer: restate, compute, check by the inverse operation, conclude with `#### n`."""
+    a, op, b = expression.split()
+    check = {"+": f"{result} - {b} = {a}", "-": f"{result} + {b} = {a}", "*": f"{result} = {b} * {a}"}[op]
+    return (
+        f"Let's think step by step. We need to {_VERBS[op]} {a} and {b}.\n"
+        f"{expression} = {result}.\nCheck: {check}.\nThe answer is {result}.\n#### {result}"
+    )
+
+
+def make_sft_rows(size: int, seed: int) -> list[dict[str, Any]]:
+    """Chat `messages` rows (verl's MultiTurnSFTDataset schema) for the Long-CoT SFT stage."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(size):
+        p = make_problem(rng)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"{p['question']} {INSTRUCTION}"},
+                    {"role": "assistant", "content": long_cot(p["expression"], p["result"])},
+                ]
+            }
+        )
+    return rows
+
+
+def write_sft_parquet(rows: list[dict[str, Any]], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    msg = pa.struct([("role", pa.string()), ("content", pa.string())])
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("messages", pa.list_(msg))]))
+    pq.write_table(table, str(path), compression="zstd", use_dictionary=False, version="2.6")

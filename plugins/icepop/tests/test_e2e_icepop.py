@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ring_ext.main_ppo_run import run_main_ppo
+from ring_ext.verl_run import run_main_ppo
 
 pytestmark = pytest.mark.e2e
 
