@@ -280,10 +280,10 @@ def test_synthetic_sets(tmp_path: Path) -> None:
     sft = cv.synthetic_sft(size=50)
     for row in sft:
         user, assistant = row["messages"]
-        expr, result = assistant["content"].split("\n")[2].rstrip(".").split(" = ")
+        expr, result = assistant["content"].split("\n")[1].rstrip(".").split(" = ")
         a, op, b = expr.split()
         assert OPS[op](int(a), int(b)) == int(result) and assistant["content"].endswith(f"#### {result}")
-        assert assistant["content"].startswith("Let me think step by step.") and user["content"].endswith("####.")
+        assert assistant["content"].startswith("Let's think step by step.") and user["content"].endswith("####.")
     rlhf = cv.synthetic_rlhf(size=8)
     assert all(r["reward_model"] == {"style": "model", "ground_truth": ""} for r in rlhf)
     assert any(r["prompt"][0]["content"].startswith("Write a short sentence about") for r in cv.synthetic_rlhf())

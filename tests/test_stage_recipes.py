@@ -39,7 +39,7 @@ TINY_PPO = {
     f"{A}.optim.lr": 1e-4,
     "data.train_batch_size": 4,
     "actor_rollout_ref.rollout.n": 2,
-    "data.max_response_length": 32,
+    "data.max_response_length": 64,
 }
 ICEPOP = {
     f"{A}.policy_loss.loss_mode": "icepop",
@@ -58,7 +58,7 @@ EXPECTED: dict[tuple[str, str], dict[str, Any]] = {
         **TINY_PPO,
         **ICEPOP,
         **C3PO,
-        "trainer.v1.c3po.token_budget": 256,
+        "trainer.v1.c3po.token_budget": 512,
         "trainer.v1.c3po.pool_prompts": 8,
     },
     ("ring1t_rlvr", "paper"): {

@@ -129,7 +129,7 @@ def build_data(out_dir: Path, train_size: int = TRAIN_SIZE, val_size: int = VAL_
     train, val = out_dir / "arith_train.parquet", out_dir / "arith_val.parquet"
     write_parquet(make_rows("train", train_size, TRAIN_SEED), train)
     write_parquet(make_rows("val", val_size, VAL_SEED), val)
-    write_sft_parquet(make_sft_rows(SFT_SIZE, SFT_SEED), out_dir / SFT_FILE)
+    write_sft_parquet(make_sft_rows(), out_dir / SFT_FILE)
     return train, val
 
 
@@ -151,18 +151,19 @@ def long_cot(expression: str, result: int) -> str:
     )
 
 
-def make_sft_rows(size: int, seed: int) -> list[dict[str, Any]]:
+def make_sft_rows(size: int = SFT_SIZE, seed: int = SFT_SEED, split: str = "train") -> list[dict[str, Any]]:
     """Chat `messages` rows (verl's MultiTurnSFTDataset schema) for the Long-CoT SFT stage."""
     rng = random.Random(seed)
     rows = []
-    for _ in range(size):
+    for index in range(size):
         p = make_problem(rng)
         rows.append(
             {
                 "messages": [
                     {"role": "user", "content": f"{p['question']} {INSTRUCTION}"},
                     {"role": "assistant", "content": long_cot(p["expression"], p["result"])},
-                ]
+                ],
+                "extra_info": {"split": split, "index": index},
             }
         )
     return rows
@@ -173,5 +174,6 @@ def write_sft_parquet(rows: list[dict[str, Any]], path: Path) -> None:
     import pyarrow.parquet as pq
 
     msg = pa.struct([("role", pa.string()), ("content", pa.string())])
-    table = pa.Table.from_pylist(rows, schema=pa.schema([("messages", pa.list_(msg))]))
+    extra = pa.struct([("split", pa.string()), ("index", pa.int64())])
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("messages", pa.list_(msg)), ("extra_info", extra)]))
     pq.write_table(table, str(path), compression="zstd", use_dictionary=False, version="2.6")

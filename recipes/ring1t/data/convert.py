@@ -444,32 +444,12 @@ OPEN_TEMPLATES = (
     "Write a friendly greeting that mentions {t}.",
     "Give one interesting fact about {t}.",
 )
-CHECKS = {
-    "+": ("add {a} and {b}", "{r} - {b} = {a}"),
-    "-": ("subtract {b} from {a}", "{r} + {b} = {a}"),
-    "*": ("multiply {a} by {b}", "{r} / {b} = {a}"),
-}
-
-
 def synthetic_sft(split: str = "train", size: int = 256, seed: int = 3) -> list[Row]:
-    """Long-CoT-style worked traces for `ring_ext.tiny.data` problems: plan, compute, check, '#### n'."""
-    from ring_ext.tiny.data import INSTRUCTION, make_problem
+    """`ring_ext.tiny.data.make_sft_rows`: worked traces (plan, compute, check, '#### n'); defaults = the tiny
+    default's longcot_sft.parquet."""
+    from ring_ext.tiny.data import make_sft_rows
 
-    rng, rows = random.Random(seed), []
-    for index in range(size):
-        p = make_problem(rng)
-        a, op, b = p["expression"].split()
-        plan, check = (s.format(a=a, b=b, r=p["result"]) for s in CHECKS[op])
-        trace = (
-            f"Let me think step by step.\nWe need to {plan}.\n{p['expression']} = {p['result']}.\n"
-            f"Let me check: {check}, which matches.\nSo the answer is {p['result']}.\n#### {p['result']}"
-        )
-        messages = [
-            {"role": "user", "content": f"{p['question']} {INSTRUCTION}"},
-            {"role": "assistant", "content": trace},
-        ]
-        rows.append({"messages": messages, "extra_info": {"split": split, "index": index}})
-    return rows
+    return make_sft_rows(size, seed, split)
 
 
 def synthetic_rlvr(split: str = "train", size: int = 256, seed: int = 1) -> list[Row]:
