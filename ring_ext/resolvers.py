@@ -3,7 +3,7 @@
 - `${ring_ext.accel:CPU_VALUE,GPU_VALUE}` picks a value by training device, so one recipe serves
   both a CPU machine (with ring-ext-cpu) and a GPU cluster without user overrides.
 - `${ring_ext.tiny:WHAT}` builds (once, cached) the embedded tiny default and returns the path of
-  WHAT in {model, moe_model, train, val, sft, reward} (reward: the file of its
+  WHAT in {model, moe_model, reward_model, train, val, sft, open_prompts, reward} (reward: the file of its
   rule-based `compute_score`, for verl's `custom_reward_function.path`).
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-TINY_ITEMS = ("model", "moe_model", "train", "val", "sft", "reward")
+TINY_ITEMS = ("model", "moe_model", "reward_model", "train", "val", "sft", "open_prompts", "reward")
 
 
 def _accel(cpu_value: Any, gpu_value: Any) -> Any:
@@ -33,10 +33,12 @@ def _tiny(what: str) -> str:
         return spec.origin
     from ring_ext.tiny import build_tiny_default
 
-    built = build_tiny_default(moe=what == "moe_model")
+    built = build_tiny_default(moe=what == "moe_model", reward_model=what == "reward_model")
     paths = {
         "model": built.model_dir,
         "moe_model": built.model_dir,
+        "reward_model": built.model_dir,
+        "open_prompts": built.open_prompts_parquet,
         "train": built.train_parquet,
         "val": built.val_parquet,
         "sft": built.sft_parquet,

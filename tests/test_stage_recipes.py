@@ -47,6 +47,7 @@ ICEPOP = {
     f"{A}.policy_loss.icepop_beta": 5.0,
 }
 C3PO = {"trainer.v1.trainer_mode": "c3po", "trainer.v1.c3po.max_retention": 1}
+RM = {"reward.reward_model.enable": True, "reward.reward_model.rollout.name": "vllm"}
 VANILLA = {f"{A}.policy_loss.loss_mode": "vanilla"}
 SFT_COMMON = {"optim.lr_scheduler_type": "cosine", "optim.weight_decay": 0.1, "trainer.total_epochs": 3}
 SFT_PAPER = {"optim.lr": 2e-4, "optim.lr_warmup_steps": 30, "trainer.total_training_steps": None}
@@ -72,7 +73,7 @@ EXPECTED: dict[tuple[str, str], dict[str, Any]] = {
         "trainer.v1.c3po.token_budget": 62914560,
         "trainer.v1.c3po.pool_prompts": 960,
     },
-    ("ring1t_rlhf", "tiny"): {**PPO_COMMON, **TINY_PPO, **VANILLA, "reward.reward_model.enable": False},
+    ("ring1t_rlhf", "tiny"): {**PPO_COMMON, **TINY_PPO, **VANILLA, **RM, "reward.custom_reward_function.path": None},
     ("ring1t_rlhf", "paper"): {
         **PPO_COMMON,
         f"{A}.optim.lr": 3e-6,
@@ -80,7 +81,7 @@ EXPECTED: dict[tuple[str, str], dict[str, Any]] = {
         "actor_rollout_ref.rollout.n": 8,
         "data.max_response_length": 32768,
         **VANILLA,
-        "reward.reward_model.enable": True,
+        **RM,
     },
     ("ring1t_sft", "tiny"): {**SFT_COMMON, **SFT_TINY, "data.max_length": 256},
     ("ring1t_sft", "paper"): {**SFT_COMMON, **SFT_PAPER, "data.max_length": 65536},

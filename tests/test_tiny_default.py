@@ -57,8 +57,9 @@ def test_layout(cache: Path, dense: TinyDefault) -> None:
     root = cache / "tiny-v2"
     data = root / "data"
     assert dense == TinyDefault(
-        root / "qwen2", data / "arith_train.parquet", data / "arith_val.parquet", data / "longcot_sft.parquet"
-    )
+        root / "qwen2", data / "arith_train.parquet", data / "arith_val.parquet", data / "longcot_sft.parquet",
+        data / "open_prompts.parquet",
+    )  # fmt: skip
     assert build_tiny_default(cache, moe=True).model_dir == root / "qwen3moe"
     assert sorted(p.name for p in root.iterdir()) == ["data", "qwen2", "qwen3moe"]  # no temp leftovers
 
@@ -68,7 +69,7 @@ def test_two_concurrent_fresh_builds_are_byte_identical(cache: Path, tmp_path: P
     procs = [_run(BUILD_BOTH, str(tmp_path), seed=s) for s in ("1", "2")]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     a, b = _hashes(cache), _hashes(tmp_path)
-    assert len(a) == 15 and {"qwen2/model.safetensors", "qwen3moe/tokenizer.json", "data/longcot_sft.parquet"} <= set(a)
+    assert len(a) == 16 and {"qwen2/model.safetensors", "qwen3moe/tokenizer.json", "data/longcot_sft.parquet"} <= set(a)
     assert a == b
     assert sorted(p.name for p in (tmp_path / "tiny-v2").iterdir()) == ["data", "qwen2", "qwen3moe"]
 
@@ -155,9 +156,40 @@ def test_model_loads_and_runs(cache: Path, variant: str) -> None:
         assert type(model).__name__ == "Qwen2ForCausalLM"
 
 
+def test_reward_model_scores_each_sequence(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = build_tiny_default(tmp_path, reward_model=True)
+    assert rm.model_dir == tmp_path / "tiny-v2" / "qwen2_rm"
+    cfg = json.loads((rm.model_dir / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForSequenceClassification"] and len(cfg["id2label"]) == 1
+    digest = hashlib.sha256((rm.model_dir / "model.safetensors").read_bytes()).digest()
+    assert build_tiny_default(tmp_path, reward_model=True).model_dir == rm.model_dir  # cached: no rebuild
+    build_tiny_default(tmp_path, reward_model=True, force=True)
+    assert hashlib.sha256((rm.model_dir / "model.safetensors").read_bytes()).digest() == digest
+    tok = AutoTokenizer.from_pretrained(rm.model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(rm.model_dir)
+    texts = ["The sea is calm.", "Snow falls on the city.", "The sea is calm."]
+    with torch.no_grad():
+        scores = model(**tok(texts, return_tensors="pt", padding=True)).logits
+    assert scores.shape == (3, 1) and torch.isfinite(scores).all()
+    assert scores[0] == scores[2] and scores[0] != scores[1]  # one score per text, a function of the text
+    with pytest.raises(ValueError, match="not both"):
+        build_tiny_default(tmp_path, moe=True, reward_model=True)
+
+
 # --- data --------------------------------------------------------------------------------------
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def test_open_prompts_have_no_ground_truth(dense: TinyDefault) -> None:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(dense.open_prompts_parquet).to_pylist()
+    assert len(rows) == 64 and len({r["prompt"][0]["content"] for r in rows}) > 16
+    assert all(r["reward_model"] == {"style": "model", "ground_truth": ""} and r["ability"] == "general" for r in rows)
 
 
 @pytest.mark.parametrize(("split", "size"), [("train", 256), ("val", 32)])

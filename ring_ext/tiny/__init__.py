@@ -6,8 +6,10 @@ arithmetic RL dataset in verl's parquet format, scored by `ring_ext.tiny.reward.
 
     <cache>/tiny-v2/qwen2/      HF model dir: config, bf16 safetensors, tokenizer, chat template
     <cache>/tiny-v2/qwen3moe/   the same with 4 experts, top-2
+    <cache>/tiny-v2/qwen2_rm/   a Qwen2 sequence classifier (1 label): the reward model of the RLHF stage
     <cache>/tiny-v2/data/       arith_train.parquet (256 rows), arith_val.parquet (32 rows),
-                                longcot_sft.parquet (256 chat rows with worked answers, for SFT)
+                                longcot_sft.parquet (256 chat rows with worked answers, for SFT),
+                                open_prompts.parquet (64 prompts without ground truth, for RLHF)
 
 Each part is built in a temp dir and renamed into place (readers never see half a part), under
 a file lock so concurrent callers (Ray workers) build it once. Once built, a call only stats a
@@ -30,7 +32,7 @@ __all__ = ["TinyDefault", "build_tiny_default", "default_cache_dir"]
 VERSION = "tiny-v2"  # bump when the recipe changes, so stale caches are not reused
 CACHE_ENV = "RING_EXT_CACHE"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")
-DATA_FILES = ("arith_train.parquet", "arith_val.parquet", "longcot_sft.parquet")
+DATA_FILES = ("arith_train.parquet", "arith_val.parquet", "longcot_sft.parquet", "open_prompts.parquet")
 log = logging.getLogger(__name__)
 
 
@@ -40,6 +42,7 @@ class TinyDefault:
     train_parquet: Path
     val_parquet: Path
     sft_parquet: Path
+    open_prompts_parquet: Path
 
 
 def default_cache_dir() -> Path:
@@ -49,14 +52,24 @@ def default_cache_dir() -> Path:
 
 
 def build_tiny_default(
-    cache_dir: Path | str | None = None, *, moe: bool = False, force: bool = False
+    cache_dir: Path | str | None = None, *, moe: bool = False, reward_model: bool = False, force: bool = False
 ) -> TinyDefault:
-    """Return the tiny default under `<cache_dir>/tiny-v2/`, building the missing parts first."""
+    """Return the tiny default under `<cache_dir>/tiny-v2/`, building the missing parts first.
+
+    `moe`: the model is the Qwen3-MoE variant; `reward_model`: the sequence-classification reward model.
+    """
+    if moe and reward_model:
+        raise ValueError("build_tiny_default: choose moe or reward_model, not both")
     root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser().absolute() / VERSION
-    model_dir, data_dir = root / ("qwen3moe" if moe else "qwen2"), root / "data"
+    name = "qwen3moe" if moe else "qwen2_rm" if reward_model else "qwen2"
+    model_dir, data_dir = root / name, root / "data"
     result = TinyDefault(model_dir, *(data_dir / f for f in DATA_FILES))
     parts: dict[Path, tuple[tuple[str, ...], Callable[[Path], object]]] = {
-        model_dir: (MODEL_FILES, lambda d: _build_model(d, moe)),
+        # a classifier cannot generate: transformers writes no generation_config.json for it
+        model_dir: (
+            MODEL_FILES[:1] + MODEL_FILES[2:] if reward_model else MODEL_FILES,
+            lambda d: _build_model(d, moe, reward_model),
+        ),
         data_dir: (DATA_FILES, _build_data),
     }
     if not force and all(_complete(d, files) for d, (files, _) in parts.items()):
@@ -69,10 +82,10 @@ def build_tiny_default(
     return result
 
 
-def _build_model(out_dir: Path, moe: bool) -> None:
+def _build_model(out_dir: Path, moe: bool, reward_model: bool) -> None:
     from ring_ext.tiny.model import build_model
 
-    build_model(out_dir, moe=moe)
+    build_model(out_dir, moe=moe, reward_model=reward_model)
 
 
 def _build_data(out_dir: Path) -> None:

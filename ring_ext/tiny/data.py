@@ -121,15 +121,16 @@ def write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def build_data(out_dir: Path, train_size: int = TRAIN_SIZE, val_size: int = VAL_SIZE) -> tuple[Path, Path]:
-    """Write `arith_train.parquet`, `arith_val.parquet` and `longcot_sft.parquet` into `out_dir`.
+    """Write `arith_train.parquet`, `arith_val.parquet`, `longcot_sft.parquet`, `open_prompts.parquet` into `out_dir`.
 
-    Returns the two RL paths; the SFT set is `out_dir / SFT_FILE`.
+    Returns the two RL paths; the SFT and RLHF sets are `out_dir / SFT_FILE`, `out_dir / OPEN_PROMPTS_FILE`.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     train, val = out_dir / "arith_train.parquet", out_dir / "arith_val.parquet"
     write_parquet(make_rows("train", train_size, TRAIN_SEED), train)
     write_parquet(make_rows("val", val_size, VAL_SEED), val)
     write_sft_parquet(make_sft_rows(), out_dir / SFT_FILE)
+    write_parquet(make_open_prompt_rows("train", OPEN_PROMPTS_SIZE, OPEN_PROMPTS_SEED), out_dir / OPEN_PROMPTS_FILE)
     return train, val
 
 
@@ -177,3 +178,35 @@ def write_sft_parquet(rows: list[dict[str, Any]], path: Path) -> None:
     extra = pa.struct([("split", pa.string()), ("index", pa.int64())])
     table = pa.Table.from_pylist(rows, schema=pa.schema([("messages", pa.list_(msg)), ("extra_info", extra)]))
     pq.write_table(table, str(path), compression="zstd", use_dictionary=False, version="2.6")
+
+
+# Open prompts for the general-RL (RLHF) stage: no ground truth, a reward model scores the answers.
+OPEN_PROMPTS_FILE = "open_prompts.parquet"
+OPEN_PROMPTS_SIZE = 64
+OPEN_PROMPTS_SEED = 4
+TOPICS = ("the sea", "a cat", "autumn", "music", "a train", "the moon", "bread", "rain", "a garden", "friendship",
+          "the city", "snow", "a river", "books", "coffee", "the mountains")  # fmt: skip
+OPEN_TEMPLATES = (
+    "Write a short sentence about {t}.",
+    "Describe {t} in one sentence.",
+    "Write a friendly greeting that mentions {t}.",
+    "Give one interesting fact about {t}.",
+)
+
+
+def make_open_prompt_rows(split: str, size: int, seed: int) -> list[dict[str, Any]]:
+    """RL parquet rows (the arithmetic set's schema) with `reward_model.style` "model" and no ground truth."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(size):
+        prompt = rng.choice(OPEN_TEMPLATES).format(t=rng.choice(TOPICS))
+        rows.append(
+            {
+                "data_source": "ring_ext/open_prompts",
+                "prompt": [{"role": "user", "content": prompt}],
+                "ability": "general",
+                "reward_model": {"style": "model", "ground_truth": ""},
+                "extra_info": {"split": split, "index": index, "question": prompt, "answer": ""},
+            }
+        )
+    return rows

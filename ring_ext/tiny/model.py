@@ -43,10 +43,21 @@ def _special_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
     return {"pad_token_id": pad, "bos_token_id": pad, "eos_token_id": eos}
 
 
-def build_model(out_dir: Path, *, moe: bool = False) -> PreTrainedModel:
-    """Write tokenizer + random-init model (+ generation_config.json) into `out_dir`."""
+def build_model(out_dir: Path, *, moe: bool = False, reward_model: bool = False) -> PreTrainedModel:
+    """Write tokenizer + random-init model (+ generation_config.json) into `out_dir`.
+
+    `reward_model`: a Qwen2ForSequenceClassification with one label (a scalar score per sequence), the
+    discriminative reward model verl serves through vLLM's classify runner.
+    """
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import (
+        GenerationConfig,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen2ForSequenceClassification,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     tok = build_tokenizer(out_dir)
     ids = _special_ids(tok)
@@ -54,6 +65,9 @@ def build_model(out_dir: Path, *, moe: bool = False) -> PreTrainedModel:
     if moe:
         config: Any = Qwen3MoeConfig(vocab_size=vocab, **COMMON, **MOE, **ids)
         cls: Any = Qwen3MoeForCausalLM
+    elif reward_model:
+        config = Qwen2Config(vocab_size=vocab, **{**COMMON, "tie_word_embeddings": False}, num_labels=1, **ids)
+        cls = Qwen2ForSequenceClassification
     else:
         config, cls = Qwen2Config(vocab_size=vocab, **COMMON, **ids), Qwen2ForCausalLM
 

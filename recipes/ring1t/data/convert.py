@@ -420,30 +420,6 @@ def count_rows(path: Path | str, limit: int | None = None) -> int | None:
 
 
 # ---------------------------------------------------------------- synthetic sets (tiny CPU profile)
-TOPICS = (
-    "the sea",
-    "a cat",
-    "autumn",
-    "music",
-    "a train",
-    "the moon",
-    "bread",
-    "rain",
-    "a garden",
-    "friendship",
-    "the city",
-    "snow",
-    "a river",
-    "books",
-    "coffee",
-    "the mountains",
-)
-OPEN_TEMPLATES = (
-    "Write a short sentence about {t}.",
-    "Describe {t} in one sentence.",
-    "Write a friendly greeting that mentions {t}.",
-    "Give one interesting fact about {t}.",
-)
 def synthetic_sft(split: str = "train", size: int = 256, seed: int = 3) -> list[Row]:
     """`ring_ext.tiny.data.make_sft_rows`: worked traces (plan, compute, check, '#### n'); defaults = the tiny
     default's longcot_sft.parquet."""
@@ -460,19 +436,14 @@ def synthetic_rlvr(split: str = "train", size: int = 256, seed: int = 1) -> list
 
 
 def synthetic_rlhf(split: str = "train", size: int = 64, seed: int = 4) -> list[Row]:
-    """Open prompts ("Write a short sentence about <topic>.") scored by a reward model."""
-    rng, rows = random.Random(seed), []
-    for index in range(size):
-        prompt = rng.choice(OPEN_TEMPLATES).format(t=rng.choice(TOPICS))
-        rows.append(
-            {
-                "data_source": "ring_ext/open_prompts",
-                "prompt": [{"role": "user", "content": prompt}],
-                "ability": "general",
-                "reward_model": {"style": "model", "ground_truth": ""},
-                "extra_info": {"split": split, "index": index, "chosen": None, "rejected": None},
-            }
-        )
+    """`ring_ext.tiny.data.make_open_prompt_rows` ("Write a short sentence about <topic>."), scored by a reward
+    model, with the rlhf schema's `extra_info` (no chosen/rejected pair)."""
+    from ring_ext.tiny.data import make_open_prompt_rows
+
+    rows = make_open_prompt_rows(split, size, seed)
+    for row in rows:
+        info = row["extra_info"]
+        row["extra_info"] = {"split": info["split"], "index": info["index"], "chosen": None, "rejected": None}
     return rows
 
 
