@@ -52,18 +52,10 @@ def _stage_overrides(items: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-def _total_steps(overrides: Sequence[str]) -> int | None:
-    for o in overrides:
-        key, _, value = o.partition("=")
-        if key.lstrip("+") == "trainer.total_training_steps" and value.isdigit():
-            return int(value)
-    return None
-
-
 def _pipeline(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ring_ext.pipeline import PipelineError, Stage, StageResult, run_pipeline, summary_table
+    from ring_ext.pipeline import PipelineError, Stage, StageResult, run_pipeline, summary_table, total_steps
 
     overrides = _stage_overrides(args.set)
     bars: dict[str, tqdm] = {}
@@ -72,7 +64,7 @@ def _pipeline(args: argparse.Namespace) -> int:
         if result is None:
             log = args.workdir / stage.name / f"{stage.name}.log"
             print(f"[{stage.name}] +recipe={stage.recipe}, log: {log}", flush=True)
-            bars[stage.name] = tqdm(total=_total_steps(overrides.get(stage.name, ())), desc=stage.name, unit="step")
+            bars[stage.name] = tqdm(total=total_steps(stage, overrides.get(stage.name, ())), desc=stage.name, unit="step")
             return
         bar = bars.pop(stage.name, None)
         if bar is not None:
@@ -88,8 +80,8 @@ def _pipeline(args: argparse.Namespace) -> int:
             bar.set_postfix({stage.metric: f"{record['data'][stage.metric]:.4g}"})
 
     try:
-        state = run_pipeline(args.name, args.workdir, overrides=overrides, model=args.model, save_freq=args.save_freq,
-                             nproc=args.nproc, on_step=on_step, on_stage=on_stage)
+        state = run_pipeline(args.name, args.workdir, overrides=overrides, model=args.model, start_at=args.start_at,
+                             save_freq=args.save_freq, nproc=args.nproc, on_step=on_step, on_stage=on_stage)
     except PipelineError as exc:
         print(f"ring-ext pipeline: {exc}", file=sys.stderr)
         return 2
@@ -122,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="checkpoints, logs and pipeline.json go here (default: runs/ring1t)")
     pipeline.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
                           help="a Hydra override for one stage (sft, rlvr, rlhf); repeatable")
-    pipeline.add_argument("--model", help="the first stage's starting model (default: the recipe's)")
+    pipeline.add_argument("--model", help="the first stage's starting model, an HF directory (default: the recipe's)")
+    pipeline.add_argument("--from", dest="start_at", metavar="STAGE",
+                          help="skip the stages before STAGE, e.g. --from rlvr --model <your SFT model>")
     pipeline.add_argument("--save-freq", type=int, default=50,
                           help="checkpoint every N steps; verl also saves at each stage's last step (default: 50)")
     pipeline.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node for the SFT stage's torchrun")

@@ -101,6 +101,18 @@ def stage_model(stage: Stage, ckpt_dir: Path) -> Path:
     return model
 
 
+def total_steps(stage: Stage, overrides: Sequence[str]) -> int | None:
+    """The stage's `trainer.total_training_steps` as verl will see it (None: set by epochs), for progress bars."""
+    from omegaconf import OmegaConf
+
+    from ring_ext.verl_config import compose_verl
+
+    config = "sft_trainer_engine" if stage.is_sft else "ppo_trainer"
+    cfg = compose_verl([f"+recipe={stage.recipe}", *overrides], config_name=config)
+    value = OmegaConf.select(cfg, "trainer.total_training_steps")
+    return value if isinstance(value, int) else None
+
+
 def stage_overrides(stage: Stage, ckpt_dir: Path, model: str | None, save_freq: int) -> list[str]:
     """What the pipeline adds to a stage's recipe: where to save, HF weights for hand-over, where to start."""
     out = [f"+recipe={stage.recipe}", f"trainer.default_local_dir={ckpt_dir}", f"trainer.save_freq={save_freq}"]
@@ -116,18 +128,27 @@ def stage_overrides(stage: Stage, ckpt_dir: Path, model: str | None, save_freq: 
 
 
 def run_pipeline(name: str, workdir: Path, *, overrides: Mapping[str, Sequence[str]] | None = None,
-                 model: str | None = None, save_freq: int = 50, nproc: int = 1, timeout: float = 7200,
+                 model: str | None = None, start_at: str | None = None, save_freq: int = 50, nproc: int = 1,
+                 timeout: float = 7200,
                  on_step: Callable[[Stage, dict], None] | None = None,
                  on_stage: Callable[[Stage, StageResult | None], None] | None = None) -> PipelineState:
     """Run the stages of pipeline `name` in order; `overrides[stage]` are extra Hydra overrides for it.
 
-    `model` is the first stage's starting model (default: the recipe's). `on_stage(stage, None)` is called when
+    `model` is the first stage's starting model (default: the recipe's); `start_at` skips the stages before it
+    (e.g. SFT done elsewhere: start_at="rlvr" with model=<its HF dir>). `on_stage(stage, None)` is called when
     a stage starts, `on_stage(stage, result)` when it ends or is skipped as already done.
     """
     stages = PIPELINES[name]
-    unknown = set(overrides or {}) - {s.name for s in stages}
+    names = [s.name for s in stages]
+    unknown = set(overrides or {}) - set(names)
     if unknown:
-        raise PipelineError(f"overrides for unknown stage(s) {sorted(unknown)}; stages: {[s.name for s in stages]}")
+        raise PipelineError(f"overrides for unknown stage(s) {sorted(unknown)}; stages: {names}")
+    if start_at is not None:
+        if start_at not in names:
+            raise PipelineError(f"cannot start at {start_at!r}; stages: {names}")
+        if model is None and start_at != names[0]:
+            raise PipelineError(f"starting at {start_at!r} needs the model the earlier stages would have made (model=...)")
+        stages = stages[names.index(start_at):]
     check_plugins(stages)
     workdir.mkdir(parents=True, exist_ok=True)
     state = PipelineState.load(workdir)

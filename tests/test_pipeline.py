@@ -21,6 +21,7 @@ from ring_ext.pipeline import (
     stage_model,
     stage_overrides,
     summary_table,
+    total_steps,
 )
 from ring_ext.verl_config import compose_verl
 
@@ -52,6 +53,12 @@ def test_rl_overrides_start_from_the_previous_model(stage: Stage, tmp_path: Path
     assert unknown_keys(cfg) == []
 
 
+def test_progress_total_is_the_composed_step_count() -> None:
+    assert total_steps(SFT, []) == 128  # the tiny profile's
+    assert total_steps(RLVR, ["trainer.total_training_steps=5"]) == 5
+    assert total_steps(SFT, ["ring1t_profile/sft=paper"]) is None  # epochs decide
+
+
 def test_without_a_model_the_recipe_default_stays(tmp_path: Path) -> None:
     assert not any("model.path" in o for o in stage_overrides(RLVR, tmp_path, None, save_freq=1))
     assert not any("model.path" in o for o in stage_overrides(SFT, tmp_path, None, save_freq=1))
@@ -68,6 +75,18 @@ def test_overrides_for_an_unknown_stage_are_refused(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match=r"unknown stage\(s\) \['rlfh'\]"):
         run_pipeline("ring1t", tmp_path, overrides={"rlfh": ["trainer.total_training_steps=1"]})
     assert not (tmp_path / "sft").exists()  # nothing started
+
+
+def test_starting_later_needs_the_earlier_stages_model(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="cannot start at 'rl'"):
+        run_pipeline("ring1t", tmp_path, start_at="rl")
+    with pytest.raises(PipelineError, match="needs the model"):
+        run_pipeline("ring1t", tmp_path, start_at="rlvr")
+    done = StageResult(model="/m/rlhf", steps=1, metric="critic/score/mean", first=0.0, last=0.1, seconds=1.0)
+    PipelineState({"rlhf": done}).save(tmp_path)
+    seen: list[str] = []
+    run_pipeline("ring1t", tmp_path, start_at="rlhf", model="/m/rlvr", on_stage=lambda s, r: seen.append(s.name))
+    assert seen == ["rlhf"]  # sft and rlvr neither run nor reported
 
 
 def _checkpoint(ckpt: Path, step: int, sub: str, weights: bool = True) -> Path:
