@@ -13,7 +13,8 @@ import dataclasses
 import difflib
 import functools
 import importlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 

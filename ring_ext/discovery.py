@@ -18,7 +18,6 @@ import pluggy
 from ring_ext.hookspecs import ENTRY_POINT_GROUP, PROJECT, RingExtSpec
 from ring_ext.registrar import Registrar, Registration
 
-
 logger = logging.getLogger("ring_ext")
 
 

@@ -12,8 +12,8 @@ import importlib.abc
 import importlib.machinery
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Callable, Sequence
 
 Hook = Callable[[ModuleType], None]
 

@@ -8,9 +8,10 @@ itself imports those modules, so loading a plugin stays cheap in every process. 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 from ring_ext.patching import after_import
 

@@ -6,8 +6,8 @@ config) with overrides such as `+recipe=ring1t`: used by the config-key check, t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from omegaconf import DictConfig
 

@@ -2,8 +2,8 @@
 
 import os
 
-from ring_ext.discovery import load_plugins
 from ring_ext.config_check import check_recipe_keys
+from ring_ext.discovery import load_plugins
 from ring_ext.resolvers import register_resolvers
 from ring_ext.startup import (
     add_startup_check,

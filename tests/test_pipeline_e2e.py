@@ -8,6 +8,7 @@ away from the random init, so each RL stage's output must sit next to its predec
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -62,7 +63,8 @@ def test_every_stage_ran_its_steps_and_logged_its_metric(run: dict) -> None:
     assert state["sft"]["last"] < 0.6 * state["sft"]["first"]
     for name in ("rlvr", "rlhf"):
         assert state[name]["steps"] == RL_STEPS and state[name]["metric"] == "critic/score/mean"
-        assert 0.0 <= state[name]["first"] <= 1.0 and 0.0 <= state[name]["last"] <= 1.0
+        assert math.isfinite(state[name]["first"]) and math.isfinite(state[name]["last"])
+    assert 0.0 <= state["rlvr"]["first"] <= 1.0  # the tiny arithmetic reward's range
     assert "| sft | 64 | train/loss |" in run["stdout"]  # the final summary table
 
 
@@ -88,6 +90,15 @@ def test_rlvr_stage_trained_with_icepop_and_c3po(run: dict) -> None:
     for r in records:
         assert r["data"]["c3po/tokens_trained"] >= 512  # the tiny profile's token budget
         assert 0.0 <= r["data"]["actor/mismatch/kept_frac"] <= 1.0
+
+
+def test_rlhf_stage_is_scored_by_the_tiny_reward_model(run: dict) -> None:
+    rm = build_tiny_default(reward_model=True).model_dir
+    # verl served the reward model with its own vLLM engine (classify runner) next to the rollout's
+    assert f"Initializing a V1 LLM engine with config: model='{rm}'" in (run["workdir"] / "rlhf" / "rlhf.log").read_text()
+    records = [json.loads(line) for line in (run["workdir"] / "rlhf" / "rlhf.jsonl").read_text().splitlines()]
+    scores = [r["data"]["critic/score/mean"] for r in records]
+    assert len(scores) == RL_STEPS and all(math.isfinite(v) for v in scores)
 
 
 def test_rerun_skips_finished_stages(run: dict) -> None:
