@@ -5,6 +5,7 @@ Reproduce from the repo root (pure Python; --tiny well under a second, --paper-s
     python benchmarks/bench_c3po_sim.py --paper-scale        # 480 prompts x 8 samples, lengths up to 65,536
     python benchmarks/bench_c3po_sim.py --tiny               # 8 x 4, lengths up to 1,024
     python benchmarks/bench_c3po_sim.py --tiny --length-sigma 0 --sweep none   # no tail: ratio 1.00
+    python benchmarks/bench_c3po_sim.py --paper-scale --costs benchmarks/results/decode_cost.json  # measured a, b, c
 
 Runs ring_ext_c3po.simulator.compare (the model and its assumptions are in that module's docstring; the C3PO++
 side is the real C3POScheduler) and prints a table: per policy rollout-phase time, whole-step time, seconds per
@@ -61,12 +62,27 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, SimConfig]:
         kind = float if "float" in str(f.type) else int
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                             help=f"{HELP[f.name]} (default {TINY.get(f.name, f.default)} with --tiny, {f.default})")
+    parser.add_argument("--costs", type=Path, help="engine costs a, b, c measured by benchmarks/calibrate_decode.py "
+                        "(its JSON); explicit --step-fixed-s/--step-per-seq-s/--prefill-per-token-s still win")
     parser.add_argument("--sweep", choices=["both", "phi", "sigma", "none"], default="both")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     cfg = SimConfig(**(TINY if args.tiny else {}))
+    if args.costs is not None:
+        cfg = dataclasses.replace(cfg, **measured_costs(args.costs))
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SimConfig) if getattr(args, f.name) is not None}
     return args, dataclasses.replace(cfg, **overrides)
+
+
+MEASURED = ("step_fixed_s", "step_per_seq_s", "prefill_per_token_s")
+
+
+def measured_costs(path: Path) -> dict[str, float]:
+    data = json.loads(path.read_text())
+    missing = [k for k in MEASURED if k not in data]
+    if missing:
+        raise SystemExit(f"--costs {path}: no {missing}; write it with benchmarks/calibrate_decode.py")
+    return {k: float(data[k]) for k in MEASURED}
 
 
 def point(result: dict) -> dict:
@@ -126,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{cfg.prompts_per_step}x{cfg.group_size}, max_len {cfg.max_response_length}, median {cfg.length_median:g}, "
           f"sigma_len {cfg.length_sigma:g}, Phi {c['token_budget']}, Omega {c['pool_size']}, retention "
           f"{cfg.max_retention}, max_batch {c['max_batch']}, q {c['quantum']}; simulated in {sim_s:.2f} s")
+    print(f"engine costs ({args.costs or 'assumed'}): a {cfg.step_fixed_s:.3g} s/step, b {cfg.step_per_seq_s:.3g} "
+          f"s/seq/step, c {cfg.prefill_per_token_s:.3g} s/prompt token; training d {cfg.train_fixed_s:g} s + "
+          f"e {cfg.train_per_token_s:.3g} s/token, sync {cfg.sync_s:g} s (assumed)")
     print(f"{'metric':>20} {'sync':>14} {'c3po++':>14} {'sync/c3po++':>12}")
     for row in ROWS:
         s, p = base["sync"][row], base["c3po"][row]
@@ -139,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                                              f"(purge {p['purge_rate']:.0%})" for p in pts))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     preset = "tiny" if args.tiny else "paper-scale"
-    report = {"benchmark": "c3po_sim", "preset": preset, "simulated_s": sim_s, **base, "sweeps": curves,
+    costs = str(args.costs) if args.costs else "assumed (SimConfig / --tiny constants)"
+    report = {"benchmark": "c3po_sim", "preset": preset, "engine_costs": costs, "simulated_s": sim_s, **base,
+              "sweeps": curves,
               "model": "ring_ext_c3po.simulator docstring; speed-ups = sync s per trained token / C3PO++ s per token"}
     (args.out_dir / "c3po_sim.json").write_text(json.dumps(report, indent=2) + "\n")
     if curves:

@@ -21,7 +21,7 @@ def ring_ext(*args: str) -> subprocess.CompletedProcess[str]:
 def test_help_names_the_commands_and_the_entry_point() -> None:
     proc = ring_ext("--help")
     assert proc.returncode == 0
-    for word in ("plugins", "recipes", "verl.trainer.main_ppo"):
+    for word in ("plugins", "recipes", "pipeline", "verl.trainer.main_ppo"):
         assert word in proc.stdout
 
 
