@@ -60,11 +60,15 @@ def _digest(buf: torch.Tensor) -> int:
 class _Channel:
     """A bound PULL socket (our inbox) plus PUSH sockets to peers' inboxes."""
 
-    def __init__(self) -> None:
+    def __init__(self, tcp_host: str | None = None) -> None:
         self.ctx = zmq.Context.instance()
         self.inbox = self.ctx.socket(zmq.PULL)
-        self.address = f"ipc:///tmp/ring-ext-astate-{uuid.uuid4().hex}.sock"
-        self.inbox.bind(self.address)
+        if tcp_host is None:  # one host: a Unix socket
+            self.address = f"ipc:///tmp/ring-ext-astate-{uuid.uuid4().hex}.sock"
+            self.inbox.bind(self.address)
+        else:  # across hosts: TCP on an ephemeral port of `tcp_host`
+            port = self.inbox.bind_to_random_port(f"tcp://{tcp_host}")
+            self.address = f"tcp://{tcp_host}:{port}"
         self.peers: list[zmq.Socket] = []
 
     def connect(self, addresses: list[str]) -> None:
@@ -134,6 +138,10 @@ class ShmSender:
                     free.append(msg[3])
                     del pending[msg[3]]
 
+    def _publish(self, version: int, slot: int, used: int, extents: list) -> None:
+        """Announce a packed slot; receivers copy it out of shared memory and ack it."""
+        self._broadcast(("bucket", self.rank, version, slot, extents, _digest(self.slots[slot][:used])))
+
     def send(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int, *, verify: bool = False,
              manifest: list[Meta] | None = None) -> SyncStats:
         """Stream this rank's share of every tensor; returns once every receiver committed (else SyncError)."""
@@ -145,7 +153,7 @@ class ShmSender:
         def flush() -> None:
             nonlocal slot, off, extents
             if slot is not None and extents:
-                self._broadcast(("bucket", self.rank, version, slot, extents, _digest(self.slots[slot][:off])))
+                self._publish(version, slot, off, extents)
                 pending[slot] = set(range(self.n_recv))
                 stats.buckets += 1
             elif slot is not None:
@@ -212,6 +220,10 @@ class ShmSender:
 
 
 class ShmReceiver:
+    # False: a failure raises at once (shared memory needs no draining). The distributed transport sets True: bytes
+    # already sent must still be received, or they would be read as the next sync's.
+    drain_on_failure = False
+
     def __init__(self, rank: int, timeout_s: float = 60.0) -> None:
         self.rank, self.timeout_s = rank, timeout_s
         self.chan = _Channel()
@@ -250,6 +262,10 @@ class ShmReceiver:
     def _fail(self, why: str) -> SyncError:
         return SyncError(f"receiver {self.rank}: {why}")
 
+    def _fetch(self, sender: int, slot: int, used: int) -> torch.Tensor:
+        """The bytes of an announced bucket: here, the sender's shared-memory slot itself."""
+        return self.slots[sender][slot]
+
     def _expect(self, meta: Meta, sender: int, want: Meta | None) -> None:
         if want != meta:
             raise self._fail(f"layout mismatch on tensor {meta[0]!r} from sender {sender}: got {meta[1:]}, "
@@ -266,6 +282,7 @@ class ShmReceiver:
     def _assemble(self, version: int, expected: dict[str, Meta] | None, verify: bool) -> dict[str, torch.Tensor]:
         staged: dict[str, tuple[Meta, torch.Tensor, list]] = {}
         ended: dict[int, list] = {}
+        failure: SyncError | None = None
         while len(ended) < len(self.slots):
             msg = self.chan.recv(time.monotonic() + self.timeout_s)
             if msg is None:
@@ -278,31 +295,50 @@ class ShmReceiver:
                 raise self._fail(f"sender {sender} sent version {v}, expected {version}")
             if kind == "error":
                 raise self._fail(msg[3])
-            if kind == "begin" and msg[3] is not None and expected is not None:
-                for m in msg[3]:  # refused before any byte of this sync is copied
-                    self._expect(m, sender, expected.get(m[0]))
-                if {m[0] for m in msg[3]} != set(expected):
-                    raise self._fail(f"sender {sender} manifest names differ from the expected layout: "
-                                     f"{sorted({m[0] for m in msg[3]} ^ set(expected))[:5]}")
-            elif kind == "bucket":
-                _, _, _, slot, extents, checksum = msg
-                used = max(e[3] + e[2] - e[1] for e in extents)
-                buf = self.slots[sender][slot]
-                if _digest(buf[:used]) != checksum:
-                    raise self._fail(f"checksum mismatch in a bucket from sender {sender} "
-                                     f"carrying {sorted({e[0][0] for e in extents})}")
-                for meta, a, b, off in extents:
-                    dst = self._check(meta, sender, expected, staged).view(-1).view(torch.uint8)
-                    dst[a:b].copy_(buf[off:off + b - a])
-                    staged[meta[0]][2].append((a, b, sender))
-                self.chan.send(sender, ("ack", self.rank, version, slot))
-            elif kind == "end":
-                ended[sender] = msg[3]
-                for meta, a, b, _ in msg[3]:
-                    self._check(meta, sender, expected, staged)
+            if failure is not None:  # keep the data path in step: consume what was announced, then fail
+                if kind == "bucket":
+                    self._fetch(sender, msg[3], max(e[3] + e[2] - e[1] for e in msg[4]))
+                    self.chan.send(sender, ("ack", self.rank, version, msg[3]))
+                ended.update({sender: []} if kind == "end" else {})
+                continue
+            try:
+                self._handle(msg, version, expected, staged, ended)
+            except SyncError as e:
+                if not self.drain_on_failure:
+                    raise
+                failure = e
+                if kind == "bucket":  # its bytes were consumed; the sender waits for the ack
+                    self.chan.send(sender, ("ack", self.rank, version, msg[3]))
+        if failure is not None:
+            raise failure
         self._check_coverage(staged, ended, verify)
         self.pool = {meta: t for meta, t, _ in staged.values()}
         return {name: t for name, (_, t, _) in staged.items()}
+
+    def _handle(self, msg: tuple, version: int, expected: dict[str, Meta] | None, staged: dict, ended: dict) -> None:
+        kind, sender = msg[:2]
+        if kind == "begin" and msg[3] is not None and expected is not None:
+            for m in msg[3]:  # refused before any byte of this sync is copied
+                self._expect(m, sender, expected.get(m[0]))
+            if {m[0] for m in msg[3]} != set(expected):
+                raise self._fail(f"sender {sender} manifest names differ from the expected layout: "
+                                 f"{sorted({m[0] for m in msg[3]} ^ set(expected))[:5]}")
+        elif kind == "bucket":
+            _, _, _, slot, extents, checksum = msg
+            used = max(e[3] + e[2] - e[1] for e in extents)
+            buf = self._fetch(sender, slot, used)
+            if _digest(buf[:used]) != checksum:
+                raise self._fail(f"checksum mismatch in a bucket from sender {sender} "
+                                 f"carrying {sorted({e[0][0] for e in extents})}")
+            for meta, a, b, off in extents:
+                dst = self._check(meta, sender, expected, staged).view(-1).view(torch.uint8)
+                dst[a:b].copy_(buf[off:off + b - a])
+                staged[meta[0]][2].append((a, b, sender))
+            self.chan.send(sender, ("ack", self.rank, version, slot))
+        elif kind == "end":
+            ended[sender] = msg[3]
+            for meta, a, b, _ in msg[3]:
+                self._check(meta, sender, expected, staged)
 
     def _check_coverage(self, staged: dict, ended: dict[int, list], verify: bool) -> None:
         for name, (meta, t, pieces) in staged.items():
