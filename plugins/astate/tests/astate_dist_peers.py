@@ -6,9 +6,9 @@ import os
 from multiprocessing import Queue
 
 import torch
-import torch.distributed as dist
 from astate_peers import make_weights
-from ring_ext_astate.dist_transport import DistReceiver, DistSender, SyncError
+
+from ring_ext_astate.dist_transport import DistReceiver, DistSender, SyncError, gloo_group
 
 
 class _FaultyDistSender(DistSender):
@@ -29,11 +29,13 @@ def peer_main(role: str, idx: int, n_send: int, n_recv: int, port: int, inq: Que
               slot_bytes: int, timeout_s: float) -> None:
     torch.set_num_threads(1)
     rank = idx if role == "send" else n_send + idx
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n_send + n_recv)
+    # the transport's own group, as the engine builds it; no default torch.distributed group exists here
+    group = gloo_group("127.0.0.1", port, rank, n_send + n_recv, timeout_s=60)
     if role == "send":
-        peer: DistSender | DistReceiver = _FaultyDistSender(idx, n_send, slot_bytes, n_slots=2, timeout_s=timeout_s)
+        peer: DistSender | DistReceiver = _FaultyDistSender(idx, n_send, slot_bytes, n_slots=2, timeout_s=timeout_s,
+                                                            group=group)
     else:
-        peer = DistReceiver(idx, timeout_s=timeout_s)
+        peer = DistReceiver(idx, timeout_s=timeout_s, group=group)
     outq.put(("address", role, idx, peer.address()))
     peer.connect(inq.get())
     for version, seed, fault, verify in iter(inq.get, None):
@@ -47,4 +49,3 @@ def peer_main(role: str, idx: int, n_send: int, n_recv: int, port: int, inq: Que
         except SyncError as e:
             outq.put((role, idx, "error", str(e)))
     peer.close()
-    dist.destroy_process_group()
