@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ring_ext_astate.shm_transport import ShmReceiver, ShmSender, SyncError, _Channel, _digest
+from ring_ext_astate.shm_transport import ShmReceiver, ShmSender, SyncError, _Channel
 
 
 def gloo_group(host: str, port: int, rank: int, world: int, timeout_s: float) -> dist.ProcessGroup:

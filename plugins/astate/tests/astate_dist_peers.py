@@ -7,7 +7,6 @@ from multiprocessing import Queue
 
 import torch
 from astate_peers import make_weights
-
 from ring_ext_astate.dist_transport import DistReceiver, DistSender, SyncError, gloo_group
 
 
