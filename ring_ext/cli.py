@@ -64,7 +64,8 @@ def _pipeline(args: argparse.Namespace) -> int:
         if result is None:
             log = args.workdir / stage.name / f"{stage.name}.log"
             print(f"[{stage.name}] +recipe={stage.recipe}, log: {log}", flush=True)
-            bars[stage.name] = tqdm(total=total_steps(stage, overrides.get(stage.name, ())), desc=stage.name, unit="step")
+            total = total_steps(stage, overrides.get(stage.name, ()))
+            bars[stage.name] = tqdm(total=total, desc=stage.name, unit="step")
             return
         bar = bars.pop(stage.name, None)
         if bar is not None:

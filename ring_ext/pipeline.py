@@ -114,10 +114,11 @@ def total_steps(stage: Stage, overrides: Sequence[str]) -> int | None:
 
 
 def stage_overrides(stage: Stage, ckpt_dir: Path, model: str | None, save_freq: int) -> list[str]:
-    """What the pipeline adds to a stage's recipe: where to save, HF weights for hand-over, where to start."""
+    """What the pipeline adds to a stage's recipe: where to save, HF weights for hand-over, where to start.
+
+    (ring1t_sft already saves HF weights; the RL recipes do not, as most runs need no HF copy per checkpoint.)"""
     out = [f"+recipe={stage.recipe}", f"trainer.default_local_dir={ckpt_dir}", f"trainer.save_freq={save_freq}"]
     if stage.is_sft:
-        out.append("checkpoint.save_contents=[model,optimizer,extra,hf_model]")
         if model is not None:
             out.append(f"model.path={model}")
     else:
@@ -147,7 +148,8 @@ def run_pipeline(name: str, workdir: Path, *, overrides: Mapping[str, Sequence[s
         if start_at not in names:
             raise PipelineError(f"cannot start at {start_at!r}; stages: {names}")
         if model is None and start_at != names[0]:
-            raise PipelineError(f"starting at {start_at!r} needs the model the earlier stages would have made (model=...)")
+            raise PipelineError(
+                f"starting at {start_at!r} needs the model the earlier stages would have made (model=...)")
         stages = stages[names.index(start_at):]
     check_plugins(stages)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -32,14 +32,27 @@ class VerlRun:
 
 def sft_command(nproc: int = 1) -> tuple[str, ...]:
     """verl's SFT trainer under torchrun (it reads RANK/WORLD_SIZE from the environment)."""
-    return ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "verl.trainer.sft_trainer")
+    return ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "verl.trainer.sft_trainer")
 
 
-def read_records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    complete = path.read_text().split("\n")[:-1]  # the last piece is "" or a line still being written
-    return [json.loads(line) for line in complete if line.strip()]
+class _RecordTail:
+    """The file logger's records, read incrementally: each poll parses only the bytes appended since the last."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.records = path, 0, []
+
+    def poll(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
+        new = [json.loads(line) for line in chunk[:end].splitlines() if line.strip()]
+        self.offset += end
+        self.records += new
+        return new
 
 
 def run_verl(command: Sequence[str], overrides: Sequence[str], workdir: Path, *, name: str,
@@ -53,7 +66,13 @@ def run_verl(command: Sequence[str], overrides: Sequence[str], workdir: Path, *,
     metrics, log_path = workdir / f"{name}.jsonl", workdir / f"{name}.log"
     metrics.unlink(missing_ok=True)  # a rerun must not read the previous attempt's steps
     cmd = [sys.executable, *command, *overrides, "trainer.logger=[console,file]"]
-    seen, deadline = 0, time.monotonic() + timeout
+    tail, deadline = _RecordTail(metrics), time.monotonic() + timeout
+
+    def report() -> None:
+        for record in tail.poll():
+            if on_step is not None:
+                on_step(record)
+
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(cmd, cwd=workdir, stdout=log_file, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, **(env or {}), "VERL_FILE_LOGGER_PATH": str(metrics)})
@@ -64,21 +83,12 @@ def run_verl(command: Sequence[str], overrides: Sequence[str], workdir: Path, *,
                 raise VerlRunError(f"{name}: no exit after {timeout:.0f} s, killed; log in {log_path}:\n"
                                    f"{log_path.read_text()[-5000:]}")
             time.sleep(POLL_S)
-            seen = _report_new(metrics, seen, on_step)
-    _report_new(metrics, seen, on_step)
+            report()
+    report()
     log = log_path.read_text()
     if proc.returncode != 0:
         raise VerlRunError(f"{name}: exited {proc.returncode}, log in {log_path}:\n{log[-5000:]}")
-    return VerlRun(read_records(metrics), log)
-
-
-def _report_new(metrics: Path, seen: int, on_step: Callable[[dict], None] | None) -> int:
-    if on_step is None:
-        return seen
-    records = read_records(metrics)
-    for record in records[seen:]:
-        on_step(record)
-    return len(records)
+    return VerlRun(tail.records, log)
 
 
 def run_main_ppo(overrides: Sequence[str], workdir: Path, *, name: str = "main_ppo",

@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from importlib.metadata import entry_points
-from pathlib import Path
 
-
-def ring_ext(*args: str) -> subprocess.CompletedProcess[str]:
-    # The script beside this interpreter: the venv may be used without being activated (as CI does).
-    beside = Path(sys.executable).parent / "ring-ext"
-    exe = str(beside) if beside.exists() else shutil.which("ring-ext")
-    assert exe, "the ring-ext console script is not installed"
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
+from subprocess_helpers import ring_ext
 
 
 def test_help_names_the_commands_and_the_entry_point() -> None:

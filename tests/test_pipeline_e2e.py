@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from subprocess_helpers import ring_ext
 
 from ring_ext.tiny import build_tiny_default
 
@@ -26,12 +25,10 @@ SFT_STEPS, RL_STEPS = 64, 2
 
 
 def ring_ext_pipeline(workdir: Path) -> subprocess.CompletedProcess[str]:
-    exe = Path(sys.executable).parent / "ring-ext"
-    cmd = [str(exe) if exe.exists() else shutil.which("ring-ext") or "ring-ext", "pipeline", "ring1t",
-           "--workdir", str(workdir), "--set", f"sft:trainer.total_training_steps={SFT_STEPS}",
-           "--set", f"rlvr:trainer.total_training_steps={RL_STEPS}",
-           "--set", f"rlhf:trainer.total_training_steps={RL_STEPS}"]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=2400, check=False)
+    return ring_ext("pipeline", "ring1t", "--workdir", str(workdir),
+                    "--set", f"sft:trainer.total_training_steps={SFT_STEPS}",
+                    "--set", f"rlvr:trainer.total_training_steps={RL_STEPS}",
+                    "--set", f"rlhf:trainer.total_training_steps={RL_STEPS}", timeout=2400)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +92,8 @@ def test_rlvr_stage_trained_with_icepop_and_c3po(run: dict) -> None:
 def test_rlhf_stage_is_scored_by_the_tiny_reward_model(run: dict) -> None:
     rm = build_tiny_default(reward_model=True).model_dir
     # verl served the reward model with its own vLLM engine (classify runner) next to the rollout's
-    assert f"Initializing a V1 LLM engine with config: model='{rm}'" in (run["workdir"] / "rlhf" / "rlhf.log").read_text()
+    log = (run["workdir"] / "rlhf" / "rlhf.log").read_text()
+    assert f"Initializing a V1 LLM engine with config: model='{rm}'" in log
     records = [json.loads(line) for line in (run["workdir"] / "rlhf" / "rlhf.jsonl").read_text().splitlines()]
     scores = [r["data"]["critic/score/mean"] for r in records]
     assert len(scores) == RL_STEPS and all(math.isfinite(v) for v in scores)

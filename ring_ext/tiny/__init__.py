@@ -32,6 +32,8 @@ __all__ = ["TinyDefault", "build_tiny_default", "default_cache_dir"]
 VERSION = "tiny-v2"  # bump when the recipe changes, so stale caches are not reused
 CACHE_ENV = "RING_EXT_CACHE"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")
+# a classifier cannot generate: transformers writes no generation_config.json for it
+REWARD_MODEL_FILES = tuple(f for f in MODEL_FILES if f != "generation_config.json")
 DATA_FILES = ("arith_train.parquet", "arith_val.parquet", "longcot_sft.parquet", "open_prompts.parquet")
 log = logging.getLogger(__name__)
 
@@ -65,11 +67,7 @@ def build_tiny_default(
     model_dir, data_dir = root / name, root / "data"
     result = TinyDefault(model_dir, *(data_dir / f for f in DATA_FILES))
     parts: dict[Path, tuple[tuple[str, ...], Callable[[Path], object]]] = {
-        # a classifier cannot generate: transformers writes no generation_config.json for it
-        model_dir: (
-            MODEL_FILES[:1] + MODEL_FILES[2:] if reward_model else MODEL_FILES,
-            lambda d: _build_model(d, moe, reward_model),
-        ),
+        model_dir: (REWARD_MODEL_FILES if reward_model else MODEL_FILES, lambda d: _build_model(d, moe, reward_model)),
         data_dir: (DATA_FILES, _build_data),
     }
     if not force and all(_complete(d, files) for d, (files, _) in parts.items()):

@@ -19,9 +19,10 @@ import os
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import xxhash
@@ -51,6 +52,11 @@ def _map_segment(name: str, size: int) -> mmap.mmap:
         return mmap.mmap(fd, size)
     finally:
         os.close(fd)
+
+
+def _bucket_used(extents: list) -> int:
+    """Bytes a bucket fills: the end of its furthest extent (meta, start, end, offset in the bucket)."""
+    return max(off + b - a for _, a, b, off in extents)
 
 
 def _digest(buf: torch.Tensor) -> int:
@@ -297,9 +303,10 @@ class ShmReceiver:
                 raise self._fail(msg[3])
             if failure is not None:  # keep the data path in step: consume what was announced, then fail
                 if kind == "bucket":
-                    self._fetch(sender, msg[3], max(e[3] + e[2] - e[1] for e in msg[4]))
+                    self._fetch(sender, msg[3], _bucket_used(msg[4]))
                     self.chan.send(sender, ("ack", self.rank, version, msg[3]))
-                ended.update({sender: []} if kind == "end" else {})
+                elif kind == "end":
+                    ended[sender] = []
                 continue
             try:
                 self._handle(msg, version, expected, staged, ended)
@@ -325,7 +332,7 @@ class ShmReceiver:
                                  f"{sorted({m[0] for m in msg[3]} ^ set(expected))[:5]}")
         elif kind == "bucket":
             _, _, _, slot, extents, checksum = msg
-            used = max(e[3] + e[2] - e[1] for e in extents)
+            used = _bucket_used(extents)
             buf = self._fetch(sender, slot, used)
             if _digest(buf[:used]) != checksum:
                 raise self._fail(f"checksum mismatch in a bucket from sender {sender} "

@@ -6,7 +6,6 @@ import os
 from multiprocessing import Queue
 
 import torch
-
 from ring_ext_astate.shm_transport import ShmSender, SyncError, _meta
 
 
@@ -17,6 +16,10 @@ def make_weights(seed: int) -> dict[str, torch.Tensor]:
     out = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
     out["layers.0.qkv"] = out["layers.0.qkv"].to(torch.bfloat16)
     return out
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 class _FaultySender(ShmSender):

@@ -8,9 +8,8 @@ import socket
 import time
 
 import pytest
-import torch
 from astate_dist_peers import peer_main
-from astate_peers import make_weights
+from astate_peers import make_weights, same_weights
 
 SLOT = 1024  # small buckets: every tensor spans several, and the 2-bucket ring wraps many times
 TIMEOUT = 5.0
@@ -64,19 +63,16 @@ def fleet():
     f.close()
 
 
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_round_trip_is_bit_exact_each_byte_sent_once_and_second_sync_updates(fleet):
     results = fleet.sync(version=1, seed=1)
     src = make_weights(1)
-    assert all(results[("recv", i)][0] == "ok" and _same(results[("recv", i)][1], src) for i in range(2)), results
+    received = [results[("recv", i)] for i in range(2)]
+    assert all(status == "ok" and same_weights(got, src) for status, got in received), results
     moved = [results[("send", i)][1] for i in range(3)]
     assert sum(moved) == sum(t.nbytes for t in src.values())  # no byte twice, no rank-0 funnel
     assert max(moved) - min(moved) <= 4 * len(src)
     results = fleet.sync(version=2, seed=2)
-    assert all(_same(results[("recv", i)][1], make_weights(2)) for i in range(2))
+    assert all(same_weights(results[("recv", i)][1], make_weights(2)) for i in range(2))
 
 
 def test_corrupted_bucket_is_detected_and_the_next_sync_works(fleet):
@@ -86,7 +82,7 @@ def test_corrupted_bucket_is_detected_and_the_next_sync_works(fleet):
                for i in range(2))
     assert all(results[("send", i)][0] == "error" for i in range(3))  # every sender learns it failed
     results = fleet.sync(version=4, seed=4)
-    assert all(_same(results[("recv", i)][1], make_weights(4)) for i in range(2))
+    assert all(same_weights(results[("recv", i)][1], make_weights(4)) for i in range(2))
 
 
 def test_dead_sender_ends_in_error_within_the_timeout():

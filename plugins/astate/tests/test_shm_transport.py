@@ -7,9 +7,7 @@ import threading
 import time
 
 import pytest
-import torch
-from astate_peers import make_weights, sender_main
-
+from astate_peers import make_weights, same_weights, sender_main
 from ring_ext_astate.shm_transport import ShmReceiver, SyncError, _meta, owned_byte_range
 
 SLOT = 1024  # small slots: every tensor spans several buckets and the 2-slot ring wraps many times
@@ -70,10 +68,6 @@ def fleet():
     f.close()
 
 
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_owned_ranges_tile_each_tensor_without_overlap():
     for nbytes, item, world in [(0, 4, 3), (8, 4, 3), (2 * 97, 2, 4), (4 * 1000, 4, 7)]:
         ranges = [owned_byte_range(nbytes, item, r, world) for r in range(world)]
@@ -86,14 +80,14 @@ def test_owned_ranges_tile_each_tensor_without_overlap():
 def test_round_trip_is_bit_exact_and_second_sync_updates(fleet):
     results, senders = fleet.sync(version=1, seed=1)
     src = make_weights(1)
-    assert all(not isinstance(r, Exception) and _same(r, src) for r in results), results
+    assert all(not isinstance(r, Exception) and same_weights(r, src) for r in results), results
     total = sum(t.nbytes for t in src.values())
     assert [s[0] for s in senders] == ["ok"] * 3
     assert sum(s[2] for s in senders) == total  # each byte sent once, whatever the receiver count
     assert max(s[2] for s in senders) - min(s[2] for s in senders) <= 4 * len(src)  # balanced to an element
     results2, _ = fleet.sync(version=2, seed=2)
-    assert all(_same(r, make_weights(2)) for r in results2)
-    assert not _same(results2[0], src)
+    assert all(same_weights(r, make_weights(2)) for r in results2)
+    assert not same_weights(results2[0], src)
 
 
 def test_corrupted_bucket_is_detected_and_nothing_is_returned(fleet):
@@ -102,7 +96,7 @@ def test_corrupted_bucket_is_detected_and_nothing_is_returned(fleet):
     assert any("checksum mismatch" in str(r) and "sender 2" in str(r) for r in results)
     assert all(s[0] == "error" for s in senders)  # every sender learns the sync failed
     results, _ = fleet.sync(version=4, seed=4)  # the transport is usable again
-    assert all(_same(r, make_weights(4)) for r in results)
+    assert all(same_weights(r, make_weights(4)) for r in results)
 
 
 def test_layout_mismatch_is_refused_from_the_manifest(fleet):
