@@ -1,15 +1,17 @@
-"""Weight-sync bandwidth on one host: `astate` vs verl's built-in CPU path vs a plain memory copy, side by side.
+"""Weight-sync bandwidth on one host: `astate` vs verl's built-in path vs a plain memory copy, side by side.
 
 Reproduce: `python benchmarks/bench_astate_sync.py [--gib 0.5 2 --senders 2 4 --repeats 3]` (~2 min at 0.5+2 GiB
-on 2 cores; `--gib 8` needs ~20 GiB of RAM). Same bytes for all three (bf16 matrices of `--tensor-mib` each):
+on 2 cores; `--gib 8` needs ~20 GiB of RAM). On a GPU: `--device cuda` (all processes on one GPU). Same bytes
+for all three (bf16 matrices of `--tensor-mib` each):
 - memcpy: one in-process `dst.copy_(src)` of every tensor into preallocated tensors (the physical limit);
-- verl built-in: verl 0.9.1's `BucketedWeightSender` -> `BucketedWeightReceiver` over shared memory, one
-  sender process -> this process copying each bucket into the destination (what the `naive` backend does to
-  push weights into vLLM when CUDA IPC is unavailable, i.e. on CPU);
-- astate: N sender processes -> this process through `ShmReceiver`, then the staged tensors copied into the
-  destination (the all-or-nothing apply), `verify="never"` after a first verified sync.
+- verl built-in: verl 0.9.1's `BucketedWeightSender` -> `BucketedWeightReceiver`, one sender process -> this
+  process copying each bucket into the destination: over shared memory on CPU (the `naive` backend's path when
+  CUDA IPC is unavailable), over its CUDA IPC bucket on a GPU;
+- astate: N sender processes -> this process through `ShmReceiver` (CPU) or `CudaIpcReceiver` (GPU), then the
+  staged tensors copied into the destination (the all-or-nothing apply), `verify="never"` after a first
+  verified sync.
 Senders yield views of one reused source buffer (like FSDP's gather buffer), so memory stays ~2x the size.
-Prints GB/s and ratios; writes benchmarks/results/astate_sync.json and .png.
+Prints GB/s and ratios; writes benchmarks/results/astate_sync[_cuda].json and .png.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import sys
+import types
 import time
 import uuid
 from contextlib import contextmanager
@@ -35,38 +39,79 @@ except ImportError:  # a source checkout without the plugin installed
 from ring_ext_astate.shm_transport import ShmReceiver, ShmSender
 
 OUT = Path(__file__).resolve().parent / "results"
+VERL_FILE_ENV = "RING_EXT_BENCH_VERL_FILE"
+
+
+def _transport(device: str) -> tuple[type[ShmSender], type[ShmReceiver]]:
+    if device == "cuda":
+        from ring_ext_astate.cuda_transport import CudaIpcReceiver, CudaIpcSender
+
+        return CudaIpcSender, CudaIpcReceiver
+    return ShmSender, ShmReceiver
+
+
+def _verl_bucketed() -> types.ModuleType:
+    """verl's bucketed_weight_transfer module. Where verl cannot be installed (a GPU host without package
+    registries: verl's package import needs ray and tensordict), `--verl-file` loads that one file of verl 0.9.1
+    unchanged, with the five verl helpers it calls supplied (device name/id/module, IPC support, async iteration)."""
+    path = os.environ.get(VERL_FILE_ENV)
+    if not path:
+        from verl.workers.rollout.vllm_rollout import bucketed_weight_transfer
+
+        return bucketed_weight_transfer
+    import importlib.util
+
+    async def ensure_async_iterator(iterable):
+        for item in iterable:
+            yield item
+
+    helpers = {"verl.utils.device": dict(get_device_id=torch.cuda.current_device, get_device_name=lambda: "cuda",
+                                         get_torch_device=lambda: torch.cuda, is_support_ipc=lambda: True),
+               "verl.workers.rollout.utils": dict(ensure_async_iterator=ensure_async_iterator)}
+    for name, attrs in helpers.items():
+        sys.modules[name] = types.SimpleNamespace(**attrs)  # type: ignore[assignment]
+    spec = importlib.util.spec_from_file_location("verl_bucketed_weight_transfer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _names(gib: float, tensor_mib: int) -> list[str]:
     return [f"layers.{i}.weight" for i in range(max(1, int(gib * 1024 / tensor_mib)))]
 
 
-def _source(tensor_mib: int) -> torch.Tensor:
-    return torch.randn((tensor_mib << 20) // 2).to(torch.bfloat16)
+def _source(tensor_mib: int, device: str = "cpu") -> torch.Tensor:
+    return torch.randn((tensor_mib << 20) // 2, device=device).to(torch.bfloat16)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def _weights(names: list[str], src: torch.Tensor):
     return ((n, src) for n in names)
 
 
-def _astate_sender(rank: int, world: int, names: list[str], tensor_mib: int, slot_mib: int, q, reply) -> None:
+def _astate_sender(rank: int, world: int, names: list[str], tensor_mib: int, slot_mib: int, q, reply,
+                   device: str) -> None:
     torch.set_num_threads(1)  # one core per process: spinning OpenMP workers would steal the peer's core
-    s = ShmSender(rank, world, slot_mib << 20, n_slots=4, timeout_s=300)
+    s = _transport(device)[0](rank, world, slot_mib << 20, n_slots=4, timeout_s=300)
     reply.put((rank, s.address()))
     s.connect(q.get())
-    src = _source(tensor_mib)
+    src = _source(tensor_mib, device)
     for version, verify in iter(q.get, None):
         s.send(_weights(names, src), version, verify=verify)
     s.close()
 
 
-def _verl_sender(handle: str, names: list[str], tensor_mib: int, bucket_mib: int, q) -> None:
-    from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedWeightSender
-
+def _verl_sender(handle: str, names: list[str], tensor_mib: int, bucket_mib: int, q, device: str) -> None:
+    sender_cls = _verl_bucketed().BucketedWeightSender
     torch.set_num_threads(1)
-    src = _source(tensor_mib)
+    src = _source(tensor_mib, device)
     for _ in iter(q.get, None):
-        asyncio.run(BucketedWeightSender(handle, bucket_mib, use_shm=True).async_send_weights(_weights(names, src)))
+        sender = sender_cls(handle, bucket_mib, use_shm=device == "cpu")
+        asyncio.run(sender.async_send_weights(_weights(names, src)))
 
 
 @contextmanager
@@ -81,20 +126,21 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def bench_memcpy(names: list[str], tensor_mib: int, dst: dict[str, torch.Tensor]) -> float:
-    src = _source(tensor_mib)
+def bench_memcpy(names: list[str], tensor_mib: int, dst: dict[str, torch.Tensor], device: str) -> float:
+    src = _source(tensor_mib, device)
+    _sync(device)
     t0 = time.perf_counter()
     for n, t in _weights(names, src):
         dst[n].copy_(t)
+    _sync(device)
     return time.perf_counter() - t0
 
 
-def bench_verl(names, tensor_mib, dst, repeats: int, bucket_mib: int) -> list[float]:
-    from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedWeightReceiver
-
+def bench_verl(names, tensor_mib, dst, repeats: int, bucket_mib: int, device: str) -> list[float]:
+    receiver_cls = _verl_bucketed().BucketedWeightReceiver
     ctx, handle = mp.get_context("spawn"), f"ipc:///tmp/ring-ext-bench-{uuid.uuid4().hex}.sock"
     q = ctx.Queue()
-    p = ctx.Process(target=_verl_sender, args=(handle, names, tensor_mib, bucket_mib, q))
+    p = ctx.Process(target=_verl_sender, args=(handle, names, tensor_mib, bucket_mib, q, device))
     p.start()
 
     def apply(weights, is_last) -> None:
@@ -105,22 +151,25 @@ def bench_verl(names, tensor_mib, dst, repeats: int, bucket_mib: int) -> list[fl
     for i in range(repeats + 1):
         q.put(i)
         t0 = time.perf_counter()
-        BucketedWeightReceiver(handle, torch.device("cpu"), use_shm=True).receive_weights(apply)
+        target = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+        receiver_cls(handle, target, use_shm=device == "cpu").receive_weights(apply)
+        _sync(device)
         times.append(time.perf_counter() - t0)
     q.put(None)
     p.join()
     return times[1:]  # the first round pays process start and imports
 
 
-def bench_astate(names, tensor_mib, dst, repeats: int, senders: int, slot_mib: int) -> list[float]:
+def bench_astate(names, tensor_mib, dst, repeats: int, senders: int, slot_mib: int, device: str) -> list[float]:
     ctx = mp.get_context("spawn")
     qs, reply = [ctx.Queue() for _ in range(senders)], ctx.Queue()
-    procs = [ctx.Process(target=_astate_sender, args=(r, senders, names, tensor_mib, slot_mib, qs[r], reply))
+    procs = [ctx.Process(target=_astate_sender,
+                         args=(r, senders, names, tensor_mib, slot_mib, qs[r], reply, device))
              for r in range(senders)]
     for p in procs:
         p.start()
     addrs = dict(reply.get() for _ in range(senders))
-    recv = ShmReceiver(0, timeout_s=300)
+    recv = _transport(device)[1](0, timeout_s=300)
     for q in qs:
         q.put([recv.address()["address"]])
     recv.connect([addrs[r] for r in range(senders)])
@@ -132,6 +181,7 @@ def bench_astate(names, tensor_mib, dst, repeats: int, senders: int, slot_mib: i
         t0 = time.perf_counter()
         for n, t in recv.receive(version, verify=verify).items():
             dst[n].copy_(t)
+        _sync(device)
         times.append(time.perf_counter() - t0)
     for q in qs:
         q.put(None)
@@ -149,49 +199,61 @@ def main() -> None:
     ap.add_argument("--tensor-mib", type=int, default=64, help="size of each weight tensor")
     ap.add_argument("--slot-mib", type=int, default=16, help="astate slot size (4 slots per sender)")
     ap.add_argument("--verl-bucket-mib", type=int, default=512, help="verl sender bucket (BucketedWeightSender default)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cpu: shared memory; cuda: every process on the current GPU, CUDA IPC")
+    ap.add_argument("--verl-file", help="path of verl 0.9.1's bucketed_weight_transfer.py, where verl is not "
+                                        "installed (see _verl_bucketed)")
     args = ap.parse_args()
-    rows = []
+    if args.verl_file:
+        os.environ[VERL_FILE_ENV] = str(Path(args.verl_file).resolve())  # the spawned senders read it too
+    dev, rows = args.device, []
     for gib in args.gib:
         names = _names(gib, args.tensor_mib)
         nbytes = len(names) * (args.tensor_mib << 20)
-        dst = {n: torch.zeros((args.tensor_mib << 20) // 2, dtype=torch.bfloat16) for n in names}  # pre-faulted
+        dst = {n: torch.zeros((args.tensor_mib << 20) // 2, dtype=torch.bfloat16, device=dev) for n in names}
         gbps = lambda ts: nbytes / min(ts) / 1e9  # noqa: E731  best of the repeats: the least disturbed run
-        row = {"gib": gib, "memcpy_gbps": gbps([bench_memcpy(names, args.tensor_mib, dst) for _ in range(3)])}
+        row = {"gib": gib, "memcpy_gbps": gbps([bench_memcpy(names, args.tensor_mib, dst, dev) for _ in range(3)])}
         with _threads(1):
-            row["memcpy_1thread_gbps"] = gbps([bench_memcpy(names, args.tensor_mib, dst) for _ in range(3)])
-            row["verl_gbps"] = gbps(bench_verl(names, args.tensor_mib, dst, args.repeats, args.verl_bucket_mib))
+            if dev == "cpu":
+                row["memcpy_1thread_gbps"] = gbps([bench_memcpy(names, args.tensor_mib, dst, dev) for _ in range(3)])
+            row["verl_gbps"] = gbps(bench_verl(names, args.tensor_mib, dst, args.repeats, args.verl_bucket_mib, dev))
             for n in args.senders:
                 row[f"astate{n}_gbps"] = gbps(bench_astate(names, args.tensor_mib, dst, args.repeats, n,
-                                                           args.slot_mib))
+                                                           args.slot_mib, dev))
         rows.append(row)
-        limit = max(row["memcpy_gbps"], row["memcpy_1thread_gbps"])
+        limit = max(row["memcpy_gbps"], row.get("memcpy_1thread_gbps", 0.0))
         cells = "  ".join(f"astate x{n}: {row[f'astate{n}_gbps']:.2f} GB/s "
                           f"({row[f'astate{n}_gbps'] / limit:.0%} of memcpy, "
                           f"{row[f'astate{n}_gbps'] / row['verl_gbps']:.2f}x verl)" for n in args.senders)
-        print(f"{gib:>4} GiB  memcpy {row['memcpy_gbps']:.2f} GB/s (1 thread {row['memcpy_1thread_gbps']:.2f})  verl {row['verl_gbps']:.2f} GB/s  {cells}")
+        print(f"{gib:>4} GiB  memcpy {row['memcpy_gbps']:.2f} GB/s  verl {row['verl_gbps']:.2f} GB/s  {cells}",
+              flush=True)
+    stem = "astate_sync" if dev == "cpu" else "astate_sync_cuda"
+    device_name = torch.cuda.get_device_name() if dev == "cuda" else f"{os.cpu_count()} CPU cores"
     OUT.mkdir(exist_ok=True)
-    (OUT / "astate_sync.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    _plot(rows, args.senders)
+    (OUT / f"{stem}.json").write_text(json.dumps({"args": vars(args), "device": device_name, "rows": rows},
+                                                 indent=2))
+    _plot(rows, args.senders, dev, device_name, OUT / f"{stem}.png")
 
 
-def _plot(rows: list[dict], senders: list[int]) -> None:
+def _plot(rows: list[dict], senders: list[int], dev: str, device_name: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = ["memcpy_gbps", "verl_gbps", *(f"astate{n}_gbps" for n in senders)]
-    labels = ["memcpy (limit)", "verl built-in (shm)", *(f"astate, {n} senders" for n in senders)]
+    labels = ["memcpy (limit)", f"verl built-in ({'shm' if dev == 'cpu' else 'CUDA IPC'})",
+              *(f"astate, {n} senders" for n in senders)]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(keys)
     for i, (k, lab) in enumerate(zip(keys, labels)):
         ax.bar([j + i * width for j in range(len(rows))], [r[k] for r in rows], width, label=lab)
     ax.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(rows))], [f"{r['gib']} GiB" for r in rows])
     ax.set_ylabel("GB/s (best of repeats)")
-    ax.set_title("Weight sync on one host, 2 cores")
+    ax.set_title(f"Weight sync on one host, {device_name}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(OUT / "astate_sync.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

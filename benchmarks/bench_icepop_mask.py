@@ -147,10 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--no-verl", action="store_true", help="skip verl's IcePop even if importable")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the kernels at real sizes (--sizes)")
+    parser.add_argument("--sizes", type=str, nargs="+", help="B x T cases as BxT, e.g. 512x16384")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = QUICK_SIZES if args.quick else SIZES
+    if args.sizes:
+        sizes = [tuple(int(x) for x in s.lower().split("x")) for s in args.sizes]
+    dev = torch.device(args.device)
+    stem = "icepop_mask" if dev.type == "cpu" else f"icepop_mask_{dev.type}"
     min_run_time = args.min_run_time or (0.1 if args.quick else 0.8)
 
     methods: dict[str, Method] = {
@@ -169,15 +175,15 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[dict] = []
     for b, t in tqdm(sizes, desc="timing", unit="size"):
-        medians = interleaved_medians(methods, make_batch(b, t), min_run_time)
+        medians = interleaved_medians(methods, tuple(x.to(dev) for x in make_batch(b, t)), min_run_time)
         for name, seconds in medians.items():
             results.append({"size": [b, t], "method": name, "median_s": seconds, "ratio": seconds / medians["naive"]})
 
     train, infer, mask = make_batch(4, 256, seed=1)
-    train, infer = inject(train, infer)
+    train, infer, mask = (x.to(dev) for x in (*inject(train, infer), mask))
     nan_flags = {name: bool((~torch.isfinite(fn(train, infer, mask))).any()) for name, fn in methods.items()}
 
-    cpu = platform.processor() or platform.machine()
+    cpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
     print(f"\ntorch {torch.__version__}, threads={torch.get_num_threads()}, {cpu}; ratio = time / naive time")
     print(f"{'B x T':>10} " + " ".join(f"{m:>15}" for m in methods))
     for b, t in sizes:
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "icepop_mask",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "device": "cpu",
+        "device": cpu,
         "quick": args.quick,
         "alpha": ALPHA,
         "beta": BETA,
@@ -204,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         "nan_or_inf_with_injected_log_ratios": nan_flags,
         "notes": notes,
     }
-    (args.out_dir / "icepop_mask.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, list(methods)[1:], args.out_dir / "icepop_mask.png")
-    print(f"wrote {args.out_dir / 'icepop_mask.json'} and {args.out_dir / 'icepop_mask.png'}")
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, list(methods)[1:], args.out_dir / f"{stem}.png")
+    print(f"wrote {args.out_dir / stem}.json and .png")
     return 0
 
 

@@ -88,7 +88,7 @@ def plot(result: dict, path: Path) -> None:
     ax.plot(xs, [1e3 * (a + b * x) for x in xs], "-", label=f"fit: {1e3 * a:.2f} ms + {1e3 * b:.3f} ms x B (R2 {result['r2']:.3f})")
     ax.set_xlabel("running sequences B")
     ax.set_ylabel("one decode step (ms)")
-    ax.set_title("vLLM decode step time vs batch (tiny model)", fontsize=9)
+    ax.set_title(f"{result['engine']} decode step time vs batch ({result['model']})", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

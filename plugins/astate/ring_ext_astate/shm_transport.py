@@ -59,7 +59,7 @@ def _bucket_used(extents: list) -> int:
     return max(off + b - a for _, a, b, off in extents)
 
 
-def _digest(buf: torch.Tensor) -> int:
+def host_digest(buf: torch.Tensor) -> int:
     return xxhash.xxh3_64_intdigest(memoryview(buf.numpy())) if buf.numel() else 0
 
 
@@ -146,7 +146,7 @@ class ShmSender:
 
     def _publish(self, version: int, slot: int, used: int, extents: list) -> None:
         """Announce a packed slot; receivers copy it out of shared memory and ack it."""
-        self._broadcast(("bucket", self.rank, version, slot, extents, _digest(self.slots[slot][:used])))
+        self._broadcast(("bucket", self.rank, version, slot, extents, self._digest(self.slots[slot][:used])))
 
     def send(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int, *, verify: bool = False,
              manifest: list[Meta] | None = None) -> SyncStats:
@@ -169,9 +169,9 @@ class ShmSender:
         try:
             for name, t in tensors:
                 t0 = time.perf_counter()
-                src = t.detach().contiguous().cpu().view(-1).view(torch.uint8)
+                src = self._flat_bytes(t)
                 a, b = owned_byte_range(src.numel(), t.element_size(), self.rank, self.world)
-                owned.append((_meta(name, t), a, b, _digest(src[a:b]) if verify else None))
+                owned.append((_meta(name, t), a, b, self._digest(src[a:b]) if verify else None))
                 pos = a
                 while pos < b:
                     if slot is None:
@@ -216,6 +216,12 @@ class ShmSender:
             m = bad[0]
             raise SyncError(f"sender {self.rank}: receiver {m[1]} failed sync {version}: {m[4]}")
 
+    def _flat_bytes(self, t: torch.Tensor) -> torch.Tensor:
+        """The tensor's bytes on the device the slots live on."""
+        return t.detach().contiguous().cpu().view(-1).view(torch.uint8)
+
+    _digest = staticmethod(host_digest)
+
     def close(self) -> None:
         self.chan.close()
         self.slots = []
@@ -229,6 +235,8 @@ class ShmReceiver:
     # False: a failure raises at once (shared memory needs no draining). The distributed transport sets True: bytes
     # already sent must still be received, or they would be read as the next sync's.
     drain_on_failure = False
+    staging_device: torch.device | str = "cpu"
+    _digest = staticmethod(host_digest)
 
     def __init__(self, rank: int, timeout_s: float = 60.0) -> None:
         self.rank, self.timeout_s = rank, timeout_s
@@ -272,6 +280,10 @@ class ShmReceiver:
         """The bytes of an announced bucket: here, the sender's shared-memory slot itself."""
         return self.slots[sender][slot]
 
+    def _ack(self, sender: int, version: int, slot: int) -> None:
+        """Tell `sender` its slot may be refilled: we are done reading it."""
+        self.chan.send(sender, ("ack", self.rank, version, slot))
+
     def _expect(self, meta: Meta, sender: int, want: Meta | None) -> None:
         if want != meta:
             raise self._fail(f"layout mismatch on tensor {meta[0]!r} from sender {sender}: got {meta[1:]}, "
@@ -282,7 +294,9 @@ class ShmReceiver:
         self._expect(meta, sender, expected.get(name) if expected is not None else staged.get(name, (meta,))[0])
         if name not in staged:
             buf = self.pool.get(meta)
-            staged[name] = (meta, buf if buf is not None else torch.empty(meta[1], dtype=getattr(torch, meta[2])), [])
+            if buf is None:
+                buf = torch.empty(meta[1], dtype=getattr(torch, meta[2]), device=self.staging_device)
+            staged[name] = (meta, buf, [])
         return staged[name][1]
 
     def _assemble(self, version: int, expected: dict[str, Meta] | None, verify: bool) -> dict[str, torch.Tensor]:
@@ -304,7 +318,7 @@ class ShmReceiver:
             if failure is not None:  # keep the data path in step: consume what was announced, then fail
                 if kind == "bucket":
                     self._fetch(sender, msg[3], _bucket_used(msg[4]))
-                    self.chan.send(sender, ("ack", self.rank, version, msg[3]))
+                    self._ack(sender, version, msg[3])
                 elif kind == "end":
                     ended[sender] = []
                 continue
@@ -315,7 +329,7 @@ class ShmReceiver:
                     raise
                 failure = e
                 if kind == "bucket":  # its bytes were consumed; the sender waits for the ack
-                    self.chan.send(sender, ("ack", self.rank, version, msg[3]))
+                    self._ack(sender, version, msg[3])
         if failure is not None:
             raise failure
         self._check_coverage(staged, ended, verify)
@@ -334,14 +348,14 @@ class ShmReceiver:
             _, _, _, slot, extents, checksum = msg
             used = _bucket_used(extents)
             buf = self._fetch(sender, slot, used)
-            if _digest(buf[:used]) != checksum:
+            if self._digest(buf[:used]) != checksum:
                 raise self._fail(f"checksum mismatch in a bucket from sender {sender} "
                                  f"carrying {sorted({e[0][0] for e in extents})}")
             for meta, a, b, off in extents:
                 dst = self._check(meta, sender, expected, staged).view(-1).view(torch.uint8)
                 dst[a:b].copy_(buf[off:off + b - a])
                 staged[meta[0]][2].append((a, b, sender))
-            self.chan.send(sender, ("ack", self.rank, version, slot))
+            self._ack(sender, version, slot)
         elif kind == "end":
             ended[sender] = msg[3]
             for meta, a, b, _ in msg[3]:
@@ -360,7 +374,7 @@ class ShmReceiver:
         if verify:
             owned = {(meta[0], a, b, s): d for s, items in ended.items() for meta, a, b, d in items}
             for (name, a, b, s), d in owned.items():
-                got = _digest(staged[name][1].view(-1).view(torch.uint8)[a:b])
+                got = self._digest(staged[name][1].view(-1).view(torch.uint8)[a:b])
                 if got != d:
                     raise self._fail(f"tensor {name!r} bytes [{a}, {b}) from sender {s} differ from the source")
 

@@ -9,10 +9,7 @@ import time
 
 import pytest
 from astate_dist_peers import peer_main
-from astate_peers import make_weights, same_weights
-
-SLOT = 1024  # small buckets: every tensor spans several, and the 2-bucket ring wraps many times
-TIMEOUT = 5.0
+from astate_peers import SLOT, TIMEOUT, make_weights, same_weights
 
 
 def _free_port() -> int:

@@ -2,63 +2,11 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import threading
 import time
 
 import pytest
-from astate_peers import make_weights, same_weights, sender_main
-from ring_ext_astate.shm_transport import ShmReceiver, SyncError, _meta, owned_byte_range
-
-SLOT = 1024  # small slots: every tensor spans several buckets and the 2-slot ring wraps many times
-TIMEOUT = 5.0
-
-
-class Fleet:
-    """`world` sender processes and `n_recv` receivers (threads of this process, each its own sockets)."""
-
-    def __init__(self, world: int, n_recv: int) -> None:
-        ctx = mp.get_context("spawn")
-        self.out, self.ins = ctx.Queue(), [ctx.Queue() for _ in range(world)]
-        self.procs = [ctx.Process(target=sender_main, args=(r, world, SLOT, self.ins[r], self.out, TIMEOUT))
-                      for r in range(world)]
-        for p in self.procs:
-            p.start()
-        addrs = dict(self.out.get(timeout=60)[1:] for _ in range(world))
-        self.receivers = [ShmReceiver(r, timeout_s=TIMEOUT) for r in range(n_recv)]
-        for q in self.ins:
-            q.put([r.address()["address"] for r in self.receivers])
-        for r in self.receivers:
-            r.connect([addrs[s] for s in range(world)])
-
-    def sync(self, version: int, seed: int, fault: str = "", verify: bool = True, expected=None):
-        for q in self.ins:
-            q.put((version, seed, fault, verify))
-        results: list = [None] * len(self.receivers)
-
-        def run(i: int) -> None:
-            try:
-                results[i] = self.receivers[i].receive(version, expected=expected, verify=verify)
-            except SyncError as e:
-                results[i] = e
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(self.receivers))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        alive = [p for p in self.procs if p.is_alive() or p.exitcode == 0]
-        senders = [self.out.get(timeout=2 * TIMEOUT + 5) for _ in alive]
-        return results, sorted(senders)
-
-    def close(self) -> None:
-        for q, p in zip(self.ins, self.procs):
-            if p.is_alive():
-                q.put(None)
-        for p in self.procs:
-            p.join(timeout=30)
-        for r in self.receivers:
-            r.close()
+from astate_peers import TIMEOUT, Fleet, make_weights, same_weights
+from ring_ext_astate.shm_transport import SyncError, _meta, owned_byte_range
 
 
 @pytest.fixture(scope="module")
