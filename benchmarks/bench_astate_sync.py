@@ -183,11 +183,11 @@ def bench_astate(names, tensor_mib, dst, repeats: int, senders: int, slot_mib: i
             dst[n].copy_(t)
         _sync(device)
         times.append(time.perf_counter() - t0)
+    recv.close()  # before the senders exit: their slots are mapped here (CUDA IPC)
     for q in qs:
         q.put(None)
     for p in procs:
         p.join()
-    recv.close()
     return times[1:]
 
 

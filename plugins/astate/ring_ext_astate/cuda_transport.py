@@ -22,16 +22,17 @@ from ring_ext_astate.shm_transport import ShmReceiver, ShmSender, SyncError, _Ch
 
 
 def device_digest(buf: torch.Tensor) -> tuple[int, ...]:
-    """A checksum of a byte tensor, computed where it lives: wrapping int64 sums of its 8-byte words and of
-    their squares, plus the tail bytes. Any changed word changes it (swapped words do not: a corruption, not
-    reordering, is the failure it guards). Depends only on the content, not on the address."""
+    """A checksum of a byte tensor, computed where it lives, in one read pass: the length, the wrapping int64 sum
+    of its 8-byte words and the sum of the tail bytes. An overwritten, torn or misplaced bucket changes it (a miss
+    needs changes that cancel exactly mod 2^64: a guard against faults, not against an adversary). Depends only on
+    the content, not on the address. On one GPU every pass is paid in full (processes time-slice the GPU), so a
+    stronger, multi-pass sum cost more than the copy it guards (measured: 140 vs ... GB/s, README)."""
     if buf.numel() == 0:
         return (0, 0, 0)
     if buf.data_ptr() % 8:  # int64 views need 8-byte aligned storage
         buf = buf.clone()
     n8 = buf.numel() // 8 * 8
-    words = buf[:n8].view(torch.int64)
-    sums = torch.stack([words.sum(), (words * words).sum(), buf[n8:].to(torch.int64).sum()])
+    sums = torch.stack([buf[:n8].view(torch.int64).sum(), buf[n8:].to(torch.int64).sum()])
     return (buf.numel(), *sums.tolist())
 
 
