@@ -38,6 +38,7 @@ HELP = {
     "token_budget": "Phi in tokens (default: mean tokens of a sync batch)", "max_retention": "sigma, retention",
     "pool_size": "Omega, inference pool in groups (default 2P)", "step_fixed_s": "a in t_step = a + b*batch (s)",
     "step_per_seq_s": "b in t_step = a + b*batch (s)", "prefill_per_token_s": "c, prefill s per token",
+    "step_per_context_token_s": "k, decode s per step per token of context held (KV reads)",
     "train_fixed_s": "d in t_train = d + e*tokens (s)", "train_per_token_s": "e in t_train = d + e*tokens (s)",
     "sync_s": "s, weight sync (s)", "token_quantum": "q, token unit of the simulation (0: max_len // 512)",
     "seed": "length sampling seed",
@@ -64,12 +65,16 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, SimConfig]:
                             help=f"{HELP[f.name]} (default {TINY.get(f.name, f.default)} with --tiny, {f.default})")
     parser.add_argument("--costs", type=Path, help="engine costs a, b, c measured by benchmarks/calibrate_decode.py "
                         "(its JSON); explicit --step-fixed-s/--step-per-seq-s/--prefill-per-token-s still win")
+    parser.add_argument("--engines", type=int, default=1,
+                        help="rollout replicas the --costs engine stands for: b, k and c are divided by it (the load "
+                             "spread evenly, every replica stepping in parallel), a is not")
     parser.add_argument("--sweep", choices=["both", "phi", "sigma", "none"], default="both")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     cfg = SimConfig(**(TINY if args.tiny else {}))
     if args.costs is not None:
-        cfg = dataclasses.replace(cfg, **measured_costs(args.costs))
+        measured = measured_costs(args.costs)
+        cfg = dataclasses.replace(cfg, **{k: v / (1 if k == "step_fixed_s" else args.engines) for k, v in measured.items()})
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SimConfig) if getattr(args, f.name) is not None}
     return args, dataclasses.replace(cfg, **overrides)
 
@@ -82,7 +87,8 @@ def measured_costs(path: Path) -> dict[str, float]:
     missing = [k for k in MEASURED if k not in data]
     if missing:
         raise SystemExit(f"--costs {path}: no {missing}; write it with benchmarks/calibrate_decode.py")
-    return {k: float(data[k]) for k in MEASURED}
+    optional = {k: float(data[k]) for k in ("step_per_context_token_s",) if k in data}  # calibrate_decode_hf.py
+    return {**{k: float(data[k]) for k in MEASURED}, **optional}
 
 
 def point(result: dict) -> dict:
@@ -143,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
           f"sigma_len {cfg.length_sigma:g}, Phi {c['token_budget']}, Omega {c['pool_size']}, retention "
           f"{cfg.max_retention}, max_batch {c['max_batch']}, q {c['quantum']}; simulated in {sim_s:.2f} s")
     print(f"engine costs ({args.costs or 'assumed'}): a {cfg.step_fixed_s:.3g} s/step, b {cfg.step_per_seq_s:.3g} "
-          f"s/seq/step, c {cfg.prefill_per_token_s:.3g} s/prompt token; training d {cfg.train_fixed_s:g} s + "
+          f"s/seq/step, k {cfg.step_per_context_token_s:.3g} s/context token/step, c {cfg.prefill_per_token_s:.3g} "
+          f"s/prompt token; training d {cfg.train_fixed_s:g} s + "
           f"e {cfg.train_per_token_s:.3g} s/token, sync {cfg.sync_s:g} s (assumed)")
     print(f"{'metric':>20} {'sync':>14} {'c3po++':>14} {'sync/c3po++':>12}")
     for row in ROWS:
@@ -159,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     preset = "tiny" if args.tiny else "paper-scale"
     costs = str(args.costs) if args.costs else "assumed (SimConfig / --tiny constants)"
+    costs += f", {args.engines} replicas" if args.costs and args.engines > 1 else ""
     report = {"benchmark": "c3po_sim", "preset": preset, "engine_costs": costs, "simulated_s": sim_s, **base,
               "sweeps": curves,
               "model": "ring_ext_c3po.simulator docstring; speed-ups = sync s per trained token / C3PO++ s per token"}

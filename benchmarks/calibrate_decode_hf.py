@@ -6,7 +6,9 @@ Reproduce on a CUDA machine (no model download: the weights are random, only the
     python benchmarks/bench_c3po_sim.py --paper-scale --costs benchmarks/results/decode_cost_h100.json
 
 Same cost model and fit as calibrate_decode.py (one decode step over B running sequences takes a + b*B seconds;
-prefill costs c per prompt token), measured with transformers' eager forward and its KV cache at batch sizes B.
+prefill costs c per prompt token), measured with transformers' eager forward and its KV cache at batch sizes B,
+plus d, the step time per token of context held by the running sequences (attention reads the KV cache every
+step: at long contexts this, not b, dominates), from a sweep of prompt lengths at a fixed batch.
 Two fits are written: `<out>.json` from wall time (eager: the CPU launches every kernel, so a is inflated), and
 `<out>_kernels.json` from the sum of the step's GPU kernel times (torch.profiler): what a decode step costs when
 its launches are free, as with the CUDA graphs that vLLM captures. vLLM's real step lies between the two.
@@ -66,8 +68,9 @@ def decode(model, batch: int, prompt: int, steps: int, profile: bool = False) ->
                 out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
                 nxt, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
             _sync()
-        # self device time sits on the kernels (and copies) alone: the sum is the GPU busy time, no double count
-        kernel = sum(e.self_device_time_total for e in p.key_averages()) / 1e6
+        # the kernel (and copy) events alone: CPU ops also carry the device time of the kernels they launched
+        kernel = sum(e.self_device_time_total for e in p.key_averages()
+                     if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
     else:
         for _ in range(steps):
             out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
@@ -76,12 +79,19 @@ def decode(model, batch: int, prompt: int, steps: int, profile: bool = False) ->
     return prefill, (time.perf_counter() - t0) / steps, kernel / steps
 
 
-def fitted(points: list[dict], key: str, prompt: int, args, engine: str) -> dict:
+def fitted(points: list[dict], contexts: list[dict], key: str, prompt: int, args, engine: str) -> dict:
+    """a, b from the batch sweep; d (per context token held in the KV cache) from the context sweep, and b then
+    net of the context the batch sweep's sequences held (the simulator adds d x context itself)."""
     pts = [{"batch": p["batch"], "t1_s": p["prefill_s"] + p[key], "step_s": p[key]} for p in points]
     a, b, r2 = fit_line([p["batch"] for p in pts], [p["step_s"] for p in pts])
     top = points[-1]
     c = top["prefill_s"] / (top["batch"] * prompt)
-    return {"step_fixed_s": a, "step_per_seq_s": b, "prefill_per_token_s": c, "r2": r2, "points": pts,
+    d = d_r2 = 0.0
+    if len(contexts) > 1:
+        _, d, d_r2 = fit_line([p["batch"] * p["context"] for p in contexts], [p[key] for p in contexts])
+        b -= d * (prompt + args.steps / 2)
+    return {"step_fixed_s": a, "step_per_seq_s": b, "prefill_per_token_s": c, "step_per_context_token_s": d,
+            "r2": r2, "context_r2": d_r2, "points": pts, "context_points": contexts,
             "tokens": args.steps, "prompt_tokens": prompt, "engine": engine,
             "model": f"{args.preset} shapes, random init, bf16",
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
@@ -93,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256], help="batch sizes B")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="P, prompt tokens per sequence")
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed per point")
+    ap.add_argument("--contexts", type=int, nargs="*", default=[512, 4096, 16384],
+                    help="prompt lengths of the context sweep (fits the KV-read cost per context token)")
+    ap.add_argument("--context-batch", type=int, default=8, help="B of the context sweep")
     ap.add_argument("--repeats", type=int, default=3, help="runs per point (the fastest is kept)")
     ap.add_argument("--device", default="cuda", help="cuda (cpu only for a smoke run with --preset tiny)")
     ap.add_argument("--out", type=Path, required=True, help="writes <out>.json/.png and <out>_kernels.json/.png")
@@ -107,14 +120,24 @@ def main(argv: list[str] | None = None) -> int:
                        "kernel_s": kernel})
         print(f"B={batch:>4}: prefill {1e3 * points[-1]['prefill_s']:.1f} ms, step {1e3 * points[-1]['wall_s']:.2f} ms"
               f" wall / {1e3 * kernel:.2f} ms kernels", flush=True)
+    contexts = []
+    for ctx in args.contexts:
+        runs = [decode(model, args.context_batch, ctx, args.steps) for _ in range(args.repeats)]
+        _, _, kernel = decode(model, args.context_batch, ctx, args.steps, profile=True)
+        contexts.append({"batch": args.context_batch, "context": ctx, "wall_s": min(r[1] for r in runs),
+                         "kernel_s": kernel})
+        print(f"B={args.context_batch} context {ctx:>6}: step {1e3 * contexts[-1]['wall_s']:.2f} ms wall / "
+              f"{1e3 * kernel:.2f} ms kernels", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for key, suffix, engine in [("wall_s", "", "transformers eager"), ("kernel_s", "_kernels", "GPU kernels only")]:
-        result = fitted(points, key, args.prompt_tokens, args, engine)
+        result = fitted(points, contexts, key, args.prompt_tokens, args, engine)
         path = args.out.with_name(args.out.name + suffix)
         path.with_suffix(".json").write_text(json.dumps(result, indent=2))
         plot(result, path.with_suffix(".png"))
         print(f"{engine}: a = {1e3 * result['step_fixed_s']:.3f} ms, b = {1e3 * result['step_per_seq_s']:.4f} ms/seq "
-              f"(R2 {result['r2']:.3f}), c = {1e6 * result['prefill_per_token_s']:.3f} us/prompt token -> {path}.json")
+              f"(R2 {result['r2']:.3f}), c = {1e6 * result['prefill_per_token_s']:.3f} us/prompt token, "
+              f"d = {1e9 * result['step_per_context_token_s']:.3f} ns/context token (R2 {result['context_r2']:.3f})"
+              f" -> {path}.json")
     return 0
 
 

@@ -6,7 +6,8 @@ the verl adapter runs: budget crossing, pool top-up, group completion, retention
 Model and assumptions (every number is an input of `SimConfig`; defaults are illustrative, not measured at scale):
 - Engine: ONE continuous-batching engine stands for the whole rollout cluster: a FIFO queue and at most `max_batch`
   running sequences (default P*G, i.e. a synchronous batch fits at once). A decode step gives every running
-  sequence one token and takes t_step(n) = a + b*n seconds for n running sequences.
+  sequence one token and takes t_step = a + b*n + k*L seconds for n running sequences holding L tokens of context
+  in all (prompt + prefix + generated: attention reads each one's KV cache every step). k defaults to 0.
 - Prefill: admitting a request stalls the engine for c * (prompt_length + prefix) seconds. A resumed request
   re-prefills its prompt AND the tokens it already generated (no KV cache survives a weight update).
 - Training: t_train(T) = d + e*T for T trained response tokens; then a weight sync of s seconds. Rollout, training
@@ -61,6 +62,7 @@ class SimConfig:
     step_fixed_s: float = 0.02  # a
     step_per_seq_s: float = 1e-5  # b
     prefill_per_token_s: float = 2e-6  # c
+    step_per_context_token_s: float = 0.0  # k: KV-cache read per token of context, per decode step
     train_fixed_s: float = 30.0  # d
     train_per_token_s: float = 2e-5  # e
     sync_s: float = 10.0  # s
@@ -116,6 +118,8 @@ class Engine:
         self.start: dict[Hashable, int] = {}  # running uid -> step it started decoding
         self.heap: list[tuple[int, int, Hashable]] = []  # (finish step, tie-break, uid)
         self._tie = itertools.count()
+        self.base: dict[Hashable, int] = {}  # running uid -> its context (real tokens) minus step * q
+        self.base_sum = 0
 
     def submit(self, uid: Hashable, prefix: int, remaining: int) -> None:
         assert remaining >= 1, (uid, remaining)
@@ -128,13 +132,17 @@ class Engine:
             dt = c.prefill_per_token_s * (c.prompt_length + prefix * self.q)
             self.clock, self.prefill_s = self.clock + dt, self.prefill_s + dt
             self.start[uid] = self.step
+            self.base[uid] = c.prompt_length + (prefix - self.step) * self.q
+            self.base_sum += self.base[uid]
             heapq.heappush(self.heap, (self.step + remaining, next(self._tie), uid))
 
     def advance(self) -> list[Hashable]:
         """Decode until the next completion; returns every uid that finishes at that step."""
         c, n = self.cfg, len(self.start)
         finish = self.heap[0][0]
-        dt = (finish - self.step) * self.q * (c.step_fixed_s + c.step_per_seq_s * n)
+        steps = (finish - self.step) * self.q  # real decode steps; every context grows by one per step
+        context_steps = steps * (self.base_sum + n * self.step * self.q) + n * steps * (steps - 1) // 2
+        dt = steps * (c.step_fixed_s + c.step_per_seq_s * n) + c.step_per_context_token_s * context_steps
         self.clock += dt
         self.idle_s += dt * (c.batch - n) / c.batch  # unused batch slots, in engine-seconds
         self.decoded += (finish - self.step) * self.q * n
@@ -142,13 +150,15 @@ class Engine:
         while self.heap and self.heap[0][0] == finish:
             uid = heapq.heappop(self.heap)[2]
             del self.start[uid]
+            self.base_sum -= self.base.pop(uid)
             done.append(uid)
         return done
 
     def abort(self) -> dict[Hashable, int]:
         """Stop everything; running uid -> units generated in this phase (queued ones generated nothing)."""
         partial = {uid: self.step - s for uid, s in self.start.items()}
-        self.queue.clear(), self.start.clear(), self.heap.clear()
+        self.queue.clear(), self.start.clear(), self.heap.clear(), self.base.clear()
+        self.base_sum = 0
         return partial
 
 

@@ -30,6 +30,17 @@ def test_engine_two_lengths_closed_form():
     assert eng.idle_s == pytest.approx(4 * 1.5 / 2) and eng.decoded == 8 and eng.prefill_s == pytest.approx(2)
 
 
+def test_engine_context_cost_closed_form():
+    """Same run with k = 0.1 s per context token per step: contexts (4, 5) twice, then y alone at 6, 7, 8, 9."""
+    cfg = SimConfig(prompts_per_step=1, group_size=2, max_response_length=8, step_per_context_token_s=0.1, **UNIT)
+    eng = Engine(cfg)
+    eng.submit("x", 0, 2), eng.submit("y", 0, 6), eng.fill()
+    assert eng.advance() == ["x"] and eng.clock == pytest.approx(2 + 2 * 2.0 + 0.1 * (4 + 5) * 2)
+    assert eng.advance() == ["y"] and eng.clock == pytest.approx(2 + 4 + 1.8 + 4 * 1.5 + 0.1 * (6 + 7 + 8 + 9))
+    eng.submit("z", 3, 2), eng.fill()  # a resumed request: its context starts at prompt + prefix = 7
+    assert eng.advance() == ["z"] and eng.clock == pytest.approx(16.8 + 0.25 * 7 + 2 * 1.5 + 0.1 * (7 + 8))
+
+
 def test_hand_computed_run_both_policies():
     """Every prompt has lengths (2, 6); P=1, G=2, batch 2, Omega 2 groups, Phi 8. See the step-by-step in the comments:
     sync step = 2 (prefill) + 2*2 + 4*1.5 = 12 s. C3PO++ iteration 1: prefills 0/0, 0/1, then 1/0 at step 2, 1/1 at
