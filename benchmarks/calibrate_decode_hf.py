@@ -61,7 +61,8 @@ def decode(model, batch: int, prompt: int, steps: int, profile: bool = False) ->
     cache, kernel = out.past_key_values, float("nan")
     t0 = time.perf_counter()
     if profile:
-        from torch.profiler import ProfilerActivity, profile as prof
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
 
         with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
             for _ in range(steps):

@@ -10,7 +10,8 @@ them, so announcement and bytes always match.
 
 The group is a standalone `ProcessGroupGloo` over a TCPStore (`gloo_group`), not torch's default group: the
 trainer ranks already have one (FSDP's) that the rollout workers are not part of. A dead peer breaks the group;
-the caller builds a new one before the next sync.
+the caller builds a new one before the next sync (`group` may be set after construction: the control address is
+exchanged first, as verl's engine protocol does in `prepare`).
 """
 
 from __future__ import annotations
@@ -31,9 +32,13 @@ def gloo_group(host: str, port: int, rank: int, world: int, timeout_s: float) ->
     return dist.ProcessGroupGloo(store, rank, world, timeout)
 
 
+def _address(peer: DistSender | DistReceiver) -> dict[str, Any]:
+    return {"address": peer.chan.address, **({"group_rank": peer.group.rank()} if peer.group is not None else {})}
+
+
 class DistSender(ShmSender):
     def __init__(self, rank: int, world: int, slot_bytes: int, n_slots: int = 4, timeout_s: float = 60.0, *,
-                 host: str = "127.0.0.1", group: dist.ProcessGroup) -> None:
+                 host: str = "127.0.0.1", group: dist.ProcessGroup | None = None) -> None:
         self.rank, self.world, self.slot_bytes, self.timeout_s = rank, world, slot_bytes, timeout_s
         self.group, self.shms = group, []
         self.chan = _Channel(tcp_host=host)
@@ -41,7 +46,7 @@ class DistSender(ShmSender):
         self.inflight: dict[int, list[dist.Work]] = {}  # slot -> its isends, waited before the slot is reused
 
     def address(self) -> dict[str, Any]:
-        return {"address": self.chan.address, "group_rank": self.group.rank()}
+        return _address(self)
 
     def connect(self, receivers: list[dict[str, Any]]) -> None:  # type: ignore[override]
         self.chan.connect([r["address"] for r in receivers])
@@ -62,14 +67,14 @@ class DistReceiver(ShmReceiver):
     drain_on_failure = True
 
     def __init__(self, rank: int, timeout_s: float = 60.0, *, host: str = "127.0.0.1",
-                 group: dist.ProcessGroup) -> None:
+                 group: dist.ProcessGroup | None = None) -> None:
         self.rank, self.timeout_s, self.group = rank, timeout_s, group
         self.chan = _Channel(tcp_host=host)
         self.pool: dict = {}
         self.buffers: dict[int, torch.Tensor] = {}  # per sender, grown to the largest bucket and reused
 
     def address(self) -> dict[str, Any]:
-        return {"address": self.chan.address, "group_rank": self.group.rank()}
+        return _address(self)
 
     def connect(self, senders: list[dict[str, Any]]) -> None:
         self.chan.connect([s["address"] for s in senders])

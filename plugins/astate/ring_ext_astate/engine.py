@@ -1,4 +1,4 @@
-"""verl checkpoint engine ``astate``: the shared-memory transport behind verl 0.9.1's CheckpointEngine interface.
+"""verl checkpoint engine ``astate``: the AState-like transports behind verl 0.9.1's CheckpointEngine interface.
 
 Select it with ``actor_rollout_ref.rollout.checkpoint_engine.backend=astate``; options (`AStateOptions`) go
 under ``checkpoint_engine.engine_kwargs.astate``. verl builds one engine per trainer rank (with
@@ -6,7 +6,11 @@ under ``checkpoint_engine.engine_kwargs.astate``. verl builds one engine per tra
 init_process_group -> send_weights / receive_weights -> finalize. Every trainer rank sends its share of
 each tensor (no rank-0 funnel); each rollout worker stages the whole update and hands it to verl's server
 adapter only after every sender committed, so a failed sync leaves vLLM's weights whole (cost: one staged
-copy of the weights on the rollout host). Same-host only: on several hosts `build_topology` refuses.
+copy of the weights on the rollout host).
+
+Transports (option `transport`): `shm` (default; shared memory, one host), `dist` (gloo point to point plus
+ZeroMQ TCP, for workers on several hosts: a fresh gloo group per sync, its store served by trainer rank 0) and
+`cuda_ipc` (device memory between GPUs of one host). `build_topology` refuses several hosts unless `dist`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from typing import Any, AsyncGenerator, Iterable, Literal
 import torch
 from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegistry
 
+from ring_ext_astate.dist_transport import DistReceiver, DistSender, gloo_group
 from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, SyncError, _meta
+
+TRANSPORTS = ("shm", "dist", "cuda_ipc")
 
 logger = logging.getLogger("ring_ext")
 
@@ -32,12 +39,15 @@ class AStateOptions:
     slot_megabytes: int = 16  # capped by verl's update_weights_bucket_megabytes
     timeout_s: float = 120.0  # every wait of a sync; a dead peer ends the sync with an error after this
     verify: Literal["first", "always", "never"] = "first"  # bit-exact digest check of the assembled weights
+    transport: Literal["shm", "dist", "cuda_ipc"] = "shm"  # see the module docstring
 
     def __post_init__(self) -> None:
         if self.slots < 1 or self.slot_megabytes < 1 or self.timeout_s <= 0:
             raise ValueError(f"astate options need slots >= 1, slot_megabytes >= 1, timeout_s > 0: {self}")
         if self.verify not in ("first", "always", "never"):
             raise ValueError(f"astate verify must be 'first', 'always' or 'never', got {self.verify!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"astate transport must be one of {TRANSPORTS}, got {self.transport!r}")
 
 
 @CheckpointEngineRegistry.register("astate")
@@ -54,24 +64,44 @@ class AStateCheckpointEngine(CheckpointEngine):
         self.layout: list[Meta] | None = None
         self.peer: ShmSender | ShmReceiver | None = None
 
+    def _new_peer(self) -> ShmSender | ShmReceiver:
+        o, side = self.options, int(self.sender_side)  # rank and world are set in init_process_group
+        if o.transport == "dist":
+            self.ip = _node_ip()
+            return [DistReceiver(0, o.timeout_s, host=self.ip),
+                    DistSender(0, 1, self.slot_bytes, o.slots, o.timeout_s, host=self.ip)][side]
+        if o.transport == "cuda_ipc":
+            if not torch.cuda.is_available():
+                raise ValueError("astate transport 'cuda_ipc' needs CUDA on every worker; use 'shm' or 'dist'")
+            from ring_ext_astate.cuda_transport import CudaIpcReceiver, CudaIpcSender
+
+            return [CudaIpcReceiver(0, o.timeout_s), CudaIpcSender(0, 1, self.slot_bytes, o.slots, o.timeout_s)][side]
+        return [ShmReceiver(0, o.timeout_s), ShmSender(0, 1, self.slot_bytes, o.slots, o.timeout_s)][side]
+
     def prepare(self) -> dict[str, Any]:
         # the peer (its shared memory, sockets, staging buffers) lives across syncs: fresh memory would
         # page-fault on every byte of every sync; it is rebuilt only after a failed sync
-        o = self.options
-        if self.peer is None and self.sender_side:
-            self.peer = ShmSender(0, 1, self.slot_bytes, o.slots, o.timeout_s)  # rank set in init_process_group
-        elif self.peer is None:
-            self.peer = ShmReceiver(0, o.timeout_s)
-        return {"host": socket.gethostname(), "sender": self.sender_side, **self.peer.address()}
+        if self.peer is None:
+            self.peer = self._new_peer()
+        meta = {"host": socket.gethostname(), "sender": self.sender_side, "transport": self.options.transport,
+                **self.peer.address()}
+        if isinstance(self.peer, DistSender):  # the one at trainer rank 0 serves the sync's gloo store
+            meta["store"] = (self.ip, _free_port())
+        return meta
 
     @classmethod
     def build_topology(cls, actor_wg_world_size: int, rollout_world_size: int, metadata: list[dict]):
-        hosts = {m["host"] for m in metadata}
-        if len(hosts) > 1:
-            raise ValueError(f"astate moves weights through shared memory on one host; workers span {sorted(hosts)}")
+        hosts, transports = {m["host"] for m in metadata}, {m["transport"] for m in metadata}
+        if len(transports) > 1:
+            raise ValueError(f"astate: workers disagree on the transport: {sorted(transports)}")
+        if len(hosts) > 1 and transports != {"dist"}:
+            raise ValueError(f"astate transport {min(transports)!r} works on one host; workers span {sorted(hosts)}:"
+                             " set checkpoint_engine.engine_kwargs.astate.transport=dist")
         senders, receivers = metadata[:actor_wg_world_size], metadata[actor_wg_world_size:]
         if not all(m["sender"] for m in senders) or any(m["sender"] for m in receivers):
             raise ValueError("astate: expected trainer ranks first, then rollout workers, in verl's metadata")
+        if transports == {"dist"}:
+            return cls._dist_topology(senders, receivers)
         addrs = [m["address"] for m in receivers]
         actor = {"rank": list(range(actor_wg_world_size)), "world": [actor_wg_world_size] * actor_wg_world_size,
                  "peers": [addrs] * actor_wg_world_size}
@@ -79,8 +109,23 @@ class AStateCheckpointEngine(CheckpointEngine):
                    "peers": [senders] * rollout_world_size}
         return actor, rollout
 
-    def init_process_group(self, rank: int, world: int, peers: list) -> None:
+    @staticmethod
+    def _dist_topology(senders: list[dict], receivers: list[dict]):
+        """One gloo group per sync over every worker: trainer ranks 0..A-1, rollout workers A..A+R-1."""
+        a, world = len(senders), len(senders) + len(receivers)
+        to_recv = [{"address": m["address"], "group_rank": a + i} for i, m in enumerate(receivers)]
+        to_send = [{"address": m["address"], "group_rank": i} for i, m in enumerate(senders)]
+        group = [(senders[0]["store"], r, world) for r in range(world)]
+        actor = {"rank": list(range(a)), "world": [a] * a, "peers": [to_recv] * a, "group": group[:a]}
+        rollout = {"rank": list(range(len(receivers))), "world": [a] * len(receivers),
+                   "peers": [to_send] * len(receivers), "group": group[a:]}
+        return actor, rollout
+
+    def init_process_group(self, rank: int, world: int, peers: list, group: tuple | None = None) -> None:
         assert self.peer is not None, "prepare() must run before init_process_group()"
+        if group is not None:  # dist: every worker joins this sync's group (they run this concurrently)
+            (host, port), group_rank, group_world = group
+            self.peer.group = gloo_group(host, port, group_rank, group_world, self.options.timeout_s)
         self.peer.rank = rank
         if isinstance(self.peer, ShmSender):
             self.peer.world = world
@@ -134,3 +179,19 @@ class AStateCheckpointEngine(CheckpointEngine):
         if self.peer is not None:
             self.peer.close()
             self.peer = None
+
+
+def _node_ip() -> str:
+    """This node's address as Ray knows it (verl's workers are Ray actors), else the host name's."""
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # no Ray: a plain process (tests, tools)
+        return socket.gethostbyname(socket.gethostname())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]

@@ -28,12 +28,13 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def peers(ray_session):
-    """One set of worker processes for the module (each imports verl: seconds apiece on 2 cores)."""
+@pytest.fixture(scope="module", params=["shm", "dist"])
+def peers(ray_session, request):
+    """One set of worker processes per transport (each imports verl: seconds apiece on 2 cores). `dist` runs on
+    one host here; it is the transport verl's workers on several hosts use (the topology test covers that)."""
     from astate_ray_peers import EnginePeer
 
-    opts = {"slot_megabytes": 1, "slots": 2, "timeout_s": 4.0}
+    opts = {"slot_megabytes": 1, "slots": 2, "timeout_s": 4.0, "transport": request.param}
     return ([EnginePeer.remote(r, **opts) for r in range(TRAINERS)],
             [EnginePeer.remote(None, **opts) for _ in range(ROLLOUTS)])
 
@@ -90,10 +91,32 @@ def test_unknown_option_and_bad_values_are_refused():
         AStateCheckpointEngine(bucket_size=1 << 20, verify="sometimes")
     with pytest.raises(ValueError, match="timeout_s > 0"):
         AStateCheckpointEngine(bucket_size=1 << 20, timeout_s=0)
+    with pytest.raises(ValueError, match="transport must be one of"):
+        AStateCheckpointEngine(bucket_size=1 << 20, transport="rdma")
 
 
-def test_topology_refuses_several_hosts():
-    meta = [{"host": "a", "sender": True, "address": "x", "slots": [], "slot_bytes": 1},
-            {"host": "b", "sender": False, "address": "y"}]
-    with pytest.raises(ValueError, match="one host"):
-        AStateCheckpointEngine.build_topology(1, 1, meta)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_ipc_without_cuda_is_refused_at_prepare():
+    engine = AStateCheckpointEngine(bucket_size=1 << 20, is_master=True, transport="cuda_ipc")
+    with pytest.raises(ValueError, match="'cuda_ipc' needs CUDA on every worker"):
+        engine.prepare()
+
+
+def _meta(host: str, sender: bool, transport: str = "shm", **extra) -> dict:
+    return {"host": host, "sender": sender, "transport": transport, "address": f"tcp://{host}:1", **extra}
+
+
+def test_topology_refuses_several_hosts_unless_dist():
+    with pytest.raises(ValueError, match="works on one host.*transport=dist"):
+        AStateCheckpointEngine.build_topology(1, 1, [_meta("a", True), _meta("b", False)])
+    with pytest.raises(ValueError, match="disagree on the transport"):
+        AStateCheckpointEngine.build_topology(1, 1, [_meta("a", True), _meta("a", False, "dist")])
+    meta = [_meta("a", True, "dist", store=("10.0.0.1", 29501)), _meta("b", True, "dist", store=("10.0.0.2", 1)),
+            _meta("c", False, "dist"), _meta("d", False, "dist")]
+    actor, rollout = AStateCheckpointEngine.build_topology(2, 2, meta)
+    # one gloo group: trainer ranks 0-1 then rollout workers 2-3, its store served by trainer rank 0
+    assert actor["group"] == [(("10.0.0.1", 29501), 0, 4), (("10.0.0.1", 29501), 1, 4)]
+    assert rollout["group"] == [(("10.0.0.1", 29501), 2, 4), (("10.0.0.1", 29501), 3, 4)]
+    assert actor["peers"][0] == [{"address": "tcp://c:1", "group_rank": 2}, {"address": "tcp://d:1", "group_rank": 3}]
+    assert rollout["peers"][1] == [{"address": "tcp://a:1", "group_rank": 0}, {"address": "tcp://b:1", "group_rank": 1}]
+    assert actor["world"] == rollout["world"] == [2, 2]  # senders per tensor: each sends a 1/2 share
