@@ -7,7 +7,8 @@ for all three (bf16 matrices of `--tensor-mib` each):
 - verl built-in: verl 0.9.1's `BucketedWeightSender` -> `BucketedWeightReceiver`, one sender process -> this
   process copying each bucket into the destination: over shared memory on CPU (the `naive` backend's path when
   CUDA IPC is unavailable), over its CUDA IPC bucket on a GPU;
-- astate: N sender processes -> this process through `ShmReceiver` (CPU) or `CudaIpcReceiver` (GPU), then the
+- astate: N sender processes -> this process through `ShmReceiver` (CPU; `--transport dist`: `DistReceiver`, gloo
+  over loopback TCP) or `CudaIpcReceiver` (GPU), then the
   staged tensors copied into the destination (the all-or-nothing apply), `verify="never"` after a first
   verified sync.
 Senders yield views of one reused source buffer (like FSDP's gather buffer), so memory stays ~2x the size.
@@ -42,12 +43,23 @@ OUT = Path(__file__).resolve().parent / "results"
 VERL_FILE_ENV = "RING_EXT_BENCH_VERL_FILE"
 
 
-def _transport(device: str) -> tuple[type[ShmSender], type[ShmReceiver]]:
-    if device == "cuda":
-        from ring_ext_astate.cuda_transport import CudaIpcReceiver, CudaIpcSender
+def _endpoint(device: str, transport: str, side: str, rank: int, world: int, slot_mib: int, port: int):
+    """One astate peer: `transport` shm (or CUDA IPC on a GPU), or dist (gloo group of world senders + 1 receiver,
+    its store on sender 0, all on this host)."""
+    if transport == "dist":
+        from ring_ext_astate.dist_transport import DistReceiver, DistSender, gloo_group
 
-        return CudaIpcSender, CudaIpcReceiver
-    return ShmSender, ShmReceiver
+        group = gloo_group("127.0.0.1", port, rank if side == "send" else world, world + 1, 300)
+        if side == "send":
+            return DistSender(rank, world, slot_mib << 20, n_slots=4, timeout_s=300, group=group)
+        return DistReceiver(0, timeout_s=300, group=group)
+    if device == "cuda":
+        from ring_ext_astate.cuda_transport import CudaIpcReceiver as Receiver, CudaIpcSender as Sender
+    else:
+        Receiver, Sender = ShmReceiver, ShmSender
+    if side == "send":
+        return Sender(rank, world, slot_mib << 20, n_slots=4, timeout_s=300)
+    return Receiver(0, timeout_s=300)
 
 
 def _verl_bucketed() -> types.ModuleType:
@@ -94,9 +106,9 @@ def _weights(names: list[str], src: torch.Tensor):
 
 
 def _astate_sender(rank: int, world: int, names: list[str], tensor_mib: int, slot_mib: int, q, reply,
-                   device: str) -> None:
+                   device: str, transport: str, port: int) -> None:
     torch.set_num_threads(1)  # one core per process: spinning OpenMP workers would steal the peer's core
-    s = _transport(device)[0](rank, world, slot_mib << 20, n_slots=4, timeout_s=300)
+    s = _endpoint(device, transport, "send", rank, world, slot_mib, port)
     reply.put((rank, s.address()))
     s.connect(q.get())
     src = _source(tensor_mib, device)
@@ -112,6 +124,14 @@ def _verl_sender(handle: str, names: list[str], tensor_mib: int, bucket_mib: int
     for _ in iter(q.get, None):
         sender = sender_cls(handle, bucket_mib, use_shm=device == "cpu")
         asyncio.run(sender.async_send_weights(_weights(names, src)))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextmanager
@@ -160,18 +180,19 @@ def bench_verl(names, tensor_mib, dst, repeats: int, bucket_mib: int, device: st
     return times[1:]  # the first round pays process start and imports
 
 
-def bench_astate(names, tensor_mib, dst, repeats: int, senders: int, slot_mib: int, device: str) -> list[float]:
-    ctx = mp.get_context("spawn")
+def bench_astate(names, tensor_mib, dst, repeats: int, senders: int, slot_mib: int, device: str,
+                 transport: str) -> list[float]:
+    ctx, port = mp.get_context("spawn"), _free_port()
     qs, reply = [ctx.Queue() for _ in range(senders)], ctx.Queue()
     procs = [ctx.Process(target=_astate_sender,
-                         args=(r, senders, names, tensor_mib, slot_mib, qs[r], reply, device))
+                         args=(r, senders, names, tensor_mib, slot_mib, qs[r], reply, device, transport, port))
              for r in range(senders)]
     for p in procs:
         p.start()
+    recv = _endpoint(device, transport, "recv", 0, senders, slot_mib, port)  # dist: joins the senders' group
     addrs = dict(reply.get() for _ in range(senders))
-    recv = _transport(device)[1](0, timeout_s=300)
     for q in qs:
-        q.put([recv.address()["address"]])
+        q.put([recv.address() if transport == "dist" else recv.address()["address"]])
     recv.connect([addrs[r] for r in range(senders)])
     times = []
     for version in range(1, repeats + 2):
@@ -201,6 +222,9 @@ def main() -> None:
     ap.add_argument("--verl-bucket-mib", type=int, default=512, help="verl sender bucket (BucketedWeightSender default)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cpu: shared memory; cuda: every process on the current GPU, CUDA IPC")
+    ap.add_argument("--transport", choices=["shm", "dist"], default="shm",
+                    help="astate's transport on CPU: shm (one host) or dist (gloo + TCP, the several-hosts path, "
+                         "here over loopback)")
     ap.add_argument("--verl-file", help="path of verl 0.9.1's bucketed_weight_transfer.py, where verl is not "
                                         "installed (see _verl_bucketed)")
     args = ap.parse_args()
@@ -219,7 +243,7 @@ def main() -> None:
             row["verl_gbps"] = gbps(bench_verl(names, args.tensor_mib, dst, args.repeats, args.verl_bucket_mib, dev))
             for n in args.senders:
                 row[f"astate{n}_gbps"] = gbps(bench_astate(names, args.tensor_mib, dst, args.repeats, n,
-                                                           args.slot_mib, dev))
+                                                           args.slot_mib, dev, args.transport))
         rows.append(row)
         limit = max(row["memcpy_gbps"], row.get("memcpy_1thread_gbps", 0.0))
         cells = "  ".join(f"astate x{n}: {row[f'astate{n}_gbps']:.2f} GB/s "
@@ -227,15 +251,15 @@ def main() -> None:
                           f"{row[f'astate{n}_gbps'] / row['verl_gbps']:.2f}x verl)" for n in args.senders)
         print(f"{gib:>4} GiB  memcpy {row['memcpy_gbps']:.2f} GB/s  verl {row['verl_gbps']:.2f} GB/s  {cells}",
               flush=True)
-    stem = "astate_sync" if dev == "cpu" else "astate_sync_cuda"
+    stem = "astate_sync" + ("_cuda" if dev == "cuda" else "_dist" if args.transport == "dist" else "")
     device_name = torch.cuda.get_device_name() if dev == "cuda" else f"{os.cpu_count()} CPU cores"
     OUT.mkdir(exist_ok=True)
     (OUT / f"{stem}.json").write_text(json.dumps({"args": vars(args), "device": device_name, "rows": rows},
                                                  indent=2))
-    _plot(rows, args.senders, dev, device_name, OUT / f"{stem}.png")
+    _plot(rows, args.senders, dev, device_name, OUT / f"{stem}.png", args.transport)
 
 
-def _plot(rows: list[dict], senders: list[int], dev: str, device_name: str, path: Path) -> None:
+def _plot(rows: list[dict], senders: list[int], dev: str, device_name: str, path: Path, transport: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,7 +267,7 @@ def _plot(rows: list[dict], senders: list[int], dev: str, device_name: str, path
 
     keys = ["memcpy_gbps", "verl_gbps", *(f"astate{n}_gbps" for n in senders)]
     labels = ["memcpy (limit)", f"verl built-in ({'shm' if dev == 'cpu' else 'CUDA IPC'})",
-              *(f"astate, {n} senders" for n in senders)]
+              *(f"astate {transport if dev == 'cpu' else 'CUDA IPC'}, {n} senders" for n in senders)]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(keys)
     for i, (k, lab) in enumerate(zip(keys, labels)):

@@ -52,6 +52,13 @@ class ResumeTracker:
         if self.max_retention < 0:
             raise ValueError(f"max_retention (sigma) must be >= 0, got {self.max_retention}")
 
+    @classmethod
+    def resumed(cls, max_response_length: int, max_retention: int, segments: list[list[float | int]],
+                retention: int) -> ResumeTracker:
+        """A request carried across a restart: its segments and retention as the spool saved them."""
+        done = [Segment(int(v), int(n), float(a), float(b)) for v, n, a, b in segments]
+        return cls(max_response_length, max_retention, done, retention, Next.RESUME)
+
     @property
     def tokens(self) -> int:
         return sum(s.tokens for s in self.segments)

@@ -7,6 +7,8 @@ Built on verl's colocated partial-rollout machinery; three thin pieces, the deci
   them to training; it evicts purged groups (refilled with new prompts) and logs the per-step metrics.
 - `C3POLLMServerClient` resubmits aborted requests with the remaining budget, records the weight version of every
   segment (`extra_fields["c3po_segments"]`: [version, tokens, start_s, end_s]) and purges at retention > sigma.
+  Each request cut short is spooled (`partials.PartialSpool`): checkpoints hold the partial trajectories, and on
+  resume a re-issued request continues from its saved tokens instead of regenerating them.
 verl's own staleness bound (`max_off_policy_threshold`) is replaced by the retention bound in this mode.
 """
 
@@ -29,6 +31,7 @@ from verl.utils import normalize_token_ids
 from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient, LLMServerClient
 from verl.workers.rollout.replica import TokenOutput
 
+from ring_ext_c3po.partials import Partial, PartialSpool, prompt_key
 from ring_ext_c3po.pool import C3POModeConfig, top_up, training_batch
 from ring_ext_c3po.resume import Next, ResumeTracker, version_lag_counts
 
@@ -45,6 +48,10 @@ def mode_config(config: Any) -> C3POModeConfig:
     return C3POModeConfig.from_mapping(dict(section))
 
 
+def spool_for(config: Any) -> PartialSpool:
+    return PartialSpool(os.path.join(os.path.abspath(config.trainer.default_local_dir), "c3po_spool"))
+
+
 class C3POLLMServerClient(FullyAsyncLLMServerClient):
     """One `ResumeTracker` per request: exact resume budget, per-segment versions, retention purge."""
 
@@ -56,10 +63,18 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
         if limit is None:
             raise ValueError("C3PO++ needs a response budget: set actor_rollout_ref.rollout.response_length")
         if not hasattr(self, "_c3po"):  # parsed once per client (one per agent-loop worker)
-            self._c3po = mode_config(self.config)
-        tracker = ResumeTracker(int(limit), self._c3po.max_retention)
+            self._c3po, self._spool = mode_config(self.config), spool_for(self.config)
+        limit, sigma, pkey = int(limit), self._c3po.max_retention, prompt_key(prompt_ids)
+        tracker = ResumeTracker(limit, sigma)
         out = TokenOutput(token_ids=[], log_probs=[], num_preempted=0)
-        cached = None
+        saved = self._spool.claim(pkey)  # a partial of this prompt carried across a restart
+        if saved is not None:
+            saved.check(limit, sigma)
+            tracker = ResumeTracker.resumed(limit, sigma, saved.segments, saved.retention)
+            out.token_ids, out.log_probs = list(saved.token_ids), list(saved.log_probs or [])
+            if saved.routed_experts is not None:
+                out.routed_experts = np.asarray(saved.routed_experts)
+        restored, cached = tracker.tokens, None
         while True:
             params[key] = tracker.remaining
             start = time.time()
@@ -77,14 +92,21 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
             cached = seg.extra_fields.get("num_cached_tokens") if cached is None else cached
             step = tracker.record(seg.extra_fields.get("global_steps"), len(new), seg.stop_reason, start, time.time())
             if step is not Next.RESUME:
+                self._spool.drop(request_id)
                 break
+            if tracker.tokens:
+                log_probs = [float(x) for x in out.log_probs] if len(out.log_probs) == len(out.token_ids) else None
+                self._spool.put(request_id, Partial(
+                    pkey, [int(t) for t in out.token_ids], log_probs,
+                    [s.to_list() for s in tracker.segments], tracker.retention,
+                    None if out.routed_experts is None else np.asarray(out.routed_experts).tolist()))
             await asyncio.sleep(RESUME_WAIT_S)
         versions = [s.version for s in tracker.segments]
         out.extra_fields.update(
             global_steps=versions[-1] if versions else None, min_global_steps=min(versions, default=None),
             max_global_steps=max(versions, default=None), num_cached_tokens=cached,
             c3po_segments=[s.to_list() for s in tracker.segments], c3po_retention=tracker.retention,
-            c3po_purged=step is Next.PURGED)
+            c3po_purged=step is Next.PURGED, c3po_restored_tokens=restored)
         if step is Next.FINISHED and tracker.remaining == 0:
             out.stop_reason = "length"
         return out
@@ -210,7 +232,8 @@ class C3POReplayBuffer(ReplayBufferAsync):
             for i, (key, extra) in enumerate(rows):
                 dispatched = tags[i].get("global_steps") if tags else None  # the step its prompt was submitted in
                 f.write(json.dumps({"step": global_steps, "key": key, "purged": purged, "dispatch_step": dispatched,
-                                    "segments": extra.get("c3po_segments", [])}) + "\n")
+                                    "segments": extra.get("c3po_segments", []),
+                                    "restored_tokens": extra.get("c3po_restored_tokens", 0)}) + "\n")
 
 
 @register_trainer(MODE)
@@ -243,16 +266,36 @@ class C3POTrainer(PPOTrainerColocateAsync):
         return missing
 
     def _save_checkpoint(self) -> None:
-        """verl saves the TransferQueue pools (finished groups kept, in-flight prompts re-issued on resume, their
-        partial tokens regenerated); c3po_pool.json next to it lists the prompt groups the checkpoint holds."""
+        """verl saves the TransferQueue pools (finished groups kept, in-flight prompts re-issued on resume);
+        c3po_pool.json lists the prompt groups the checkpoint holds, c3po_partials.json the requests cut short by
+        this step's abort, with their tokens (the clients spooled them during training, which follows the cut)."""
         super()._save_checkpoint()
         pool = {uid: tag.get("status") for uid, tag in _train_prompt_tags().items()}
+        partials = spool_for(self.config).snapshot()
         folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
-        with open(os.path.join(folder, "c3po_pool.json"), "w") as f:
-            json.dump({"global_steps": self.global_steps, "groups": pool}, f, indent=1)
+        for name, payload in [("c3po_pool.json", {"global_steps": self.global_steps, "groups": pool}),
+                              ("c3po_partials.json", {"global_steps": self.global_steps, "partials": partials})]:
+            with open(os.path.join(folder, name), "w") as f:
+                json.dump(payload, f)
+
+    def _load_checkpoint(self) -> None:
+        """Stage the loaded checkpoint's partial trajectories for the re-issued requests to claim (none: a fresh
+        run, and a stale spool of an earlier process is cleared)."""
+        super()._load_checkpoint()
+        trainer, partials = self.config.trainer, []
+        if self.global_steps > 0:
+            folder = (trainer.resume_from_path if trainer.resume_mode == "resume_path"
+                      else os.path.join(trainer.default_local_dir, f"global_step_{self.global_steps}"))
+            path = os.path.join(os.path.abspath(folder), "c3po_partials.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    partials = json.load(f)["partials"]
+        staged = spool_for(self.config).stage(partials)
+        logger.warning("C3PO++: %d partial trajectories staged to resume token by token", staged)
 
     def on_train_begin(self) -> None:
         self._top_up_pool()  # restored in-flight groups (after a resume) count towards Omega
 
     def prepare_step(self) -> dict:
-        return {"c3po/prompts_added": self._top_up_pool()}
+        return {"c3po/prompts_added": self._top_up_pool(),
+                "c3po/partials_unclaimed": spool_for(self.config).unclaimed()}  # 0 once restored ones resumed

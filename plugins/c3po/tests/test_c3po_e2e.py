@@ -9,6 +9,7 @@ process resumes it to step 4.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -37,12 +38,14 @@ def _main_ppo(workdir: Path, steps: int) -> list[dict]:
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     workdir = tmp_path_factory.mktemp("c3po_e2e")
     first = _main_ppo(workdir, HALF)
+    restart_s = time.time()
     second = _main_ppo(workdir, STEPS)  # resume_mode=auto picks up global_step_2
     timeline = [json.loads(line) for line in (workdir / "ckpt" / "c3po_timeline.jsonl").read_text().splitlines()]
     pools = {step: json.loads((workdir / "ckpt" / f"global_step_{step}" / "c3po_pool.json").read_text())
              for step in (HALF, STEPS)}
+    partials = json.loads((workdir / "ckpt" / f"global_step_{HALF}" / "c3po_partials.json").read_text())["partials"]
     return {"steps": {s["step"]: s["data"] for s in first + second}, "timeline": timeline, "pools": pools,
-            "second_run_steps": [s["step"] for s in second]}
+            "second_run_steps": [s["step"] for s in second], "partials": partials, "restart_s": restart_s}
 
 
 def test_every_step_meets_the_budget_and_logs_the_c3po_metrics(run: dict) -> None:
@@ -94,3 +97,22 @@ def test_restart_neither_loses_nor_duplicates_a_trajectory(run: dict) -> None:
     assert not pool_at_restart & before, "a group trained before the checkpoint is still in its pool"
     lost = pool_at_restart - after - purged - set(run["pools"][STEPS]["groups"])
     assert not lost, f"groups in the step-{HALF} pool never trained, purged or kept after the restart: {lost}"
+
+
+def test_partial_trajectories_resume_token_by_token_after_the_restart(run: dict) -> None:
+    """The step-2 checkpoint holds the requests its abort cut short; after the restart they continue from their
+    saved tokens (decoded before the restart, under the earlier weights) instead of starting over."""
+    saved = run["partials"]
+    assert saved, "no request was cut short at the checkpoint: the restart restores nothing"
+    assert all(0 < len(p["token_ids"]) < MAX_LEN and 1 <= p["retention"] <= SIGMA for p in saved)
+    resumed = [r for r in run["timeline"] if r["step"] > HALF and r["restored_tokens"]]
+    assert resumed, "no trajectory after the restart continued from a saved partial"
+    assert Counter(r["restored_tokens"] for r in resumed) <= Counter(len(p["token_ids"]) for p in saved)
+    for r in resumed:  # its first tokens were decoded by the first process, the rest after the restart
+        before = [s for s in r["segments"] if s[2] < run["restart_s"]]
+        after = [s for s in r["segments"] if s[2] >= run["restart_s"]]
+        assert sum(s[1] for s in before) == r["restored_tokens"]
+        # a trained one went on decoding under the checkpoint's (newer) weights
+        assert r["purged"] or (after and max(s[0] for s in before) < min(s[0] for s in after))
+    assert run["steps"][HALF + 1]["c3po/partials_unclaimed"] <= len(saved)
+    assert run["steps"][STEPS]["c3po/partials_unclaimed"] == 0  # every saved partial was taken up
