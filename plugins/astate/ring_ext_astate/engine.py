@@ -65,18 +65,20 @@ class AStateCheckpointEngine(CheckpointEngine):
         self.peer: ShmSender | ShmReceiver | None = None
 
     def _new_peer(self) -> ShmSender | ShmReceiver:
-        o, side = self.options, int(self.sender_side)  # rank and world are set in init_process_group
+        o, kw = self.options, {}  # rank and world are set in init_process_group
         if o.transport == "dist":
             self.ip = _node_ip()
-            return [DistReceiver(0, o.timeout_s, host=self.ip),
-                    DistSender(0, 1, self.slot_bytes, o.slots, o.timeout_s, host=self.ip)][side]
-        if o.transport == "cuda_ipc":
+            sender, receiver, kw = DistSender, DistReceiver, {"host": self.ip}
+        elif o.transport == "cuda_ipc":
             if not torch.cuda.is_available():
                 raise ValueError("astate transport 'cuda_ipc' needs CUDA on every worker; use 'shm' or 'dist'")
-            from ring_ext_astate.cuda_transport import CudaIpcReceiver, CudaIpcSender
-
-            return [CudaIpcReceiver(0, o.timeout_s), CudaIpcSender(0, 1, self.slot_bytes, o.slots, o.timeout_s)][side]
-        return [ShmReceiver(0, o.timeout_s), ShmSender(0, 1, self.slot_bytes, o.slots, o.timeout_s)][side]
+            from ring_ext_astate.cuda_transport import CudaIpcReceiver as receiver
+            from ring_ext_astate.cuda_transport import CudaIpcSender as sender
+        else:
+            sender, receiver = ShmSender, ShmReceiver
+        if self.sender_side:  # only the side this worker plays: a sender's shared memory would outlive it
+            return sender(0, 1, self.slot_bytes, o.slots, o.timeout_s, **kw)
+        return receiver(0, o.timeout_s, **kw)
 
     def prepare(self) -> dict[str, Any]:
         # the peer (its shared memory, sockets, staging buffers) lives across syncs: fresh memory would

@@ -102,6 +102,23 @@ def test_cuda_ipc_without_cuda_is_refused_at_prepare():
         engine.prepare()
 
 
+@pytest.mark.parametrize("transport", ["shm", "dist"])
+def test_a_worker_builds_only_its_own_side(transport: str):
+    """A rollout worker's engine makes no sender (no shared memory that would outlive it); a trainer's does."""
+    shm = lambda: set(os.listdir("/dev/shm"))  # noqa: E731
+    before = shm()
+    receiver = AStateCheckpointEngine(bucket_size=1 << 20, transport=transport)
+    receiver.prepare()
+    assert type(receiver.peer).__name__.endswith("Receiver") and shm() == before
+    sender = AStateCheckpointEngine(bucket_size=1 << 20, is_master=True, transport=transport)
+    meta = sender.prepare()
+    assert type(sender.peer).__name__.endswith("Sender") and meta["sender"]
+    assert len(shm() - before) == (4 if transport == "shm" else 0)  # the shm sender's ring of 4 slots
+    for engine in (receiver, sender):
+        engine._drop_peer()
+    assert shm() == before
+
+
 def _meta(host: str, sender: bool, transport: str = "shm", **extra) -> dict:
     return {"host": host, "sender": sender, "transport": transport, "address": f"tcp://{host}:1", **extra}
 
