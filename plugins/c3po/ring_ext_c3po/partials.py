@@ -82,7 +82,10 @@ class PartialSpool:
                 os.rename(path, mine)  # atomic: exactly one claimer wins
             except FileNotFoundError:
                 continue
-            partial = Partial(**json.loads(mine.read_text()))
+            try:
+                partial = Partial(**json.loads(mine.read_text()))
+            except (ValueError, TypeError) as e:  # not JSON, or not a partial's fields
+                raise ValueError(f"C3PO++ partial {path} is unreadable ({e}); kept as {mine.name}") from None
             mine.unlink()
             return partial
         return None

@@ -85,3 +85,12 @@ def test_a_resumed_tracker_continues_where_the_saved_one_stopped():
     assert tracker.token_versions() == [3] * 5 + [4] * 6 + [5] * 5  # lines up with the 16 tokens
     again = ResumeTracker.resumed(MAX_LEN, SIGMA, saved.segments, 2)
     assert again.record(4, 1, "aborted", 3.0, 4.0) is Next.PURGED  # the restart does not reset retention
+
+
+def test_an_unreadable_staged_partial_is_named_not_skipped(tmp_path: Path):
+    spool = PartialSpool(tmp_path)
+    spool.stage([asdict(_partial([1], 5))])
+    (staged,) = (tmp_path / "restore" / prompt_key([1])).glob("*.json")
+    staged.write_text('{"prompt_key": "x", "tokens": [1]}')  # a partial's fields it is not
+    with pytest.raises(ValueError, match=f"C3PO\\+\\+ partial {staged} is unreadable"):
+        spool.claim(prompt_key([1]))
