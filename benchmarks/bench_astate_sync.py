@@ -23,8 +23,8 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import types
 import time
+import types
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,7 +54,8 @@ def _endpoint(device: str, transport: str, side: str, rank: int, world: int, slo
             return DistSender(rank, world, slot_mib << 20, n_slots=4, timeout_s=300, group=group)
         return DistReceiver(0, timeout_s=300, group=group)
     if device == "cuda":
-        from ring_ext_astate.cuda_transport import CudaIpcReceiver as Receiver, CudaIpcSender as Sender
+        from ring_ext_astate.cuda_transport import CudaIpcReceiver as Receiver
+        from ring_ext_astate.cuda_transport import CudaIpcSender as Sender
     else:
         Receiver, Sender = ShmReceiver, ShmSender
     if side == "send":
@@ -126,14 +127,6 @@ def _verl_sender(handle: str, names: list[str], tensor_mib: int, bucket_mib: int
         asyncio.run(sender.async_send_weights(_weights(names, src)))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def _threads(n: int) -> Iterator[None]:
     """Transfers run one torch thread per process: with more, OpenMP workers spin on the cores that the
@@ -182,7 +175,9 @@ def bench_verl(names, tensor_mib, dst, repeats: int, bucket_mib: int, device: st
 
 def bench_astate(names, tensor_mib, dst, repeats: int, senders: int, slot_mib: int, device: str,
                  transport: str) -> list[float]:
-    ctx, port = mp.get_context("spawn"), _free_port()
+    from ring_ext_astate.dist_transport import free_port
+
+    ctx, port = mp.get_context("spawn"), free_port("127.0.0.1")
     qs, reply = [ctx.Queue() for _ in range(senders)], ctx.Queue()
     procs = [ctx.Process(target=_astate_sender,
                          args=(r, senders, names, tensor_mib, slot_mib, qs[r], reply, device, transport, port))

@@ -71,6 +71,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, SimConfig]:
     parser.add_argument("--sweep", choices=["both", "phi", "sigma", "none"], default="both")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    if args.engines < 1 or (args.engines != 1 and args.costs is None):
+        parser.error("--engines N (N >= 1) divides measured costs: it needs --costs")
     cfg = SimConfig(**(TINY if args.tiny else {}))
     if args.costs is not None:
         measured = measured_costs(args.costs)

@@ -116,7 +116,7 @@ def interleaved_medians(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def plot(results: list[dict], methods: list[str], path: Path) -> None:
+def plot(results: list[dict], methods: list[str], path: Path, where: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,7 +132,7 @@ def plot(results: list[dict], methods: list[str], path: Path) -> None:
     ax.set_xticks(range(len(sizes)), [f"{b}x{t}" for b, t in sizes])
     ax.set_xlabel("B x T")
     ax.set_ylabel("time / naive time")
-    ax.set_title(f"Token mismatch weights on CPU (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    ax.set_title(f"Token mismatch weights, {where}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         "notes": notes,
     }
     (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, list(methods)[1:], args.out_dir / f"{stem}.png")
+    threads = f", {torch.get_num_threads()} threads" if dev.type == "cpu" else ""
+    plot(results, list(methods)[1:], args.out_dir / f"{stem}.png", f"{cpu} (torch {torch.__version__}{threads})")
     print(f"wrote {args.out_dir / stem}.json and .png")
     return 0
 

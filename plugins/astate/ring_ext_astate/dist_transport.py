@@ -17,12 +17,20 @@ exchanged first, as verl's engine protocol does in `prepare`).
 from __future__ import annotations
 
 import datetime
+import socket
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ring_ext_astate.shm_transport import ShmReceiver, ShmSender, SyncError, _Channel
+
+
+def free_port(host: str = "") -> int:
+    """A TCP port free on `host` now (for a TCPStore that binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def gloo_group(host: str, port: int, rank: int, world: int, timeout_s: float) -> dist.ProcessGroup:

@@ -25,7 +25,7 @@ from typing import Any, AsyncGenerator, Iterable, Literal
 import torch
 from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegistry
 
-from ring_ext_astate.dist_transport import DistReceiver, DistSender, gloo_group
+from ring_ext_astate.dist_transport import DistReceiver, DistSender, free_port, gloo_group
 from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, SyncError, _meta
 
 TRANSPORTS = ("shm", "dist", "cuda_ipc")
@@ -87,8 +87,8 @@ class AStateCheckpointEngine(CheckpointEngine):
             self.peer = self._new_peer()
         meta = {"host": socket.gethostname(), "sender": self.sender_side, "transport": self.options.transport,
                 **self.peer.address()}
-        if isinstance(self.peer, DistSender):  # the one at trainer rank 0 serves the sync's gloo store
-            meta["store"] = (self.ip, _free_port())
+        if isinstance(self.peer, DistSender):  # every trainer rank offers; build_topology takes rank 0's
+            meta["store"] = (self.ip, free_port())
         return meta
 
     @classmethod
@@ -191,9 +191,3 @@ def _node_ip() -> str:
         return ray.util.get_node_ip_address()
     except Exception:  # no Ray: a plain process (tests, tools)
         return socket.gethostbyname(socket.gethostname())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]

@@ -4,23 +4,17 @@ sent once, versions, and all-or-nothing on a corrupted bucket or a dead sender."
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 import time
 
 import pytest
 from astate_dist_peers import peer_main
 from astate_peers import SLOT, TIMEOUT, make_weights, same_weights
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ring_ext_astate.dist_transport import free_port
 
 
 class DistFleet:
     def __init__(self, n_send: int, n_recv: int) -> None:
-        ctx, port = mp.get_context("spawn"), _free_port()
+        ctx, port = mp.get_context("spawn"), free_port("127.0.0.1")
         self.out = ctx.Queue()
         self.peers = [("send", i) for i in range(n_send)] + [("recv", i) for i in range(n_recv)]
         self.ins = {p: ctx.Queue() for p in self.peers}

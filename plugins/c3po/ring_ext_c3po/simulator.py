@@ -145,7 +145,7 @@ class Engine:
         dt = steps * (c.step_fixed_s + c.step_per_seq_s * n) + c.step_per_context_token_s * context_steps
         self.clock += dt
         self.idle_s += dt * (c.batch - n) / c.batch  # unused batch slots, in engine-seconds
-        self.decoded += (finish - self.step) * self.q * n
+        self.decoded += steps * n
         self.step, done = finish, []
         while self.heap and self.heap[0][0] == finish:
             uid = heapq.heappop(self.heap)[2]
