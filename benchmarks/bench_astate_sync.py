@@ -7,12 +7,12 @@ for all three (bf16 matrices of `--tensor-mib` each):
 - verl built-in: verl 0.9.1's `BucketedWeightSender` -> `BucketedWeightReceiver`, one sender process -> this
   process copying each bucket into the destination: over shared memory on CPU (the `naive` backend's path when
   CUDA IPC is unavailable), over its CUDA IPC bucket on a GPU;
-- astate: N sender processes -> this process through `ShmReceiver` (CPU; `--transport dist`: `DistReceiver`, gloo
-  over loopback TCP) or `CudaIpcReceiver` (GPU), then the
-  staged tensors copied into the destination (the all-or-nothing apply), `verify="never"` after a first
-  verified sync.
+- astate: N sender processes -> this process, per `--transport` on CPU: `shm` (the engine's default path: senders
+  write into this process's shared-memory arena, `DirectShmReceiver`), `ring` (the slot ring, `ShmReceiver`), `dist`
+  (`DistReceiver`, gloo over loopback TCP); on a GPU `CudaIpcReceiver`. Then the staged tensors are copied into the
+  destination (the all-or-nothing apply); the first, verified sync is a warm-up.
 Senders yield views of one reused source buffer (like FSDP's gather buffer), so memory stays ~2x the size.
-Prints GB/s and ratios; writes benchmarks/results/astate_sync[_cuda].json and .png.
+Prints GB/s and ratios; writes astate_sync[_cuda|_dist].json and .png to `--out` (benchmarks/results).
 """
 
 from __future__ import annotations
@@ -37,15 +37,16 @@ try:
 except ImportError:  # a source checkout without the plugin installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "astate"))
 
-from ring_ext_astate.shm_transport import ShmReceiver, ShmSender
+from ring_ext_astate.direct_transport import DirectShmReceiver, DirectShmSender
+from ring_ext_astate.shm_transport import ShmReceiver, ShmSender, _meta
 
 OUT = Path(__file__).resolve().parent / "results"
 VERL_FILE_ENV = "RING_EXT_BENCH_VERL_FILE"
 
 
 def _endpoint(device: str, transport: str, side: str, rank: int, world: int, slot_mib: int, port: int):
-    """One astate peer: `transport` shm (or CUDA IPC on a GPU), or dist (gloo group of world senders + 1 receiver,
-    its store on sender 0, all on this host)."""
+    """One astate peer: `transport` shm (direct), ring, or dist (gloo group of world senders + 1 receiver, its store
+    on sender 0, all on this host); CUDA IPC on a GPU."""
     if transport == "dist":
         from ring_ext_astate.dist_transport import DistReceiver, DistSender, gloo_group
 
@@ -56,8 +57,10 @@ def _endpoint(device: str, transport: str, side: str, rank: int, world: int, slo
     if device == "cuda":
         from ring_ext_astate.cuda_transport import CudaIpcReceiver as Receiver
         from ring_ext_astate.cuda_transport import CudaIpcSender as Sender
-    else:
+    elif transport == "ring":
         Receiver, Sender = ShmReceiver, ShmSender
+    else:
+        Receiver, Sender = DirectShmReceiver, DirectShmSender
     if side == "send":
         return Sender(rank, world, slot_mib << 20, n_slots=4, timeout_s=300)
     return Receiver(0, timeout_s=300)
@@ -113,8 +116,9 @@ def _astate_sender(rank: int, world: int, names: list[str], tensor_mib: int, slo
     reply.put((rank, s.address()))
     s.connect(q.get())
     src = _source(tensor_mib, device)
+    manifest = [_meta(n, src) for n in names] if transport == "shm" else None  # the engine's, from its 2nd sync
     for version, verify in iter(q.get, None):
-        s.send(_weights(names, src), version, verify=verify)
+        s.send(_weights(names, src), version, verify=verify, manifest=manifest)
     s.close()
 
 
@@ -217,15 +221,18 @@ def main() -> None:
     ap.add_argument("--verl-bucket-mib", type=int, default=512, help="verl sender bucket (BucketedWeightSender default)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cpu: shared memory; cuda: every process on the current GPU, CUDA IPC")
-    ap.add_argument("--transport", choices=["shm", "dist"], default="shm",
-                    help="astate's transport on CPU: shm (one host) or dist (gloo + TCP, the several-hosts path, "
-                         "here over loopback)")
+    ap.add_argument("--transport", choices=["shm", "ring", "dist"], nargs="+", default=["shm", "ring"],
+                    help="astate's transports on CPU, each measured: shm (one host, senders write into the "
+                         "receiver's arena: the engine's default), ring (one host, the slot ring: the engine's first "
+                         "sync) or dist (gloo + TCP, the several-hosts path, here over loopback); one on a GPU")
     ap.add_argument("--verl-file", help="path of verl 0.9.1's bucketed_weight_transfer.py, where verl is not "
                                         "installed (see _verl_bucketed)")
+    ap.add_argument("--out", type=Path, default=OUT, help="where the JSON and the PNG go")
     args = ap.parse_args()
     if args.verl_file:
         os.environ[VERL_FILE_ENV] = str(Path(args.verl_file).resolve())  # the spawned senders read it too
     dev, rows = args.device, []
+    transports = args.transport if dev == "cpu" else ["cuda_ipc"]
     for gib in args.gib:
         names = _names(gib, args.tensor_mib)
         nbytes = len(names) * (args.tensor_mib << 20)
@@ -236,41 +243,43 @@ def main() -> None:
             if dev == "cpu":
                 row["memcpy_1thread_gbps"] = gbps([bench_memcpy(names, args.tensor_mib, dst, dev) for _ in range(3)])
             row["verl_gbps"] = gbps(bench_verl(names, args.tensor_mib, dst, args.repeats, args.verl_bucket_mib, dev))
-            for n in args.senders:
-                row[f"astate{n}_gbps"] = gbps(bench_astate(names, args.tensor_mib, dst, args.repeats, n,
-                                                           args.slot_mib, dev, args.transport))
+            for t in transports:
+                for n in args.senders:
+                    row[f"astate_{t}{n}_gbps"] = gbps(bench_astate(names, args.tensor_mib, dst, args.repeats, n,
+                                                                   args.slot_mib, dev, t))
         rows.append(row)
         limit = max(row["memcpy_gbps"], row.get("memcpy_1thread_gbps", 0.0))
-        cells = "  ".join(f"astate x{n}: {row[f'astate{n}_gbps']:.2f} GB/s "
-                          f"({row[f'astate{n}_gbps'] / limit:.0%} of memcpy, "
-                          f"{row[f'astate{n}_gbps'] / row['verl_gbps']:.2f}x verl)" for n in args.senders)
-        print(f"{gib:>4} GiB  memcpy {row['memcpy_gbps']:.2f} GB/s  verl {row['verl_gbps']:.2f} GB/s  {cells}",
-              flush=True)
-    stem = "astate_sync" + ("_cuda" if dev == "cuda" else "_dist" if args.transport == "dist" else "")
+        print(f"{gib:>4} GiB  memcpy {limit:.2f} GB/s  verl {row['verl_gbps']:.2f} GB/s", flush=True)
+        for t in transports:
+            print("  ".join(f"      astate {t} x{n}: {row[f'astate_{t}{n}_gbps']:.2f} GB/s "
+                            f"({row[f'astate_{t}{n}_gbps'] / limit:.0%} of memcpy, "
+                            f"{row[f'astate_{t}{n}_gbps'] / row['verl_gbps']:.2f}x verl)" for n in args.senders),
+                  flush=True)
+    stem = "astate_sync" + ("_cuda" if dev == "cuda" else "_dist" if transports == ["dist"] else "")
     device_name = torch.cuda.get_device_name() if dev == "cuda" else f"{os.cpu_count()} CPU cores"
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"{stem}.json").write_text(json.dumps({"args": vars(args), "device": device_name, "rows": rows},
-                                                 indent=2))
-    _plot(rows, args.senders, dev, device_name, OUT / f"{stem}.png", args.transport)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps({"args": {**vars(args), "out": str(args.out)},
+                                                       "device": device_name, "rows": rows}, indent=2))
+    _plot(rows, args.senders, dev, device_name, args.out / f"{stem}.png", transports)
 
 
-def _plot(rows: list[dict], senders: list[int], dev: str, device_name: str, path: Path, transport: str) -> None:
+def _plot(rows: list[dict], senders: list[int], dev: str, device_name: str, path: Path, transports: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["memcpy_gbps", "verl_gbps", *(f"astate{n}_gbps" for n in senders)]
+    keys = ["memcpy_gbps", "verl_gbps", *(f"astate_{t}{n}_gbps" for t in transports for n in senders)]
     labels = ["memcpy (limit)", f"verl built-in ({'shm' if dev == 'cpu' else 'CUDA IPC'})",
-              *(f"astate {transport if dev == 'cpu' else 'CUDA IPC'}, {n} senders" for n in senders)]
-    fig, ax = plt.subplots(figsize=(7, 4))
+              *(f"astate {t}, {n} senders" for t in transports for n in senders)]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / len(keys)
     for i, (k, lab) in enumerate(zip(keys, labels)):
         ax.bar([j + i * width for j in range(len(rows))], [r[k] for r in rows], width, label=lab)
     ax.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(rows))], [f"{r['gib']} GiB" for r in rows])
     ax.set_ylabel("GB/s (best of repeats)")
     ax.set_title(f"Weight sync on one host, {device_name}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -8,9 +8,11 @@ each tensor (no rank-0 funnel); each rollout worker stages the whole update and 
 adapter only after every sender committed, so a failed sync leaves vLLM's weights whole (cost: one staged
 copy of the weights on the rollout host).
 
-Transports (option `transport`): `shm` (default; shared memory, one host), `dist` (gloo point to point plus
-ZeroMQ TCP, for workers on several hosts: a fresh gloo group per sync, its store served by trainer rank 0) and
-`cuda_ipc` (device memory between GPUs of one host). `build_topology` refuses several hosts unless `dist`.
+Transports (option `transport`): `shm` (default; shared memory, one host: the first sync through a ring of
+slots, the later ones written by the trainer ranks straight into each rollout worker's staging arena), `dist` (gloo
+point to point plus ZeroMQ TCP, for workers on several hosts: a fresh gloo group per sync, its store served by
+trainer rank 0) and `cuda_ipc` (device memory between GPUs of one host). `build_topology` refuses several hosts
+unless `dist`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, AsyncGenerator, Iterable, Literal
 import torch
 from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegistry
 
+from ring_ext_astate.direct_transport import DirectShmReceiver, DirectShmSender
 from ring_ext_astate.dist_transport import DistReceiver, DistSender, free_port, gloo_group
 from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, SyncError, _meta
 
@@ -75,7 +78,7 @@ class AStateCheckpointEngine(CheckpointEngine):
             from ring_ext_astate.cuda_transport import CudaIpcReceiver as receiver
             from ring_ext_astate.cuda_transport import CudaIpcSender as sender
         else:
-            sender, receiver = ShmSender, ShmReceiver
+            sender, receiver = DirectShmSender, DirectShmReceiver
         if self.sender_side:  # only the side this worker plays: a sender's shared memory would outlive it
             return sender(0, 1, self.slot_bytes, o.slots, o.timeout_s, **kw)
         return receiver(0, o.timeout_s, **kw)

@@ -45,10 +45,14 @@ def _meta(name: str, t: torch.Tensor) -> Meta:
     return name, tuple(t.shape), str(t.dtype).removeprefix("torch.")
 
 
-def _map_segment(name: str, size: int) -> mmap.mmap:
-    """Map a sender's segment without multiprocessing's resource tracker (it would unlink it on our exit)."""
+def _map_segment(name: str, size: int, reserve: bool = False) -> mmap.mmap:
+    """Map a peer's segment without multiprocessing's resource tracker (it would unlink it on our exit).
+
+    `reserve` allocates its pages now: a lack of room raises OSError here instead of SIGBUS at a later write."""
     fd = os.open(f"/dev/shm/{name.lstrip('/')}", os.O_RDWR)
     try:
+        if reserve:
+            os.posix_fallocate(fd, 0, size)
         return mmap.mmap(fd, size)
     finally:
         os.close(fd)
@@ -151,54 +155,68 @@ class ShmSender:
     def send(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int, *, verify: bool = False,
              manifest: list[Meta] | None = None) -> SyncStats:
         """Stream this rank's share of every tensor; returns once every receiver committed (else SyncError)."""
-        stats, free, pending = SyncStats(), deque(range(len(self.slots))), {}
+        stats, owned = SyncStats(), []
         self._reports: dict[int, tuple] = {}
         self._broadcast(("begin", self.rank, version, manifest))
-        slot, off, extents, owned = None, 0, [], []
-
-        def flush() -> None:
-            nonlocal slot, off, extents
-            if slot is not None and extents:
-                self._publish(version, slot, off, extents)
-                pending[slot] = set(range(self.n_recv))
-                stats.buckets += 1
-            elif slot is not None:
-                free.appendleft(slot)
-            slot, off, extents = None, 0, []
-
         try:
+            self._open_stream(version, manifest, stats)
             for name, t in tensors:
                 t0 = time.perf_counter()
                 src = self._flat_bytes(t)
                 a, b = owned_byte_range(src.numel(), t.element_size(), self.rank, self.world)
                 owned.append((_meta(name, t), a, b, self._digest(src[a:b]) if verify else None))
-                pos = a
-                while pos < b:
-                    if slot is None:
-                        tw = time.perf_counter()
-                        self._drain(pending, free, until_free=True, version=version)
-                        stats.seconds["wait"] += time.perf_counter() - tw
-                        slot = free.popleft()
-                    n = min(b - pos, self.slot_bytes - off)
-                    self.slots[slot][off:off + n].copy_(src[pos:pos + n])
-                    extents.append((_meta(name, t), pos, pos + n, off))
-                    off, pos = off + n, pos + n
-                    if off == self.slot_bytes:
-                        flush()
+                self._put(owned[-1][0], src, a, b)
                 stats.bytes_moved += b - a
                 stats.seconds["pack"] += time.perf_counter() - t0
+            self._end_stream()
         except SyncError:
             raise
         except BaseException as e:  # the weights generator failed: tell receivers instead of leaving them waiting
             self._broadcast(("error", self.rank, version, f"sender {self.rank} failed: {e!r}"))
             raise
-        flush()
         tc = time.perf_counter()
         self._broadcast(("end", self.rank, version, owned))
-        self._drain(pending, free, until_free=False, version=version)
         self._commit(version)
         stats.seconds["commit"] = time.perf_counter() - tc
         return stats
+
+    # The data path: a ring of slots, each announced once full and refilled once every receiver acked it.
+    def _open_stream(self, version: int, manifest: list[Meta] | None, stats: SyncStats) -> None:
+        self._version, self._stats = version, stats
+        self._free, self._pending = deque(range(len(self.slots))), {}
+        self._slot, self._off, self._extents = None, 0, []
+
+    def _put(self, meta: Meta, src: torch.Tensor, a: int, b: int) -> None:
+        """Pack bytes [a, b) of `src` into slots, announcing each slot as it fills."""
+        pos = a
+        while pos < b:
+            if self._slot is None:
+                tw = time.perf_counter()
+                self._drain(self._pending, self._free, until_free=True, version=self._version)
+                self._stats.seconds["wait"] += time.perf_counter() - tw
+                self._slot = self._free.popleft()
+            n = min(b - pos, self.slot_bytes - self._off)
+            self.slots[self._slot][self._off:self._off + n].copy_(src[pos:pos + n])
+            self._extents.append((meta, pos, pos + n, self._off))
+            self._off, pos = self._off + n, pos + n
+            if self._off == self.slot_bytes:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._slot is not None and self._extents:
+            self._publish(self._version, self._slot, self._off, self._extents)
+            self._pending[self._slot] = set(range(self.n_recv))
+            self._stats.buckets += 1
+        elif self._slot is not None:
+            self._free.appendleft(self._slot)
+        self._slot, self._off, self._extents = None, 0, []
+
+    def _end_stream(self) -> None:
+        """Announce the last, partly filled slot and wait until every receiver has read every slot."""
+        self._flush()
+        tw = time.perf_counter()
+        self._drain(self._pending, self._free, until_free=False, version=self._version)
+        self._stats.seconds["wait"] += time.perf_counter() - tw
 
     def _commit(self, version: int) -> None:
         deadline, reports = time.monotonic() + self.timeout_s, self._reports

@@ -35,6 +35,10 @@ def _transport(kind: str) -> tuple[type[ShmSender], type[ShmReceiver], str]:
         from ring_ext_astate.cuda_transport import CudaIpcReceiver, CudaIpcSender
 
         return CudaIpcSender, CudaIpcReceiver, "cuda"
+    if kind == "direct":
+        from ring_ext_astate.direct_transport import DirectShmReceiver, DirectShmSender
+
+        return DirectShmSender, DirectShmReceiver, "cpu"
     return ShmSender, ShmReceiver, "cpu"
 
 
@@ -50,8 +54,13 @@ def _faulty(base: type[ShmSender]) -> type[ShmSender]:
                 if self.slots[msg[3]].is_cuda:
                     torch.cuda.synchronize()
                 self.fault = ""
+            if msg[0] == "chunk" and self.fault == "corrupt":  # direct: flipped in every receiver's arena
+                (name, _, _), a, _ = msg[3][0]
+                for arena, offsets in self.arenas:
+                    arena[offsets[name] + a] ^= 0xFF
+                self.fault = ""
             super()._broadcast(msg)
-            if msg[0] == "bucket" and self.fault == "die":
+            if msg[0] in ("bucket", "chunk") and self.fault == "die":
                 os._exit(17)  # killed mid-sync: the receivers got part of this rank's buckets
 
     return FaultySender
@@ -68,7 +77,7 @@ def sender_main(rank: int, world: int, inq: Queue, outq: Queue, kind: str) -> No
         weights = make_weights(seed, device)
         if fault == "shrunk":  # the trainer's model no longer matches the rollout's
             weights["embed"] = weights["embed"][:-1]
-        manifest = [_meta(n, t) for n, t in weights.items()]
+        manifest = None if fault == "no_manifest" else [_meta(n, t) for n, t in weights.items()]
         try:
             stats = sender.send(weights.items(), version, verify=verify, manifest=manifest)
             outq.put(("ok", rank, stats.bytes_moved, stats.buckets))
@@ -78,7 +87,7 @@ def sender_main(rank: int, world: int, inq: Queue, outq: Queue, kind: str) -> No
 
 
 class Fleet:
-    """`world` sender processes and `n_recv` receivers over the `kind` transport ('shm' or 'cuda')."""
+    """`world` sender processes and `n_recv` receivers over the `kind` transport ('shm', 'direct' or 'cuda')."""
 
     def __init__(self, world: int, n_recv: int, kind: str = "shm") -> None:
         ctx = mp.get_context("spawn")

@@ -9,9 +9,10 @@ from astate_peers import TIMEOUT, Fleet, make_weights, same_weights
 from ring_ext_astate.shm_transport import SyncError, _meta, owned_byte_range
 
 
-@pytest.fixture(scope="module")
-def fleet():
-    f = Fleet(world=3, n_recv=2)
+@pytest.fixture(scope="module", params=["shm", "direct"])
+def fleet(request):
+    """`shm`: the slot ring; `direct`: senders write into the receivers' arenas (every sync here has a manifest)."""
+    f = Fleet(world=3, n_recv=2, kind=request.param)
     yield f
     f.close()
 
@@ -54,8 +55,9 @@ def test_layout_mismatch_is_refused_from_the_manifest(fleet):
     assert all(s[0] == "error" for s in senders)
 
 
-def test_killed_sender_ends_in_error_within_timeout():
-    f = Fleet(world=2, n_recv=1)
+@pytest.mark.parametrize("kind", ["shm", "direct"])
+def test_killed_sender_ends_in_error_within_timeout(kind: str):
+    f = Fleet(world=2, n_recv=1, kind=kind)
     try:
         t0 = time.monotonic()
         results, senders = f.sync(version=1, seed=1, fault="die")
