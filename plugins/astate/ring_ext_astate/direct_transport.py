@@ -17,11 +17,11 @@ from __future__ import annotations
 import math
 import os
 import time
-from multiprocessing import shared_memory
 
 import torch
 import xxhash
 
+from ring_ext_astate.segments import create_segment
 from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, SyncError, SyncStats, _map_segment
 
 ALIGN = 64  # every tensor starts on its own cache line: any dtype view is aligned, no two senders share a line
@@ -47,8 +47,7 @@ class Arena:
         if self.size > st.f_bavail * st.f_frsize:  # a sparse segment beyond it would SIGBUS on a later write
             raise SyncError(f"/dev/shm has {st.f_bavail * st.f_frsize} bytes free, the staging arena needs "
                             f"{self.size}: enlarge /dev/shm (e.g. docker --shm-size) or use transport=dist")
-        # SharedMemory registers the segment with the resource tracker: it is unlinked even if this process dies
-        self.shm = shared_memory.SharedMemory(create=True, size=max(self.size, 1))
+        self.shm = create_segment(max(self.size, 1))  # unlinked by the next sync's creator if this process is killed
         self.name = self.shm.name
         self.shm.close()  # mapped below without exporting SharedMemory's own buffer, so `unlink` never blocks on it
         base = torch.frombuffer(_map_segment(self.name, max(self.size, 1), reserve=True), dtype=torch.uint8)

@@ -17,16 +17,17 @@ from __future__ import annotations
 import mmap
 import os
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from multiprocessing import shared_memory
+from pathlib import Path
 from typing import Any
 
 import torch
 import xxhash
 import zmq
+
+from ring_ext_astate.segments import create_segment, socket_path
 
 Meta = tuple[str, tuple[int, ...], str]  # name, shape, dtype
 
@@ -74,7 +75,7 @@ class _Channel:
         self.ctx = zmq.Context.instance()
         self.inbox = self.ctx.socket(zmq.PULL)
         if tcp_host is None:  # one host: a Unix socket
-            self.address = f"ipc:///tmp/ring-ext-astate-{uuid.uuid4().hex}.sock"
+            self.address = f"ipc://{socket_path()}"
             self.inbox.bind(self.address)
         else:  # across hosts: TCP on an ephemeral port of `tcp_host`
             port = self.inbox.bind_to_random_port(f"tcp://{tcp_host}")
@@ -102,6 +103,8 @@ class _Channel:
         for s in [self.inbox, *self.peers]:
             s.close(linger=0)
         self.peers = []
+        if self.address.startswith("ipc://"):  # libzmq leaves the socket file behind
+            Path(self.address.removeprefix("ipc://")).unlink(missing_ok=True)
 
 
 @dataclass
@@ -115,7 +118,7 @@ class ShmSender:
     def __init__(self, rank: int, world: int, slot_bytes: int, n_slots: int = 4, timeout_s: float = 60.0) -> None:
         self.rank, self.world, self.slot_bytes, self.timeout_s = rank, world, slot_bytes, timeout_s
         self.chan = _Channel()
-        self.shms = [shared_memory.SharedMemory(create=True, size=slot_bytes) for _ in range(n_slots)]
+        self.shms = [create_segment(slot_bytes) for _ in range(n_slots)]
         self.slots = [torch.frombuffer(s.buf, dtype=torch.uint8) for s in self.shms]
 
     def address(self) -> dict[str, Any]:

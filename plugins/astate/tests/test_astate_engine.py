@@ -1,7 +1,7 @@
 """The ``astate`` engine through verl's CheckpointEngineRegistry, between real Ray worker processes.
 
 Stands in for verl's CheckpointEngineManager (it drives prepare -> build_topology -> init_process_group ->
-send/receive -> finalize in the same order); the full manager + vLLM path is in tests/test_e2e_astate.py.
+send/receive -> finalize in the same order); the full manager + vLLM path is in test_e2e_astate.py.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import ray
 import torch
 
 from ring_ext_astate.engine import AStateCheckpointEngine
+from ring_ext_astate.segments import sweep_orphans
 
 TRAINERS, ROLLOUTS = 2, 2
 
@@ -106,6 +107,7 @@ def test_cuda_ipc_without_cuda_is_refused_at_prepare():
 def test_a_worker_builds_only_its_own_side(transport: str):
     """A rollout worker's engine makes no sender (no shared memory that would outlive it); a trainer's does."""
     shm = lambda: set(os.listdir("/dev/shm"))  # noqa: E731
+    sweep_orphans()  # an earlier test's killed peers: the sender's prepare would sweep them mid-test
     before = shm()
     receiver = AStateCheckpointEngine(bucket_size=1 << 20, transport=transport)
     receiver.prepare()

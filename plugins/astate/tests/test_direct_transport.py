@@ -7,6 +7,7 @@ import os
 import pytest
 from astate_peers import Fleet, make_weights, same_weights
 from ring_ext_astate.direct_transport import ALIGN, Arena, arena_offsets
+from ring_ext_astate.segments import sweep_orphans
 from ring_ext_astate.shm_transport import SyncError, _meta
 
 
@@ -19,6 +20,7 @@ def test_arena_offsets_are_aligned_and_disjoint():
 
 def test_an_arena_larger_than_dev_shm_is_refused_before_any_write():
     st = os.statvfs("/dev/shm")
+    sweep_orphans()  # an earlier test's killed peers would be swept by Arena() and change the listing
     before = set(os.listdir("/dev/shm"))
     with pytest.raises(SyncError, match="/dev/shm has .* bytes free, the staging arena needs"):
         Arena((("w", (st.f_bavail * st.f_frsize + 1,), "uint8"),))
