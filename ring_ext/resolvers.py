@@ -5,14 +5,19 @@
 - `${ring_ext.tiny:WHAT}` builds (once, cached) the embedded tiny default and returns the path of
   WHAT in {model, moe_model, reward_model, train, val, sft, open_prompts, reward} (reward: the file of its
   rule-based `compute_score`, for verl's `custom_reward_function.path`).
+- `${ring_ext.weight_sync:${trainer.v1.trainer_mode}}` picks the checkpoint engine: verl's in-process `naive` for
+  the colocated modes, `astate` (ring-ext-astate) where rollout replicas have devices of their own, which verl 0.9.1
+  refuses to serve with `naive`.
 """
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from typing import Any
 
 from omegaconf import OmegaConf
 
+SEPARATED_MODES = ("separate_async",)  # verl 0.9.1 trainer modes with standalone rollout replicas
 TINY_ITEMS = ("model", "moe_model", "reward_model", "train", "val", "sft", "open_prompts", "reward")
 
 
@@ -26,8 +31,6 @@ def _tiny(what: str) -> str:
     if what not in TINY_ITEMS:
         raise ValueError(f"${{ring_ext.tiny:{what}}}: unknown item, expected one of {TINY_ITEMS}")
     if what == "reward":
-        from importlib.util import find_spec
-
         spec = find_spec("ring_ext.tiny.reward")
         assert spec is not None and spec.origin is not None
         return spec.origin
@@ -46,7 +49,17 @@ def _tiny(what: str) -> str:
     return str(paths[what])
 
 
+def _weight_sync(trainer_mode: str) -> str:
+    if trainer_mode not in SEPARATED_MODES:
+        return "naive"
+    if find_spec("ring_ext_astate") is None:
+        raise ValueError(f"trainer.v1.trainer_mode={trainer_mode} syncs weights to separate rollout devices, which "
+                         "verl's naive engine cannot: pip install ring-ext-astate, or set "
+                         "actor_rollout_ref.rollout.checkpoint_engine.backend (e.g. nccl)")
+    return "astate"
+
+
 def register_resolvers() -> None:
-    for name, fn in (("ring_ext.accel", _accel), ("ring_ext.tiny", _tiny)):
+    for name, fn in (("ring_ext.accel", _accel), ("ring_ext.tiny", _tiny), ("ring_ext.weight_sync", _weight_sync)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from ring_ext.config_check import UnknownConfigKeyError, check_config_keys, unknown_keys
 from ring_ext.recipes import list_recipes
 from ring_ext.verl_config import compose_verl
-
 
 
 def compose_ppo(*overrides: str):
@@ -43,6 +43,20 @@ def test_accel_resolver_picks_cpu_values_on_cpu(monkeypatch: pytest.MonkeyPatch)
         assert rollout.enable_sleep_mode is sleep_mode
         assert cfg.ray_kwargs.ray_init.num_gpus == gpus
     training_device.cache_clear()
+
+
+@pytest.mark.parametrize("recipe", ["ring1t", "ring1t_rlvr", "ring1t_rlhf"])
+def test_weight_sync_engine_follows_the_trainer_mode(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Colocated modes (rlvr's c3po included) keep verl's naive sync; separate_async gets astate, as verl needs."""
+    backend = lambda *o: compose_ppo(f"+recipe={recipe}", *o).actor_rollout_ref.rollout.checkpoint_engine.backend
+    assert backend() == "naive"
+    assert backend("trainer.v1.trainer_mode=separate_async") == "astate"
+    assert backend("trainer.v1.trainer_mode=separate_async",
+                   "actor_rollout_ref.rollout.checkpoint_engine.backend=nccl") == "nccl"  # the user's choice wins
+    monkeypatch.setitem(sys.modules, "ring_ext_astate", None)  # as if ring-ext-astate were not installed
+    assert backend() == "naive"
+    with pytest.raises(InterpolationResolutionError, match="pip install ring-ext-astate, or set actor_rollout_ref.rollout.checkpoint_eng"):
+        backend("trainer.v1.trainer_mode=separate_async")
 
 
 def test_recipe_passes_verl_validation(monkeypatch: pytest.MonkeyPatch) -> None:
