@@ -28,12 +28,16 @@ ALIGN = 64  # every tensor starts on its own cache line: any dtype view is align
 STEP = 1 << 20  # copy and checksum in steps small enough to stay in cache between the two
 
 
+def _nbytes(meta: Meta) -> int:
+    return math.prod(meta[1]) * getattr(torch, meta[2]).itemsize
+
+
 def arena_offsets(layout: tuple[Meta, ...]) -> tuple[dict[str, int], int]:
     """Each tensor's byte offset in an arena holding `layout`, and the arena's size."""
     offsets, size = {}, 0
-    for name, shape, dtype in layout:
-        offsets[name] = size
-        size += -(-math.prod(shape) * getattr(torch, dtype).itemsize // ALIGN) * ALIGN
+    for meta in layout:
+        offsets[meta[0]] = size
+        size += -(-_nbytes(meta) // ALIGN) * ALIGN
     return offsets, size
 
 
@@ -51,8 +55,8 @@ class Arena:
         self.name = self.shm.name
         self.shm.close()  # mapped below without exporting SharedMemory's own buffer, so `unlink` never blocks on it
         base = torch.frombuffer(_map_segment(self.name, max(self.size, 1), reserve=True), dtype=torch.uint8)
-        self.views = {m: base[self.offsets[m[0]]:self.offsets[m[0]] + math.prod(m[1]) * getattr(torch, m[2]).itemsize]
-                      .view(getattr(torch, m[2])).view(m[1]) for m in layout}
+        self.views = {m: base[self.offsets[m[0]]:self.offsets[m[0]] + _nbytes(m)].view(getattr(torch, m[2])).view(m[1])
+                      for m in layout}
 
     def unlink(self) -> None:
         self.views = {}  # the mapping goes with the last view on it
@@ -83,8 +87,8 @@ class DirectShmSender(ShmSender):
                                 f"within {self.timeout_s}s")
             if msg[2] != version:
                 continue
-            if msg[0] == "report" and not msg[3]:
-                raise SyncError(f"sender {self.rank}: receiver {msg[1]} failed: {msg[4]}")
+            if msg[0] == "report":
+                self._take_report(msg)
             if msg[0] == "arena":
                 got[msg[1]] = msg
         names = {m[3] for m in got.values()}
@@ -123,9 +127,7 @@ class DirectShmSender(ShmSender):
         self._hash, self._chunk, self._filled = xxhash.xxh3_64(), [], 0
         while (msg := self.chan.recv(time.monotonic())) is not None:  # no wait: only what already arrived
             if msg[0] == "report" and msg[2] == self._version:
-                if not msg[3]:
-                    raise SyncError(f"sender {self.rank}: receiver {msg[1]} failed: {msg[4]}")
-                self._reports[msg[1]] = msg
+                self._take_report(msg)
 
     def _end_stream(self) -> None:
         if not self.direct:

@@ -132,6 +132,12 @@ class ShmSender:
         for r in range(self.n_recv):
             self.chan.send(r, msg)
 
+    def _take_report(self, msg: tuple) -> None:
+        """Keep a receiver's report of this sync; a failed one ends the sync here, naming the receiver's error."""
+        if not msg[3]:
+            raise SyncError(f"sender {self.rank}: receiver {msg[1]} failed: {msg[4]}")
+        self._reports[msg[1]] = msg
+
     def _drain(self, pending: dict[int, set[int]], free: deque[int], until_free: bool, version: int) -> None:
         deadline = time.monotonic() + self.timeout_s
         while (not free) if until_free else any(pending.values()):
@@ -142,9 +148,7 @@ class ShmSender:
             if msg[2] != version:  # left over from an earlier, failed sync
                 continue
             if msg[0] == "report":
-                if not msg[3]:
-                    raise SyncError(f"sender {self.rank}: receiver {msg[1]} failed: {msg[4]}")
-                self._reports[msg[1]] = msg
+                self._take_report(msg)
             if msg[0] == "ack":
                 pending[msg[3]].discard(msg[1])
                 if not pending[msg[3]]:
