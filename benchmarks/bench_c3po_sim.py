@@ -35,8 +35,10 @@ HELP = {
     "steps": "synchronous steps (sets the trained-token target)", "max_response_length": "length cap",
     "length_median": "median response length (tokens)", "length_sigma": "log-normal sigma of lengths (0: all equal)",
     "prompt_length": "prompt tokens (prefill)", "max_batch": "engine concurrent sequences (default P*G)",
-    "token_budget": "Phi in tokens (default: mean tokens of a sync batch)", "max_retention": "sigma, retention",
-    "pool_size": "Omega, inference pool in groups (default 2P)", "step_fixed_s": "a in t_step = a + b*batch (s)",
+    "token_budget": "Phi in tokens (default: mean tokens of a sync batch)",
+    "max_retention": "sigma, updates a request may be carried across holding tokens",
+    "pool_prompts": "Omega, inference pool in prompt groups (default 2P)",
+    "step_fixed_s": "a in t_step = a + b*batch (s)",
     "step_per_seq_s": "b in t_step = a + b*batch (s)", "prefill_per_token_s": "c, prefill s per token",
     "step_per_context_token_s": "k, decode s per step per token of context held (KV reads)",
     "train_fixed_s": "d in t_train = d + e*tokens (s)", "train_per_token_s": "e in t_train = d + e*tokens (s)",
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     sim_s = time.perf_counter() - t0
     c = base["config"]
     print(f"{cfg.prompts_per_step}x{cfg.group_size}, max_len {cfg.max_response_length}, median {cfg.length_median:g}, "
-          f"sigma_len {cfg.length_sigma:g}, Phi {c['token_budget']}, Omega {c['pool_size']}, retention "
+          f"sigma_len {cfg.length_sigma:g}, Phi {c['token_budget']}, Omega {c['pool_prompts']}, retention "
           f"{cfg.max_retention}, max_batch {c['max_batch']}, q {c['quantum']}; simulated in {sim_s:.2f} s")
     print(f"engine costs ({args.costs or 'assumed'}): a {cfg.step_fixed_s:.3g} s/step, b {cfg.step_per_seq_s:.3g} "
           f"s/seq/step, k {cfg.step_per_context_token_s:.3g} s/context token/step, c {cfg.prefill_per_token_s:.3g} "

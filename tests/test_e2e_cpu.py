@@ -1,4 +1,4 @@
-"""End to end on CPU: verl's unchanged `main_ppo` entry point, `+recipe=ring1t`, a real vLLM server.
+"""End to end on CPU: verl's unchanged `main_ppo` entry point, `+recipe=ring1t ring1t_loop=grpo`, a real vLLM server.
 
 A few GRPO steps on the tiny default with a large learning rate, so the policy moves far enough that
 a rollout engine left on stale weights would be caught by the log-prob comparison.
@@ -27,6 +27,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     workdir = tmp_path_factory.mktemp("e2e")
     steps = run_main_ppo([
         "+recipe=ring1t",
+        "ring1t_loop=grpo",  # on-policy GRPO: every rollout token is decoded by the weights just synced
         f"trainer.total_training_steps={STEPS}",
         f"trainer.save_freq={STEPS}",
         f"trainer.default_local_dir={workdir / 'ckpt'}",

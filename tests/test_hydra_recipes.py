@@ -28,7 +28,7 @@ def test_ring1t_composes_with_verl_config(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert cfg.actor_rollout_ref.actor.strategy == "fsdp2"
     # verl's own keys the recipe does not touch keep verl's defaults
     assert cfg.actor_rollout_ref.actor.clip_ratio == 0.2
-    assert cfg.data.train_files.endswith("tiny-v2/data/arith_train.parquet")
+    assert cfg.data.train_files.endswith("tiny-v3/data/arith_train.parquet")
     assert Path(cfg.actor_rollout_ref.model.path, "config.json").is_file()
 
 
@@ -151,13 +151,13 @@ def test_loss_of_a_missing_plugin_fails_at_start_with_an_install_hint(monkeypatc
 
 
 def test_a_plugin_config_section_accepts_its_dataclass_fields_and_names_a_typo() -> None:
-    """ring-ext-c3po declares `trainer.v1.c3po` typed by C3POModeConfig (Registrar.config_section)."""
+    """ring-ext-c3po declares `trainer.v1.c3po` typed by its C3POConfig (Registrar.config_section)."""
     import verl  # noqa: F401  (loads the plugins, which declare their sections)
 
-    good = compose_ppo("+recipe=ring1t", "trainer.v1.trainer_mode=c3po", "+trainer.v1.c3po.token_budget=64",
-                       "+trainer.v1.c3po.max_retention=2")
+    good = compose_ppo("+recipe=ring1t", "trainer.v1.c3po.token_budget=64", "trainer.v1.c3po.max_retention=2",
+                       "+trainer.v1.c3po.stall_timeout_s=30")
     assert unknown_keys(good) == []
-    typo = compose_ppo("+recipe=ring1t", "+trainer.v1.c3po.token_budget=64", "+trainer.v1.c3po.max_retentoin=2")
+    typo = compose_ppo("+recipe=ring1t", "trainer.v1.c3po.token_budget=64", "+trainer.v1.c3po.max_retentoin=2")
     assert unknown_keys(typo) == ["trainer.v1.c3po.max_retentoin"]
 
 
@@ -172,4 +172,25 @@ def test_trainer_mode_of_a_missing_plugin_fails_at_start_with_an_install_hint(mo
     cfg = compose_ppo("+recipe=ring1t", "trainer.v1.trainer_mode=c3po")
     with pytest.raises(ValueError, match=r"'c3po' comes with the plugin ring-ext-c3po, which is not installed: pip install ring-ext-c3po"):
         startup.check_trainer_mode_plugin(cfg)
-    startup.check_trainer_mode_plugin(compose_ppo("+recipe=ring1t"))  # verl's own modes need no plugin
+    startup.check_trainer_mode_plugin(compose_ppo("+recipe=ring1t", "ring1t_loop=grpo"))  # verl's own modes need no plugin
+
+
+def test_the_ring1t_loop_without_its_plugins_stops_before_ray_naming_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`+recipe=ring1t` runs IcePop + C3PO++: each missing plugin is named by the driver's startup checks."""
+    import importlib.util
+
+    import verl  # noqa: F401  (loads the plugins and the startup checks)
+    from verl.trainer.ppo import core_algos
+
+    from ring_ext.startup import run_startup_checks
+
+    loop = compose_ppo("+recipe=ring1t")
+    real_find_spec = importlib.util.find_spec
+    with monkeypatch.context() as m:
+        m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ring_ext_c3po" else real_find_spec(name, *a))
+        with pytest.raises(ValueError, match="'c3po' comes with the plugin ring-ext-c3po.*pip install ring-ext-c3po"):
+            run_startup_checks(loop)
+    for name in ("icepop", "kpop", "tis"):
+        monkeypatch.delitem(core_algos.POLICY_LOSS_REGISTRY, name, raising=False)
+    with pytest.raises(ValueError, match="'icepop' comes with the plugin ring-ext-icepop: pip install ring-ext-icepop"):
+        run_startup_checks(loop)

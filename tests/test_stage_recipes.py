@@ -249,10 +249,10 @@ def test_docs_name_the_one_override() -> None:
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_rlvr_c3po_knobs_are_valid_and_reachable(profile: str) -> None:
-    from ring_ext_c3po.pool import C3POModeConfig
+    from ring_ext_c3po.rules import C3POConfig
 
     cfg = compose_recipe("ring1t_rlvr", profile)
-    knobs = C3POModeConfig.from_mapping(OmegaConf.to_container(cfg.trainer.v1.c3po))
+    knobs = C3POConfig.from_mapping(OmegaConf.to_container(cfg.trainer.v1.c3po))
     knobs.check_reachable(cfg.actor_rollout_ref.rollout.n, cfg.data.max_response_length)
     # the budget is at most one full-length synchronous batch: C3PO++ steps never wait longer than sync ones
     assert knobs.token_budget <= cfg.data.train_batch_size * cfg.actor_rollout_ref.rollout.n * cfg.data.max_response_length

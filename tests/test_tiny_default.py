@@ -32,7 +32,7 @@ def _run(code: str, *args: str, seed: str = "0") -> subprocess.Popen[str]:
 
 
 def _hashes(cache: Path) -> dict[str, str]:
-    root = cache / "tiny-v2"
+    root = cache / "tiny-v3"
     files = sorted(p for p in root.rglob("*") if p.is_file())
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
@@ -54,7 +54,7 @@ def dense(cache: Path) -> TinyDefault:
 
 
 def test_layout(cache: Path, dense: TinyDefault) -> None:
-    root = cache / "tiny-v2"
+    root = cache / "tiny-v3"
     data = root / "data"
     assert dense == TinyDefault(
         root / "qwen2", data / "arith_train.parquet", data / "arith_val.parquet", data / "longcot_sft.parquet",
@@ -71,7 +71,7 @@ def test_two_concurrent_fresh_builds_are_byte_identical(cache: Path, tmp_path: P
     a, b = _hashes(cache), _hashes(tmp_path)
     assert len(a) == 16 and {"qwen2/model.safetensors", "qwen3moe/tokenizer.json", "data/longcot_sft.parquet"} <= set(a)
     assert a == b
-    assert sorted(p.name for p in (tmp_path / "tiny-v2").iterdir()) == ["data", "qwen2", "qwen3moe"]
+    assert sorted(p.name for p in (tmp_path / "tiny-v3").iterdir()) == ["data", "qwen2", "qwen3moe"]
 
 
 def test_cheap_path_imports_nothing_heavy(cache: Path) -> None:
@@ -108,7 +108,7 @@ def test_tokenizer(cache: Path, variant: str) -> None:
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    d = cache / "tiny-v2" / variant
+    d = cache / "tiny-v3" / variant
     tok = AutoTokenizer.from_pretrained(d)
     raw = Tokenizer.from_file(str(d / "tokenizer.json"))
     assert len(tok) == 512
@@ -136,7 +136,7 @@ def test_model_loads_and_runs(cache: Path, variant: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    d = cache / "tiny-v2" / variant
+    d = cache / "tiny-v3" / variant
     cfg = json.loads((d / "config.json").read_text())
     assert (cfg["dtype"], cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"]) == ("bfloat16", 512, 64, 2)
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["tie_word_embeddings"]) == (2, 1, True)
@@ -161,7 +161,7 @@ def test_reward_model_scores_each_sequence(tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     rm = build_tiny_default(tmp_path, reward_model=True)
-    assert rm.model_dir == tmp_path / "tiny-v2" / "qwen2_rm"
+    assert rm.model_dir == tmp_path / "tiny-v3" / "qwen2_rm"
     cfg = json.loads((rm.model_dir / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen2ForSequenceClassification"] and len(cfg["id2label"]) == 1
     digest = hashlib.sha256((rm.model_dir / "model.safetensors").read_bytes()).digest()

@@ -55,7 +55,7 @@ def actor_config(spec: str) -> Any:
     from ring_ext.verl_config import compose_verl
 
     mode, knobs = parse_method(spec)
-    overrides = ["+recipe=ring1t", f"actor_rollout_ref.actor.policy_loss.loss_mode={mode}"]
+    overrides = ["+recipe=ring1t", "ring1t_loop=grpo", f"actor_rollout_ref.actor.policy_loss.loss_mode={mode}"]
     if mode != "vanilla":  # the typed config declares the knobs (verl refuses unknown keys otherwise)
         overrides += [TYPED, *(f"+actor_rollout_ref.actor.policy_loss.{k}={v}" for k, v in knobs.items())]
     actor = omega_conf_to_dataclass(compose_verl(overrides).actor_rollout_ref.actor)

@@ -4,10 +4,10 @@
 versions), a random-init tiny Qwen2 (or Qwen3-MoE) with its own tokenizer, and a synthetic
 arithmetic RL dataset in verl's parquet format, scored by `ring_ext.tiny.reward.compute_score`:
 
-    <cache>/tiny-v2/qwen2/      HF model dir: config, bf16 safetensors, tokenizer, chat template
-    <cache>/tiny-v2/qwen3moe/   the same with 4 experts, top-2
-    <cache>/tiny-v2/qwen2_rm/   a Qwen2 sequence classifier (1 label): the reward model of the RLHF stage
-    <cache>/tiny-v2/data/       arith_train.parquet (256 rows), arith_val.parquet (32 rows),
+    <cache>/tiny-v3/qwen2/      HF model dir: config, bf16 safetensors, tokenizer, chat template
+    <cache>/tiny-v3/qwen3moe/   the same with 4 experts, top-2
+    <cache>/tiny-v3/qwen2_rm/   a Qwen2 sequence classifier (1 label): the reward model of the RLHF stage
+    <cache>/tiny-v3/data/       arith_train.parquet (256 rows), arith_val.parquet (32 rows),
                                 longcot_sft.parquet (256 chat rows with worked answers, for SFT),
                                 open_prompts.parquet (64 prompts without ground truth, for RLHF)
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 __all__ = ["TinyDefault", "build_tiny_default", "default_cache_dir"]
 
-VERSION = "tiny-v2"  # bump when the recipe changes, so stale caches are not reused
+VERSION = "tiny-v3"  # bump when the recipe changes, so stale caches are not reused
 CACHE_ENV = "RING_EXT_CACHE"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")
 # a classifier cannot generate: transformers writes no generation_config.json for it
@@ -56,7 +56,7 @@ def default_cache_dir() -> Path:
 def build_tiny_default(
     cache_dir: Path | str | None = None, *, moe: bool = False, reward_model: bool = False, force: bool = False
 ) -> TinyDefault:
-    """Return the tiny default under `<cache_dir>/tiny-v2/`, building the missing parts first.
+    """Return the tiny default under `<cache_dir>/tiny-v3/`, building the missing parts first.
 
     `moe`: the model is the Qwen3-MoE variant; `reward_model`: the sequence-classification reward model.
     """

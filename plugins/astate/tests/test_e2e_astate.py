@@ -39,6 +39,7 @@ MIN_PEARSON = 0.99
 
 OVERRIDES = (
     "+recipe=ring1t",
+    "ring1t_loop=grpo",  # plain GRPO: the log-prob checks below need on-policy batches
     "trainer.v1.trainer_mode=separate_async",
     "actor_rollout_ref.hybrid_engine=False",  # no colocated replica: the standalone pool serves every rollout
     "actor_rollout_ref.rollout.nnodes=1",

@@ -1,13 +1,48 @@
-"""ring-ext hook implementation of ring-ext-c3po: the `c3po` v1 trainer mode."""
+"""ring-ext hook implementation of ring-ext-c3po: the `c3po` v1 trainer mode, its config section, a startup check."""
 
 from __future__ import annotations
 
+import logging
+import os
+from typing import Any
+
 from ring_ext.hookspecs import hookimpl
 from ring_ext.registrar import Registrar
+
+logger = logging.getLogger("ring_ext")
+
+
+def check_c3po_config(config: Any) -> None:
+    """In the driver, before Ray: the knobs parse, the budget fits the pool, checkpoints are shared across nodes."""
+    v1 = config.trainer.get("v1", {})
+    if v1.get("trainer_mode") != "c3po":
+        if v1.get("c3po", None):
+            logger.warning("ring-ext: trainer.v1.c3po is set but trainer.v1.trainer_mode=%s: the C3PO++ knobs are "
+                           "not used (trainer.v1.trainer_mode=c3po turns them on)", v1.get("trainer_mode"))
+        return
+    from ring_ext_c3po.rules import C3POConfig
+
+    c3po = C3POConfig.from_trainer_config(config)
+    rollout = config.actor_rollout_ref.rollout
+    c3po.check_reachable(int(rollout.n), int(rollout.response_length))
+    actor = config.actor_rollout_ref.actor
+    if not actor.use_dynamic_bsz and int(actor.ppo_micro_batch_size_per_gpu or 1) > 1:
+        raise ValueError(
+            "trainer.v1.trainer_mode=c3po trains every finished group, a number that varies per step, and verl splits "
+            "a batch into micro-batches of a fixed count only when it divides evenly: set "
+            "actor_rollout_ref.actor.use_dynamic_bsz=true (micro-batches by tokens)")
+    if int(config.trainer.nnodes) > 1 and not os.path.isabs(str(config.trainer.default_local_dir)):
+        raise ValueError(
+            f"trainer.v1.trainer_mode=c3po on {config.trainer.nnodes} nodes: the rollout clients spool partial "
+            f"trajectories under trainer.default_local_dir={config.trainer.default_local_dir!r}, a relative path each "
+            "node resolves on its own disk; give an absolute path on a file system every node mounts")
+    logger.warning("ring-ext: C3PO++ partial rollouts on: %s, rollout.n=%s, max_response_length=%s",
+                   c3po.describe(), rollout.n, rollout.response_length)
 
 
 @hookimpl
 def ring_ext_register(registrar: Registrar) -> None:
     # a string: the mode imports verl's v1 trainer, which only the TaskRunner loads
-    registrar.trainer_mode("c3po", "ring_ext_c3po.verl_mode:C3POTrainer")
-    registrar.config_section("trainer.v1.c3po", "ring_ext_c3po.pool:C3POModeConfig")
+    registrar.trainer_mode("c3po", "ring_ext_c3po.trainer:C3POTrainer")
+    registrar.config_section("trainer.v1.c3po", "ring_ext_c3po.rules:C3POConfig")
+    registrar.startup_check("c3po_config", check_c3po_config)

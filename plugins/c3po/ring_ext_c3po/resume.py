@@ -1,14 +1,10 @@
 """Per-request C3PO++ bookkeeping across abort/resume: pure Python, no verl.
 
-The verl client (`ring_ext_c3po.verl_mode.C3POLLMServerClient`) runs one `ResumeTracker` per request: after
+The verl client (`ring_ext_c3po.client.C3POLLMServerClient`) runs one `ResumeTracker` per request: after
 every segment the engine returns (finished, or cut short by an abort around a weight sync) it calls
-`record()` and obeys the answer. The tracker owns three rules of Algorithm 1 (paper §2.3.3):
+`record()` and obeys the answer. The rules it applies are `rules.resume_budget` and `rules.after_cut` (the
+scheduler applies the same ones); what the tracker adds is the per-request record:
 
-- Resume budget: a resumed request asks for `remaining` = max_response_length - tokens so far, never a fresh
-  maximum; a trajectory that reached max_response_length is finished ("length"), not carried.
-- Retention: an abort that leaves the trajectory holding tokens means it is carried across one policy update
-  (retention += 1). An abort before its first token does not age it (it held nothing stale). Once retention
-  exceeds sigma the request is purged: it stops before decoding under the new weights.
 - Versions: each segment keeps the policy version that produced it, so per-token versions are run-length
   encoded (`token_versions()` expands them) and line up with the concatenated tokens and log-probs.
 """
@@ -17,6 +13,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+
+from ring_ext_c3po.rules import after_cut, resume_budget
 
 ABORT_REASONS = frozenset({"abort", "aborted"})
 
@@ -65,7 +63,7 @@ class ResumeTracker:
 
     @property
     def remaining(self) -> int:
-        return self.max_response_length - self.tokens
+        return resume_budget(self.max_response_length, self.tokens)
 
     def record(self, version: int | None, tokens: int, stop_reason: str | None, start_s: float, end_s: float) -> Next:
         if self.outcome is not None and self.outcome is not Next.RESUME:
@@ -79,11 +77,9 @@ class ResumeTracker:
             self.segments.append(Segment(int(version), tokens, start_s, end_s))
         if self.remaining == 0 or stop_reason not in ABORT_REASONS:
             self.outcome = Next.FINISHED
-        elif self.tokens == 0:
-            self.outcome = Next.RESUME  # aborted while still queued: nothing stale, no ageing
         else:
-            self.retention += 1
-            self.outcome = Next.PURGED if self.retention > self.max_retention else Next.RESUME
+            self.retention, purged = after_cut(self.retention, self.tokens, self.max_retention)
+            self.outcome = Next.PURGED if purged else Next.RESUME
         return self.outcome
 
     def token_versions(self) -> list[int]:
@@ -103,3 +99,12 @@ def version_lag_counts(segments: list[list[float | int]], policy_version: int) -
             raise ValueError(f"token from version {version} newer than the policy being trained ({policy_version})")
         counts[lag] = counts.get(lag, 0) + int(tokens)
     return dict(sorted(counts.items()))
+
+
+def token_lags(segments: list[list[float | int]], policy_version: int) -> list[int]:
+    """Per token, in order: policy_version - version of the weights that decoded it (the segments expanded)."""
+    lags = [policy_version - int(version) for version, tokens, *_ in segments for _ in range(int(tokens))]
+    if any(lag < 0 for lag in lags):
+        raise ValueError(f"token newer than the policy being trained ({policy_version}): segments {segments}")
+    return lags
+

@@ -1,7 +1,8 @@
 """Discrete-event simulator of C3PO++ (Ring-1T §2.3.3, Algorithm 1) against the synchronous baseline; no verl, no torch.
 
-The C3PO++ side is driven by the real scheduler core (`scheduler.C3POScheduler`), so the simulated policy is the one
-the verl adapter runs: budget crossing, pool top-up, group completion, retention purge, resume prefixes.
+The C3PO++ side is driven by the real scheduler core (`scheduler.C3POScheduler`), which takes its decisions from
+`rules.py` like the verl trainer mode, so the simulated policy is the one the trainer runs: budget crossing, pool
+top-up, group completion, per-request retention purge, resume prefixes.
 
 Model and assumptions (every number is an input of `SimConfig`; defaults are illustrative, not measured at scale):
 - Engine: ONE continuous-batching engine stands for the whole rollout cluster: a FIFO queue and at most `max_batch`
@@ -20,7 +21,8 @@ Model and assumptions (every number is an input of `SimConfig`; defaults are ill
   keeps the scheduler's per-token lists small (64K tokens -> q = 128). q = 1 is exact.
 - Sync baseline: step k samples prompts kP..kP+P-1 x G samples, waits for the longest, trains on all of them.
 - C3PO++: the scheduler over the unbounded prompt stream 0, 1, 2, ...; every pending request is submitted to the
-  engine queue at once (oldest group first), so a queued group ages (retention) like a decoding one. A phase ends
+  engine queue at once (oldest group first), so a queued request that holds tokens (a carried one) ages like a
+  decoding one, and one still without a token does not (rules.after_cut). A phase ends
   at the completion that brings C >= Phi (all completions of that same decode step are recorded first); the
   engine is then aborted and each running request records its partial tokens (finished=False).
 - Equal trained tokens: the baseline runs `steps` steps and trains T tokens; C3PO++ runs iterations until it has
@@ -43,7 +45,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ring_ext_c3po.scheduler import C3POConfig, C3POScheduler, IterationResult
+from ring_ext_c3po.rules import C3POConfig
+from ring_ext_c3po.scheduler import C3POScheduler, IterationResult
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class SimConfig:
     max_batch: int | None = None  # None: P*G
     token_budget: int | None = None  # Phi in tokens; None: mean tokens of a synchronous batch
     max_retention: int = 2  # sigma
-    pool_size: int | None = None  # Omega in groups; None: 2P, so the engine queue never runs dry
+    pool_prompts: int | None = None  # Omega in groups; None: 2P, so the engine queue never runs dry
     step_fixed_s: float = 0.02  # a
     step_per_seq_s: float = 1e-5  # b
     prefill_per_token_s: float = 2e-6  # c
@@ -79,7 +82,7 @@ class SimConfig:
 
     @property
     def pool(self) -> int:
-        return self.pool_size or 2 * self.prompts_per_step
+        return self.pool_prompts or 2 * self.prompts_per_step
 
 
 class Lengths:
@@ -230,9 +233,10 @@ def run_c3po(cfg: SimConfig, target_tokens: int, budget_tokens: int, lengths: Le
              on_iteration: Callable[[IterationResult], None] | None = None) -> tuple[PolicyStats, C3POScheduler]:
     """C3PO++ iterations until >= target_tokens are trained; returns the stats and the scheduler (state at the end)."""
     lengths, stats, q, lag = lengths or Lengths(cfg), PolicyStats("c3po++"), cfg.quantum, Counter[int]()
-    sched = C3POScheduler(C3POConfig(token_budget=math.ceil(budget_tokens / q), max_retention=cfg.max_retention,
-                                     pool_size=cfg.pool, group_size=cfg.group_size,
-                                     max_response_length=lengths.max_units), map(str, itertools.count()))
+    knobs = C3POConfig(token_budget=math.ceil(budget_tokens / q), max_retention=cfg.max_retention,
+                       pool_prompts=cfg.pool)
+    sched = C3POScheduler(knobs, map(str, itertools.count()), group_size=cfg.group_size,
+                          max_response_length=lengths.max_units)
     done_count: Counter[str] = Counter()  # finished samples per prompt: a group leaving the pool frees a pool slot
     while stats.trained_tokens < target_tokens:
         eng, prefix = Engine(cfg), dict[str, int]()  # uid -> prefix units of its request in this phase
@@ -277,7 +281,7 @@ def compare(cfg: SimConfig) -> dict[str, Any]:
     c3po, _ = run_c3po(cfg, sync.trained_tokens, budget, lengths)
     s, c = sync.summary(), c3po.summary()
     return {"config": {**asdict(cfg), "quantum": cfg.quantum, "max_batch": cfg.batch, "token_budget": budget,
-                       "pool_size": cfg.pool},
+                       "pool_prompts": cfg.pool},
             "sync": s, "c3po": c,
             "rollout_speedup": s["rollout_s_per_mtok"] / c["rollout_s_per_mtok"],
             "step_speedup": s["total_s_per_mtok"] / c["total_s_per_mtok"],

@@ -8,20 +8,73 @@ from omegaconf import OmegaConf
 
 def test_verl_finds_the_c3po_trainer_mode() -> None:
     import verl  # noqa: F401  (entry points: the plugin registers lazily)
+    from ring_ext_c3po.trainer import C3POTrainer
     from verl.trainer.ppo.v1 import get_trainer_cls
     from verl.trainer.ppo.v1.trainer_colocate_async import PPOTrainerColocateAsync
-
-    from ring_ext_c3po.verl_mode import C3POTrainer
 
     cls = get_trainer_cls("c3po")
     assert cls is C3POTrainer and issubclass(cls, PPOTrainerColocateAsync)
 
 
 def test_mode_config_is_read_from_the_verl_config_and_refuses_a_missing_section() -> None:
-    from ring_ext_c3po.verl_mode import mode_config
+    from ring_ext_c3po.rules import C3POConfig
 
-    cfg = OmegaConf.create({"trainer": {"v1": {"trainer_mode": "c3po", "c3po": {"token_budget": 96, "pool_prompts": 3}}}})
+    mode_config = C3POConfig.from_trainer_config
+    section = {"token_budget": 96, "pool_prompts": 3}
+    cfg = OmegaConf.create({"trainer": {"v1": {"trainer_mode": "c3po", "c3po": section}}})
     c = mode_config(cfg)
     assert (c.token_budget, c.pool_prompts, c.max_retention) == (96, 3, 1)
     with pytest.raises(ValueError, match=r"\+trainer.v1.c3po.token_budget"):
         mode_config(OmegaConf.create({"trainer": {"v1": {"trainer_mode": "c3po"}}}))
+
+
+def _compose(*overrides: str):
+    from ring_ext.verl_config import compose_verl
+
+    return compose_verl(["+recipe=ring1t", *overrides])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["~trainer.v1.c3po.token_budget"], r"trainer.v1.c3po.token_budget \(Phi\) is required"),
+    (["trainer.v1.c3po.token_budget=1025", "trainer.v1.c3po.pool_prompts=8"],
+     r"token_budget=1025 exceeds what the pool can hold: pool_prompts 8 x rollout.n 2 x max_response_length 64 = 1024"),
+    (["trainer.v1.c3po.pool_prompts=0"], r"trainer.v1.c3po.pool_prompts must be an integer >= 1, got 0"),
+    (["trainer.v1.c3po.max_retention=-1"], r"max_retention must be an integer >= 0"),
+    (["+trainer.v1.c3po.stall_timeout_s=0"], r"stall_timeout_s must be a number > 0"),
+    (["trainer.nnodes=2", "trainer.default_local_dir=checkpoints/x"],
+     r"relative path each node resolves on its own disk; give an absolute path"),
+])
+def test_bad_c3po_settings_are_refused_in_the_driver_before_ray(overrides: list[str], message: str) -> None:
+    """verl's main_ppo runs the startup checks inside validate_config, before ray.init: nothing has started."""
+    import verl  # noqa: F401  (loads the plugins and their startup checks)
+
+    from ring_ext.startup import run_startup_checks
+
+    with pytest.raises(ValueError, match=message):
+        run_startup_checks(_compose(*overrides))
+
+
+def test_the_loop_logs_each_technique_and_its_knobs_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    import verl  # noqa: F401
+
+    from ring_ext.startup import run_startup_checks
+
+    with caplog.at_level("WARNING", logger="ring_ext"):
+        run_startup_checks(_compose())
+    text = caplog.text
+    assert "C3PO++ partial rollouts on: token_budget(Phi)=256 pool_prompts(Omega)=24 max_retention(sigma)=1" in text
+    assert "policy loss icepop(alpha=0.5, beta=5.0)" in text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ring_ext"):
+        run_startup_checks(_compose("ring1t_loop=grpo"))
+    assert "C3PO++ partial rollouts on" not in caplog.text and "actor policy loss = vanilla" in caplog.text
+    assert "trainer.v1.c3po is set but trainer.v1.trainer_mode=sync" in caplog.text  # a knob doing nothing is said
+
+
+def test_a_fixed_micro_batch_count_is_refused_for_the_variable_c3po_batch() -> None:
+    import verl  # noqa: F401
+
+    from ring_ext.startup import run_startup_checks
+
+    with pytest.raises(ValueError, match="set actor_rollout_ref.actor.use_dynamic_bsz=true"):
+        run_startup_checks(_compose("actor_rollout_ref.actor.use_dynamic_bsz=false"))

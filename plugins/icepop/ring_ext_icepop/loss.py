@@ -14,15 +14,18 @@ per-token weights of `core.mismatch_weights` as its `rollout_is_weights`: masked
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from contextvars import ContextVar
 from typing import Any, Callable
 
 import torch
 
-from ring_ext_icepop.core import MISMATCH_KINDS, _metrics_and_host, mismatch_weights
+from ring_ext.batch_fields import ROLLOUT_POLICY_LAG
+from ring_ext_icepop.core import MISMATCH_KINDS, _metrics_and_host, mismatch_metrics, mismatch_weights
 
 METRIC_PREFIX = "mismatch/"
+BY_LAG = ("k1", "k3", "kept_frac", "masked_below_frac", "masked_above_frac")  # mismatch/lag<N>/<metric>
 _ROLLOUT = ContextVar[dict[str, torch.Tensor] | None]("ring_ext_icepop_rollout", default=None)
 
 
@@ -42,6 +45,8 @@ def with_rollout_log_probs(ppo_loss: Callable[..., Any], no_padding_2_padding: C
                 "'rollout_log_probs': keep actor_rollout_ref.rollout.calculate_log_probs=True."
             )
         extra = {"infer_logp": data.select("rollout_log_probs").to_padded_tensor()["rollout_log_probs"]}
+        if ROLLOUT_POLICY_LAG in data.keys():  # C3PO++ batches: per-token version lag, for diagnostics by lag
+            extra["lag"] = data.select(ROLLOUT_POLICY_LAG).to_padded_tensor()[ROLLOUT_POLICY_LAG]
         if model_output.get("entropy", None) is not None:
             extra["entropy"] = no_padding_2_padding(model_output["entropy"], data)
         token = _ROLLOUT.set(extra)
@@ -101,6 +106,8 @@ def mismatch_policy_loss(
         weights, mask, entropy=rollout.get("entropy"), train_logp=old_log_prob, prefix=METRIC_PREFIX,
         extra={"non_finite": non_finite},
     )
+    if "lag" in rollout:
+        metrics |= _metrics_by_lag(weights, mask, rollout["lag"].to(mask.device))
     is_weights = weights.weight.to(log_prob.dtype)
     if host["extra:non_finite"] != 0:  # nan: some log-prob is nan or +-inf
         # A rejected token may carry a non-finite log-prob: zero it before verl's ratio so 0 * inf cannot
@@ -128,13 +135,33 @@ def mismatch_policy_loss(
     return pg_loss, pg_metrics | metrics
 
 
-def rollout_logprobs_context(infer_logp: torch.Tensor, entropy: torch.Tensor | None = None) -> Any:
+def _metrics_by_lag(weights: Any, mask: torch.Tensor, lag: torch.Tensor) -> dict[str, float]:
+    """The diagnostics per version lag: how much of the mismatch comes from stale tokens, how much from the engine."""
+    if lag.shape != mask.shape:
+        raise ValueError(f"per-token version lags {tuple(lag.shape)} != response mask {tuple(mask.shape)}")
+    out: dict[str, float] = {}
+    for value in torch.unique(lag[mask]).tolist():
+        prefix = f"{METRIC_PREFIX}lag{int(value)}/"
+        sel = mask & (lag == value)
+        # the metrics sum log_ratio and weight unmasked (both are 0 outside the response): zero them outside sel too
+        subset = dataclasses.replace(weights, weight=weights.weight * sel, log_ratio=weights.log_ratio * sel,
+                                     kept=weights.kept & sel, below=weights.below & sel, above=weights.above & sel,
+                                     invalid=weights.invalid & sel)
+        metrics = mismatch_metrics(subset, sel, prefix=prefix)
+        out |= {f"{prefix}{key}": metrics[f"{prefix}{key}"] for key in BY_LAG}
+    return out
+
+
+def rollout_logprobs_context(infer_logp: torch.Tensor, entropy: torch.Tensor | None = None,
+                             lag: torch.Tensor | None = None) -> Any:
     """Context manager giving the losses their rollout log-probs outside verl's call site (tests, benchmarks)."""
     import contextlib
 
+    given = {"infer_logp": infer_logp, "entropy": entropy, "lag": lag}
+
     @contextlib.contextmanager
     def scope() -> Any:
-        token = _ROLLOUT.set({"infer_logp": infer_logp} | ({"entropy": entropy} if entropy is not None else {}))
+        token = _ROLLOUT.set({k: v for k, v in given.items() if v is not None})
         try:
             yield
         finally:

@@ -1,4 +1,5 @@
-"""End to end on CPU: `loss_mode=icepop` as one override of `+recipe=ring1t`, through verl's main_ppo and vLLM."""
+"""End to end on CPU: `loss_mode=icepop` as one override of plain GRPO (`+recipe=ring1t ring1t_loop=grpo`),
+through verl's main_ppo and vLLM. The loss on C3PO++ partial rollouts: plugins/c3po/tests/test_c3po_e2e.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ SCHEMA = (
 
 
 def test_icepop_run_logs_the_mismatch_schema_with_finite_values(tmp_path) -> None:
-    run = run_main_ppo(["+recipe=ring1t", "actor_rollout_ref.actor.policy_loss.loss_mode=icepop",
+    run = run_main_ppo(["+recipe=ring1t", "ring1t_loop=grpo", "actor_rollout_ref.actor.policy_loss.loss_mode=icepop",
                         f"trainer.total_training_steps={STEPS}"], tmp_path)
     assert "ring-ext: policy loss icepop(alpha=0.5, beta=5.0) on the rollout engine's log-probs" in run.log
     steps = [s["data"] for s in run.steps]

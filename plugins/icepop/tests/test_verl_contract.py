@@ -163,3 +163,37 @@ def test_misspelled_loss_fails_at_start_listing_losses(tmp_path) -> None:
     for name in ("icepop", "kpop", "tis", "vanilla"):
         assert name in proc.stderr
     assert "ray init kwargs" not in proc.stdout
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["padded", "nested"])
+def test_tokens_of_two_policy_versions_in_one_micro_batch_are_masked_and_reported_by_lag(ppo_loss, nested) -> None:
+    """A C3PO++ micro-batch: each row resumed under new weights, so its first tokens were decoded one version back
+    (lag 1: far from the trainer's log-probs, k = 8) and its last ones by the current weights (lag 0, k = 1.2).
+    IcePop [0.5, 5] rejects exactly the stale tokens: their gradient is 0, the others' is k x PPO's."""
+    lag = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
+    mask = torch.tensor([[True] * 6, [True] * 5 + [False]])
+    ks = torch.where(lag == 1, 8.0, 1.2).double()
+    old = torch.full((2, 6), -1.5, dtype=torch.float64)
+    rollout = old - torch.log(ks)
+    log_prob = old + 0.05
+    adv = torch.tensor([[1.0], [-1.0]], dtype=torch.float64).expand(2, 6)
+    _, vanilla = compose_actor()
+    _, icepop = compose_actor("actor_rollout_ref.actor.policy_loss.loss_mode=icepop")
+    _, grad_v, _ = _grad(ppo_loss, vanilla, log_prob, old, rollout, adv, mask)
+    log_prob_i = log_prob.clone().requires_grad_(True)
+    output, data = actor_batch(log_prob_i, old, rollout, adv, mask, lag=lag, nested=nested)
+    loss, metrics = ppo_loss(icepop, output, data)
+    loss.backward()
+    stale = (lag == 1) & mask
+    assert torch.equal(log_prob_i.grad[stale], torch.zeros(int(stale.sum()), dtype=torch.float64))
+    fresh = (lag == 0) & mask
+    torch.testing.assert_close(log_prob_i.grad[fresh], ks[fresh] * grad_v[fresh])
+    value = {k: m.aggregate() for k, m in metrics.items() if k.startswith("mismatch/")}
+    assert value["mismatch/kept_frac"] == pytest.approx(7 / 11)  # 4 stale of 11 response tokens rejected
+    assert value["mismatch/lag1/kept_frac"] == 0.0 and value["mismatch/lag1/masked_above_frac"] == 1.0
+    assert value["mismatch/lag0/kept_frac"] == 1.0 and value["mismatch/lag0/masked_below_frac"] == 0.0
+    assert value["mismatch/lag1/k1"] == pytest.approx(-math.log(8.0))  # mean(infer - train) over stale tokens
+    assert value["mismatch/lag0/k1"] == pytest.approx(-math.log(1.2))
+    with pytest.raises(ValueError, match="per-token version lags"):
+        output, data = actor_batch(log_prob.clone(), old, rollout, adv, mask, lag=lag[:, :5])
+        ppo_loss(icepop, output, data)

@@ -1,0 +1,118 @@
+"""C3PO++ on the rollout side: verl's resuming LLM client with one `ResumeTracker` per request.
+
+Where it sits: verl's agent loop calls `generate()` per sample; a weight sync aborts every request in flight, and
+this client resubmits prompt + tokens so far under the new weights, asking for the remaining budget only
+(`rules.resume_budget`), recording the weight version of every segment (`extra_fields["c3po_segments"]`:
+[version, tokens, start_s, end_s]) and purging a request carried more than sigma updates (`rules.after_cut`).
+A purged sample's siblings stop at their next resume: a group is trained whole or not at all.
+Each finished request is reported to the budget gate (`gate.py`), which cuts the phase at the crossing completion.
+Each request cut short is spooled (`partials.PartialSpool`) so a checkpoint can carry it across a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from verl.utils import normalize_token_ids
+from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient, LLMServerClient
+from verl.workers.rollout.replica import TokenOutput
+
+from ring_ext_c3po.partials import Partial, PartialSpool, prompt_key
+from ring_ext_c3po.resume import Next, ResumeTracker
+from ring_ext_c3po.rules import C3POConfig
+
+MODE = "c3po"
+RESUME_WAIT_S = 0.05  # the engine parks resubmitted requests itself while the replicas sync weights
+PURGE_MEMORY_S = 60.0  # siblings look for a purge within RESUME_WAIT_S of their cut; older marks are dropped
+
+
+def spool_for(config: Any) -> PartialSpool:
+    return PartialSpool(os.path.join(os.path.abspath(config.trainer.default_local_dir), "c3po_spool"))
+
+
+class C3POLLMServerClient(FullyAsyncLLMServerClient):
+    def __init__(self, *args: Any, gate: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gate = gate  # gate.BudgetGate actor handle; None: the trainer's poll alone cuts the phase
+        self._c3po, self._spool = C3POConfig.from_trainer_config(self.config), spool_for(self.config)
+        self._purged_at: dict[str, float] = {}  # prompt key -> wall clock of the cut that purged one of its samples
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params: dict[str, Any], **kwargs: Any) -> TokenOutput:
+        prompt_ids = normalize_token_ids(prompt_ids)
+        params = dict(sampling_params)  # rewritten per segment: never touch the caller's dict
+        key = "max_new_tokens" if "max_new_tokens" in params else "max_tokens"
+        limit = params.get(key) or self._configured_response_length()
+        if limit is None:
+            raise ValueError("C3PO++ needs a response budget: set actor_rollout_ref.rollout.response_length")
+        limit, sigma, pkey = int(limit), self._c3po.max_retention, prompt_key(prompt_ids)
+        spool_id = uuid.uuid4().hex  # request ids repeat under rollout.full_determinism ("det-<priority>")
+        tracker = ResumeTracker(limit, sigma)
+        out = TokenOutput(token_ids=[], log_probs=[], num_preempted=0)
+        saved = self._spool.claim(pkey)  # a partial of this prompt carried across a restart
+        if saved is not None:
+            saved.check(limit, sigma)
+            tracker = ResumeTracker.resumed(limit, sigma, saved.segments, saved.retention)
+            out.token_ids, out.log_probs = list(saved.token_ids), list(saved.log_probs or [])
+            if saved.routed_experts is not None:
+                out.routed_experts = np.asarray(saved.routed_experts)
+        restored, cached, step, written = tracker.tokens, None, Next.RESUME, 0
+        while True:
+            params[key] = tracker.remaining
+            start = time.time()
+            seg = await LLMServerClient.generate(self, request_id=request_id, prompt_ids=prompt_ids + out.token_ids,
+                                                 sampling_params=params, **kwargs)
+            new = list(seg.token_ids)
+            out.token_ids.extend(new)
+            if seg.log_probs is not None:
+                out.log_probs.extend(seg.log_probs)
+            if seg.routed_experts is not None and new:  # keep earlier routing, append the new tokens' routing
+                tail = seg.routed_experts[-len(new):]
+                out.routed_experts = tail if out.routed_experts is None else np.concatenate([out.routed_experts, tail])
+            out.num_preempted += seg.num_preempted or 0
+            out.stop_reason = seg.stop_reason
+            cached = seg.extra_fields.get("num_cached_tokens") if cached is None else cached
+            step = tracker.record(seg.extra_fields.get("global_steps"), len(new), seg.stop_reason, start, time.time())
+            if step is Next.PURGED:
+                self._mark_purged(pkey)
+            if step is not Next.RESUME:
+                break
+            await asyncio.sleep(RESUME_WAIT_S)
+            if self._purged_at.get(pkey, 0.0) >= start:  # a sibling cut at the same abort was purged
+                step = tracker.outcome = Next.PURGED
+                break
+            if tracker.tokens:  # append-only: what was decoded since the last cut
+                written = await asyncio.to_thread(self._spool.append, spool_id, self._partial(pkey, out, tracker),
+                                                  written)
+        await asyncio.to_thread(self._spool.drop, spool_id)
+        if self._gate is not None:  # fire and forget: the gate aborts the engine when this crosses the budget
+            if step is Next.FINISHED:
+                self._gate.finished.remote(pkey, len(out.token_ids))
+            else:
+                self._gate.purged.remote(pkey)
+        versions = [s.version for s in tracker.segments]
+        out.extra_fields.update(
+            global_steps=versions[-1] if versions else None, min_global_steps=min(versions, default=None),
+            max_global_steps=max(versions, default=None), num_cached_tokens=cached,
+            c3po_segments=[s.to_list() for s in tracker.segments], c3po_retention=tracker.retention,
+            c3po_purged=step is Next.PURGED, c3po_restored_tokens=restored)
+        if step is Next.FINISHED and tracker.remaining == 0:
+            out.stop_reason = "length"
+        return out
+
+    def _mark_purged(self, pkey: str) -> None:
+        now = time.time()
+        self._purged_at = {k: t for k, t in self._purged_at.items() if now - t < PURGE_MEMORY_S}
+        self._purged_at[pkey] = now
+
+    @staticmethod
+    def _partial(pkey: str, out: TokenOutput, tracker: ResumeTracker) -> Partial:
+        log_probs = [float(x) for x in out.log_probs] if len(out.log_probs) == len(out.token_ids) else None
+        routed = None if out.routed_experts is None else np.asarray(out.routed_experts).tolist()
+        routed = routed if routed is not None and len(routed) == len(out.token_ids) else None  # misaligned: none
+        return Partial(pkey, [int(t) for t in out.token_ids], log_probs, [s.to_list() for s in tracker.segments],
+                       tracker.retention, routed)

@@ -1,0 +1,40 @@
+"""The budget gate: a small Ray actor that cuts the rollout phase at the completion that crosses Phi.
+
+Where it sits: every C3PO++ client reports each finished (or purged) request here; `rules.GroupBudget` counts a
+group's tokens when its last sample finished, and at the crossing the gate aborts every rollout server at once
+(verl's `abort_all_requests`: in-flight requests return their partial tokens, new ones are parked until the
+trainer resumes generation after the weight sync). The trainer's pool poll (`buffer.py`) still decides the batch
+from TransferQueue and cuts the phase itself if the gate did not (groups restored from a checkpoint, finished in an
+earlier process, are unknown to the gate), so the gate only makes the cut tight; it never decides what is trained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ring_ext_c3po.rules import GroupBudget
+
+
+class BudgetGate:
+    def __init__(self, group_size: int, token_budget: int, servers: list[Any]) -> None:
+        self.budget = GroupBudget(group_size, token_budget)
+        self.servers = servers  # verl rollout server actor handles (node rank 0 of every replica)
+        self.cut_at: float | None = None
+
+    async def finished(self, group: str, tokens: int) -> None:
+        if self.budget.finish(group, tokens):
+            self.cut_at = time.time()
+            await asyncio.gather(*[s.abort_all_requests.remote() for s in self.servers])
+
+    def purged(self, group: str) -> None:
+        self.budget.purge(group)
+
+    def next_phase(self, carried_tokens: int = 0) -> dict[str, float]:
+        """Called by the trainer before generation resumes: what this phase's gate saw, then C = the tokens of the
+        finished groups the trainer left for the next step (they count first)."""
+        seen = {"c3po/gate_tokens": float(self.budget.tokens), "c3po/gate_cut": float(self.cut_at is not None)}
+        self.budget.reset(carried_tokens)
+        self.cut_at = None
+        return seen

@@ -1,0 +1,226 @@
+"""benchmarks/bench_c3po_vllm.py without running verl: seeded lengths, equal-footing overrides, the summary's ratios."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import bench_c3po_vllm as bench  # noqa: E402
+import c3po_length_loop as loop  # noqa: E402
+
+SETUP = bench.Setup(steps=5, batch=4, n=2, median=24.0, max_len=256, engine_seqs=8, retention=1)
+
+
+def _draws(sigma: float, rows: int = 4000, max_len: int = 10_000) -> list[int]:
+    return [loop.draw_length(7, row, 0, 24.0, sigma, max_len) for row in range(rows)]
+
+
+def _quantile(xs: list[int], q: float) -> float:
+    return sorted(xs)[int(q * (len(xs) - 1))]
+
+
+def test_length_is_a_function_of_seed_row_and_session() -> None:
+    args = (24.0, 1.0, 256)
+    assert [loop.draw_length(3, 11, 1, *args) for _ in range(3)] == [loop.draw_length(3, 11, 1, *args)] * 3
+    sessions = {loop.draw_length(3, 11, s, *args) for s in range(8)}
+    assert len(sessions) > 4  # the samples of one group decode different lengths
+    assert loop.draw_seed(3, 11, 0) != loop.draw_seed(3, 11, 1) != loop.draw_seed(4, 11, 1)
+    assert loop.draw_seed(0, 1, 23) != loop.draw_seed(0, 12, 3)  # no "1/23" vs "12/3" collision
+
+
+def test_the_seed_is_stable_across_processes() -> None:
+    # Ray workers of different runs must draw alike: no per-process salted hash()
+    assert loop.draw_seed(0, 0, 0) == int.from_bytes(hashlib.blake2b(b"0/0/0", digest_size=8).digest(), "little")
+
+
+def test_row_comes_from_verl_index_or_extra_info() -> None:
+    torch = pytest.importorskip("torch")
+    assert loop.row_of({"index": torch.tensor(5)}) == 5
+    assert loop.row_of({"extra_info": {"index": 9}}) == 9
+    with pytest.raises(KeyError, match="index"):
+        loop.row_of({"raw_prompt": []})
+
+
+@pytest.mark.parametrize("dist", ["heavy", "light"])
+def test_draws_follow_the_median(dist: str) -> None:
+    draws = _draws(loop.DISTS[dist])
+    assert abs(statistics.median(draws) - 24) <= 1.5
+
+
+def test_heavy_has_the_longer_tail() -> None:
+    heavy, light = _draws(loop.DISTS["heavy"]), _draws(loop.DISTS["light"])
+    tail = {name: _quantile(d, 0.9) / statistics.median(d) for name, d in (("heavy", heavy), ("light", light))}
+    assert tail["heavy"] == pytest.approx(math.exp(1.2816), rel=0.1)  # p90/median of LogNormal: e^{1.2816 sigma}
+    assert tail["light"] == pytest.approx(math.exp(1.2816 * 0.25), rel=0.1)
+    assert tail["heavy"] > 2 * tail["light"]
+
+
+def test_draws_respect_the_clip() -> None:
+    draws = [loop.draw_length(0, r, s, 24.0, 1.0, 64) for r in range(500) for s in range(2)]
+    assert min(draws) >= 1 and max(draws) == 64
+
+
+@pytest.mark.parametrize(("sigma", "max_len"), [(1.0, 256), (0.25, 256), (1.0, 32)])
+def test_expected_length_matches_the_draws(sigma: float, max_len: int) -> None:
+    draws = [loop.draw_length(1, r, s, 24.0, sigma, max_len) for r in range(10_000) for s in range(2)]
+    assert loop.expected_length(24.0, sigma, max_len) == pytest.approx(statistics.fmean(draws), rel=0.02)
+    unclipped = 24.0 * math.exp(sigma**2 / 2)
+    assert loop.expected_length(24.0, sigma, 10**5) == pytest.approx(unclipped, rel=1e-3)
+
+
+def _overrides(mode: str, sigma: float = 1.0) -> list[str]:
+    return bench.mode_overrides(mode, SETUP, sigma, Path("/tmp/run"), Path("/tmp/run/loops.yaml"))
+
+
+def test_modes_share_engine_batch_and_groups_in_flight() -> None:
+    seen = {mode: bench.concurrency(mode, _overrides(mode)) for mode in bench.MODES}
+    assert {c["engine_seqs"] for c in seen.values()} == {SETUP.batch * SETUP.n}
+    assert {c["groups_in_flight"] for c in seen.values()} == {SETUP.batch}
+
+
+def test_modes_differ_only_in_their_own_knobs() -> None:
+    sets = {mode: set(_overrides(mode)) for mode in bench.MODES}
+    shared = set.intersection(*sets.values())
+    for needed in ("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",
+                   "actor_rollout_ref.actor.use_dynamic_bsz=true", "data.train_batch_size=4",
+                   "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+                   "actor_rollout_ref.rollout.max_num_seqs=8", "data.max_response_length=256"):
+        assert needed in shared
+    own = {mode: {o.split("=")[0] for o in sets[mode] - shared} for mode in bench.MODES}
+    assert own["sync"] == {"ring1t_loop", "trainer.v1.trainer_mode"}
+    assert own["colocate_async"] == {"ring1t_loop", "trainer.v1.trainer_mode",
+                                     "trainer.v1.colocate_async.num_warmup_batches",
+                                     "trainer.v1.sampler.max_off_policy_threshold",
+                                     "trainer.v1.sampler.max_off_policy_strategy"}
+    assert "trainer.v1.sampler.max_off_policy_threshold=2" in sets["colocate_async"]  # sigma 1 + 1
+    assert own["c3po"] == {"trainer.v1.trainer_mode", "trainer.v1.c3po.token_budget", "trainer.v1.c3po.pool_prompts",
+                           "trainer.v1.c3po.max_retention"}
+
+
+@pytest.mark.parametrize("dist", ["heavy", "light"])
+def test_c3po_budget_is_the_sync_batch_expected_tokens(dist: str) -> None:
+    sigma = loop.DISTS[dist]
+    expected = round(SETUP.batch * SETUP.n * loop.expected_length(SETUP.median, sigma, SETUP.max_len))
+    assert f"trainer.v1.c3po.token_budget={expected}" in _overrides("c3po", sigma)
+    assert bench.token_budget(SETUP, sigma) == expected
+
+
+def test_overrides_compose_with_verl_config_and_no_unknown_key() -> None:
+    """Each mode's overrides through Hydra with verl's real config and the recipe (no run, no model build)."""
+    from ring_ext.config_check import unknown_keys
+    from ring_ext.verl_config import compose_verl
+
+    for mode in bench.MODES:
+        cfg = compose_verl(_overrides(mode))
+        assert unknown_keys(cfg) == [], mode
+        assert cfg.trainer.v1.trainer_mode == mode
+        assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == "vanilla"
+        assert cfg.actor_rollout_ref.actor.use_dynamic_bsz is True
+        # the same rollout work: engine log-probs on and verl's in-process weight push in every colocated mode
+        assert cfg.actor_rollout_ref.rollout.calculate_log_probs is True
+        assert cfg.actor_rollout_ref.rollout.checkpoint_engine.backend == "naive"
+        assert cfg.actor_rollout_ref.rollout.max_num_seqs == 8 and cfg.actor_rollout_ref.rollout.n == 2
+        assert cfg.data.train_batch_size == 4 and cfg.data.max_response_length == 256
+        assert cfg.data.max_prompt_length == bench.PROMPT_MAX
+        assert OmegaConf.select(cfg, "actor_rollout_ref.rollout.agent.default_agent_loop") == bench.LOOP_NAME
+    c3po = compose_verl(_overrides("c3po")).trainer.v1.c3po
+    assert (c3po.token_budget, c3po.pool_prompts, c3po.max_retention) == (bench.token_budget(SETUP, 1.0), 4, 1)
+    sampler = compose_verl(_overrides("colocate_async")).trainer.v1
+    assert sampler.sampler.max_off_policy_threshold == 2 and sampler.colocate_async.num_warmup_batches == 1.0
+
+
+def _step(gen: float, step: float, tokens: float, **extra: float) -> dict:
+    return {"timing_s/gen": gen, "timing_s/step": step, "response_length/mean": tokens / 8,
+            "c3po/tokens_trained": tokens, **extra}
+
+
+def test_summary_skips_warmup_and_computes_ratios() -> None:
+    c3po_extra = {"c3po/budget_used": 1.1, "c3po/version_lag/mean": 0.5, "c3po/version_lag/max": 1,
+                  "c3po/groups_purged": 1, "c3po/groups_trained": 4}
+    sync = [_step(100, 200, 400)] + [_step(4, 8, 400)] * 4  # a slow first step, left out
+    asy = [_step(100, 200, 400)] + [_step(3, 7, 200, **{"training/off_policy/evicted_samples": 1})] * 4
+    c3po = [_step(100, 200, 400, **c3po_extra)] + [_step(2, 5, 500, **c3po_extra)] * 4
+    sums = {m: bench.summarize(m, s, SETUP, warmup=1) for m, s in
+            (("sync", sync), ("colocate_async", asy), ("c3po", c3po))}
+    assert sums["sync"]["gen_s_per_1k_tokens"] == pytest.approx(1e3 * 16 / 1600)
+    assert sums["sync"]["tokens_per_step"] == [400.0] * 4  # response_length/mean x B x n
+    assert sums["c3po"]["step_s_per_1k_tokens"] == pytest.approx(1e3 * 20 / 2000)
+    r = bench.ratios(sums)
+    assert r["sync/c3po"]["rollout"] == pytest.approx((4 / 400) / (2 / 500))
+    assert r["sync/c3po"]["step"] == pytest.approx((8 / 400) / (5 / 500))
+    assert r["colocate_async/c3po"]["rollout"] == pytest.approx((3 / 200) / (2 / 500))
+    assert sums["c3po"]["purge_rate"] == pytest.approx(4 / 20)
+    assert sums["c3po"]["budget_used_median"] == pytest.approx(1.1) and sums["c3po"]["version_lag_max"] == 1
+    assert sums["colocate_async"]["verl_drop_rate"] == pytest.approx(4 / (4 + 16))
+    assert bench.ratios({"sync": sums["sync"]}) == {}  # nothing to compare with
+
+
+def test_summary_refuses_too_few_steps_and_names_why() -> None:
+    with pytest.raises(ValueError, match=r"colocate_async: logged 2 step\(s\), fewer than --warmup 2 \+ 1"):
+        bench.summarize("colocate_async", [_step(1, 2, 3)] * 2, SETUP, warmup=2)
+    with pytest.raises(KeyError, match="c3po/budget_used"):
+        bench.summarize("c3po", [_step(1, 2, 3)] * 3, SETUP, warmup=1)
+
+
+def test_cli_refuses_a_length_past_the_model_positions(capsys: pytest.CaptureFixture[str]) -> None:
+    from ring_ext.tiny.model import COMMON
+
+    assert bench.MODEL_POSITIONS == COMMON["max_position_embeddings"]  # the limit the check guards
+    with pytest.raises(SystemExit):
+        bench.parse(["--max-len", "449"])
+    assert "448" in capsys.readouterr().err
+    _, setup = bench.parse(["--batch", "3", "--n", "4"])
+    assert setup.engine_seqs == 12 and setup.max_len == 256 and setup.median == 24.0
+
+
+def test_the_loop_asks_verl_for_exactly_the_drawn_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The class Hydra instantiates (`_target_` in the loop YAML) forwards max_tokens=L and ignore_eos to verl."""
+    import asyncio
+    import pickle
+
+    from hydra._internal.utils import _locate
+    from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
+
+    cls = _locate("c3po_length_loop.LogNormalLengthAgentLoop")
+    assert issubclass(cls, SingleTurnAgentLoop) and pickle.loads(pickle.dumps(cls)) is cls
+    seen: list[tuple[dict, dict]] = []
+
+    async def fake_run(self, sampling_params: dict, **kwargs: object) -> str:
+        seen.append((sampling_params, kwargs))
+        return "out"
+
+    monkeypatch.setattr(SingleTurnAgentLoop, "run", fake_run)
+    for key, value in {"SEED": "5", "MEDIAN": "24", "SIGMA": "1.0", "MAX": "64"}.items():
+        monkeypatch.setenv(f"C3PO_BENCH_{key}", value)
+    agent = cls.__new__(cls)  # no server: only run() is exercised
+    agent.response_length = 256
+    out = asyncio.run(agent.run({"temperature": 1.0}, index=17, session_id=1, raw_prompt=[]))
+    assert out == "out"
+    params, kwargs = seen[0]
+    assert params == {"temperature": 1.0, "max_tokens": loop.draw_length(5, 17, 1, 24.0, 1.0, 64), "ignore_eos": True}
+    assert kwargs["session_id"] == 1 and kwargs["index"] == 17  # the row fields still reach verl's loop
+
+
+def test_report_survives_a_failed_run(tmp_path: Path) -> None:
+    """One mode failing leaves the others' numbers in the table and the PNG."""
+    pytest.importorskip("matplotlib")
+    extra = {"c3po/budget_used": 1.0, "c3po/version_lag/mean": 0.0, "c3po/version_lag/max": 0,
+             "c3po/groups_purged": 0, "c3po/groups_trained": 4}
+    sums = {"sync": bench.summarize("sync", [_step(4, 8, 400)] * 3, SETUP, 1),
+            "c3po": bench.summarize("c3po", [_step(2, 6, 400, **extra)] * 3, SETUP, 1)}
+    result = {"command": "python benchmarks/bench_c3po_vllm.py", "setup": vars(SETUP), "dists": {"heavy": {
+        "token_budget": 308, "modes": list(bench.MODES), "summary": sums, "ratios": bench.ratios(sums),
+        "errors": {"colocate_async": "VerlRunError: colocate_async: exited 1\nlog tail"}}}}
+    text = bench.table(result)
+    assert "colocate_async  FAILED: VerlRunError: colocate_async: exited 1" in text and "log tail" not in text
+    assert "      2.00       1.33" in text  # sync / c3po: (4/400)/(2/400), (8/400)/(6/400)
+    bench.plot(result, tmp_path / "fair.png")
+    assert (tmp_path / "fair.png").stat().st_size > 0
