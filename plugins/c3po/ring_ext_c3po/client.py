@@ -116,3 +116,25 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
         routed = routed if routed is not None and len(routed) == len(out.token_ids) else None  # misaligned: none
         return Partial(pkey, [int(t) for t in out.token_ids], log_probs, [s.to_list() for s in tracker.segments],
                        tracker.retention, routed)
+
+
+def skip_scoring_purged(agent_loop: Any) -> None:
+    """verl's agent loop scores every finished sample before it reaches TransferQueue; a purged sample is evicted
+    with its group unread, so it gets reward 0 without the reward worker's call (a reward model's forward, a sandbox
+    run). Applied to `verl.experimental.agent_loop.agent_loop.AgentLoopWorker` by the plugin."""
+    worker = agent_loop.AgentLoopWorker
+    original = worker._compute_score
+    if getattr(original, "__ring_ext_patched__", False):
+        return
+
+    async def _compute_score(self: Any, outputs: list[Any], kwargs: dict) -> None:
+        final = outputs[-1]
+        if final.extra_fields.get("c3po_purged"):
+            final.reward_score = 0.0
+            final.extra_fields.setdefault("reward_extra_info", {})
+            return
+        await original(self, outputs, kwargs)
+
+    _compute_score.__ring_ext_patched__ = True  # type: ignore[attr-defined]
+    worker._compute_score = _compute_score
+

@@ -78,3 +78,28 @@ def test_a_fixed_micro_batch_count_is_refused_for_the_variable_c3po_batch() -> N
 
     with pytest.raises(ValueError, match="set actor_rollout_ref.actor.use_dynamic_bsz=true"):
         run_startup_checks(_compose("actor_rollout_ref.actor.use_dynamic_bsz=false"))
+
+
+def test_a_purged_sample_is_not_scored_and_the_others_are() -> None:
+    """Through verl's own AgentLoopWorker (patched by the plugin on import): the reward worker is never asked for a
+    sample the client purged; any other sample goes to verl's scoring as before."""
+    import asyncio
+
+    import verl  # noqa: F401  (loads the plugin, which patches the agent loop on import)
+    from verl.experimental.agent_loop.agent_loop import AgentLoopOutput, AgentLoopWorker
+
+    def output(purged: bool) -> AgentLoopOutput:
+        return AgentLoopOutput(prompt_ids=[1, 2], response_ids=[3], response_mask=[1], num_turns=2,
+                               metrics={}, extra_fields={"c3po_purged": purged})
+
+    class NoRewardWorker:  # verl's scoring asks for these; a purged sample must not reach them
+        @property
+        def reward_loop_worker_handles(self):
+            raise AssertionError("the reward workers were asked to score a purged sample")
+
+    purged = output(True)
+    asyncio.run(AgentLoopWorker._compute_score(NoRewardWorker(), [purged], kwargs={}))
+    assert purged.reward_score == 0.0 and purged.extra_fields["reward_extra_info"] == {}
+    kept = output(False)
+    with pytest.raises(AssertionError, match="asked to score"):  # verl's own path runs for the others
+        asyncio.run(AgentLoopWorker._compute_score(NoRewardWorker(), [kept], kwargs={}))
