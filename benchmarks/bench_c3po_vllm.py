@@ -14,6 +14,9 @@ with median --median, sigma 1.0 (`heavy`) or 0.25 (`light`), clipped to [1, --ma
 (--seed, dataset row, sample index in the group): a row decodes the same lengths in every mode.
 
 Why it is fair:
+- the same poll interval: verl's own buffers poll TransferQueue every 2 s (hard-wired), C3PO++ every 0.05 s; sync
+  and colocate_async get verl's buffers with a 0.05 s poll through verl's custom-sampler hook (fast_poll_sampler.py),
+  so no mode waits for a poll after its batch is done;
 - one loss for all: verl's vanilla PPO-clip (`policy_loss.loss_mode=vanilla`; c3po keeps the recipe's typed loss
   config with that mode), and token-based micro-batches (`actor.use_dynamic_bsz=true`, which C3PO++'s variable
   batch needs) for all, so the training phase costs the same per token;
@@ -68,6 +71,7 @@ from c3po_length_loop import DISTS, expected_length  # noqa: E402  (verl-free: i
 from ring_ext.verl_run import run_main_ppo  # noqa: E402
 
 RESULTS = HERE / "results"
+SAMPLER = Path(__file__).resolve().parent / "fast_poll_sampler.py"
 MODES = ("sync", "colocate_async", "c3po")
 BASELINES = ("sync", "colocate_async")  # each compared with c3po
 PROMPT_MAX = 64  # the recipe's data.max_prompt_length
@@ -107,10 +111,14 @@ def mode_overrides(mode: str, setup: Setup, sigma: float, run_dir: Path, loop_co
         f"actor_rollout_ref.rollout.agent.agent_loop_config_path={loop_config}",
         f"actor_rollout_ref.rollout.agent.default_agent_loop={LOOP_NAME}",
     ]  # fmt: skip
+    # verl's buffers poll every 2 s (no config key): the same poll interval as C3PO++ for both (fast_poll_sampler.py)
+    sampler = f"trainer.v1.sampler.custom_sampler.path={SAMPLER}"
     if mode == "sync":
-        return [*common, "ring1t_loop=grpo", "trainer.v1.trainer_mode=sync"]
+        return [*common, "ring1t_loop=grpo", "trainer.v1.trainer_mode=sync", sampler,
+                "trainer.v1.sampler.custom_sampler.name=FastPollReplayBuffer"]
     if mode == "colocate_async":
-        return [*common, "ring1t_loop=grpo", "trainer.v1.trainer_mode=colocate_async",
+        return [*common, "ring1t_loop=grpo", "trainer.v1.trainer_mode=colocate_async", sampler,
+                "trainer.v1.sampler.custom_sampler.name=FastPollReplayBufferAsync",
                 f"trainer.v1.colocate_async.num_warmup_batches={setup.async_prefetch}",
                 f"trainer.v1.sampler.max_off_policy_threshold={setup.retention + 1}",
                 "trainer.v1.sampler.max_off_policy_strategy=drop"]

@@ -95,14 +95,33 @@ def test_modes_differ_only_in_their_own_knobs() -> None:
                    "actor_rollout_ref.rollout.max_num_seqs=8", "data.max_response_length=256"):
         assert needed in shared
     own = {mode: {o.split("=")[0] for o in sets[mode] - shared} for mode in bench.MODES}
-    assert own["sync"] == {"ring1t_loop", "trainer.v1.trainer_mode"}
-    assert own["colocate_async"] == {"ring1t_loop", "trainer.v1.trainer_mode",
+    poll = {"trainer.v1.sampler.custom_sampler.path", "trainer.v1.sampler.custom_sampler.name"}
+    assert own["sync"] == {"ring1t_loop", "trainer.v1.trainer_mode", *poll}
+    assert own["colocate_async"] == {"ring1t_loop", "trainer.v1.trainer_mode", *poll,
                                      "trainer.v1.colocate_async.num_warmup_batches",
                                      "trainer.v1.sampler.max_off_policy_threshold",
                                      "trainer.v1.sampler.max_off_policy_strategy"}
     assert "trainer.v1.sampler.max_off_policy_threshold=2" in sets["colocate_async"]  # sigma 1 + 1
+    # verl's own buffers with C3PO++'s poll interval (verl hard-wires 2 s), through verl's custom-sampler hook
+    assert "trainer.v1.sampler.custom_sampler.name=FastPollReplayBuffer" in sets["sync"]
+    assert "trainer.v1.sampler.custom_sampler.name=FastPollReplayBufferAsync" in sets["colocate_async"]
     assert own["c3po"] == {"trainer.v1.trainer_mode", "trainer.v1.c3po.token_budget", "trainer.v1.c3po.pool_prompts",
                            "trainer.v1.c3po.max_retention"}
+
+
+def test_the_fast_poll_samplers_are_verls_buffers_polling_as_often_as_c3po() -> None:
+    sys.path.insert(0, str(Path(bench.__file__).parent))
+    import fast_poll_sampler as fast
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+
+    from ring_ext_c3po.rules import C3POConfig
+
+    assert fast.POLL_INTERVAL_S == C3POConfig(token_budget=1).poll_interval_s == 0.05
+    kwargs = dict(trainer_mode="sync", trainer_config={}, max_off_policy_threshold=None,
+                  max_off_policy_strategy="drop", sampler_kwargs={}, poll_interval=2.0)
+    assert fast.FastPollReplayBuffer(**kwargs).poll_interval == 0.05  # verl's 2 s default replaced
+    assert issubclass(fast.FastPollReplayBuffer, ReplayBuffer)
+    assert issubclass(fast.FastPollReplayBufferAsync, ReplayBufferAsync)
 
 
 @pytest.mark.parametrize("dist", ["heavy", "light"])
