@@ -20,13 +20,12 @@ Why it is fair:
 - one loss for all: verl's vanilla PPO-clip (`policy_loss.loss_mode=vanilla`; c3po keeps the recipe's typed loss
   config with that mode), and token-based micro-batches (`actor.use_dynamic_bsz=true`, which C3PO++'s variable
   batch needs) for all, so the training phase costs the same per token;
-- equal concurrency: the vLLM engine batch `rollout.max_num_seqs` = --engine-seqs (B x n) for all, so at most B
-  groups decode at once in every mode. Prompt groups in flight: sync B (`data.train_batch_size`); c3po B
-  (`pool_prompts`, held constant by top-ups); colocate_async has no constant pool in verl: it submits B fresh
-  groups at each step start on top of the w x B it carried across the last update (w = num_warmup_batches,
-  rounded down to whole prompts), and refills only evicted groups. w = 1 carries B groups across every update, as
-  c3po's Omega = B does; the extra B at a step start wait in vLLM's queue behind the engine batch, back-filling
-  freed slots as C3PO++'s top-up does (with w < 1 the engine runs under-full at the end of each phase, as in sync);
+- equal concurrency: the vLLM engine batch `rollout.max_num_seqs` = --engine-seqs (B x n) for all, so at most B x n
+  sequences decode at once in every mode. Groups admitted beyond that wait in vLLM's queue and back-fill freed
+  slots: sync has none (B, its batch); colocate_async admits B fresh groups at each step start on top of the w x B it
+  carried across the last update (w = num_warmup_batches, 1: 2B) and refills only evicted groups; c3po keeps
+  Omega = --pool (default the same 2B) admitted, topped up at each poll. The same queue depth behind the same
+  engine batch for both partial-rollout modes;
 - staleness: c3po purges a request cut a second time holding tokens (sigma = 1); verl drops a finished group
   dispatched more than threshold - 1 steps ago (threshold 2): both train tokens at most one policy version old;
 - equal trained tokens per step: sync and colocate_async train B groups (B x n samples); c3po's Phi = B x n x E[L]
@@ -92,6 +91,11 @@ class Setup:
     retention: int = 1  # c3po sigma; colocate_async threshold = retention + 1
     seed: int = 0
     async_prefetch: float = 1.0  # colocate_async num_warmup_batches (w)
+    pool: int = 0  # c3po Omega; 0: B + floor(w x B), the groups colocate_async admits at a step start
+
+    @property
+    def omega(self) -> int:
+        return self.pool or self.batch + math.floor(self.async_prefetch * self.batch)
 
 
 def token_budget(setup: Setup, sigma: float) -> int:
@@ -124,17 +128,19 @@ def mode_overrides(mode: str, setup: Setup, sigma: float, run_dir: Path, loop_co
                 "trainer.v1.sampler.max_off_policy_strategy=drop"]
     if mode == "c3po":
         return [*common, "trainer.v1.trainer_mode=c3po", f"trainer.v1.c3po.token_budget={token_budget(setup, sigma)}",
-                f"trainer.v1.c3po.pool_prompts={setup.batch}", f"trainer.v1.c3po.max_retention={setup.retention}"]
+                f"trainer.v1.c3po.pool_prompts={setup.omega}", f"trainer.v1.c3po.max_retention={setup.retention}"]
     raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
 
 
 def concurrency(mode: str, overrides: list[str]) -> dict[str, int]:
-    """Read back from the overrides: sequences the engine decodes at once, and prompt groups kept in flight
-    (sync: its batch; c3po: Omega; colocate_async: the groups carried across each update, floor(w x B))."""
+    """Read back from the overrides: sequences the engine decodes at once (the concurrency, equal for all), and the
+    prompt groups admitted at a step start, decoding or queued behind the engine batch (sync: its batch B; c3po:
+    Omega; colocate_async: B fresh + the floor(w x B) carried across the last update)."""
     kv = dict(o.split("=", 1) for o in overrides if "=" in o)
     batch = int(kv["data.train_batch_size"])
     groups = {"sync": batch, "c3po": int(kv.get("trainer.v1.c3po.pool_prompts", 0)),
-              "colocate_async": math.floor(float(kv.get("trainer.v1.colocate_async.num_warmup_batches", 0)) * batch)}
+              "colocate_async": batch + math.floor(float(kv.get("trainer.v1.colocate_async.num_warmup_batches", 0))
+                                                   * batch)}
     return {"engine_seqs": int(kv["actor_rollout_ref.rollout.max_num_seqs"]), "groups_in_flight": groups[mode]}
 
 
@@ -279,7 +285,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Setup]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=8, help="training steps per run")
     p.add_argument("--warmup", type=int, default=2, help="leading steps left out (vLLM's first generation)")
-    p.add_argument("--batch", type=int, default=4, help="B: prompt groups per sync step, c3po's Omega")
+    p.add_argument("--batch", type=int, default=4, help="B: prompt groups per sync step")
+    p.add_argument("--pool", type=int, default=0,
+                   help="c3po's Omega (default B + floor(w x B): what colocate_async admits at a step start)")
     p.add_argument("--n", type=int, default=2, help="samples per prompt (actor_rollout_ref.rollout.n)")
     p.add_argument("--median", type=float, default=24.0, help="median response length (tokens)")
     p.add_argument("--max-len", type=int, default=256, help="max_response_length, the length clip")
@@ -303,7 +311,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Setup]:
         p.error("--batch, --n, --max-len must be >= 1, --retention >= 0, --median > 0")
     setup = Setup(steps=args.steps, batch=args.batch, n=args.n, median=args.median, max_len=args.max_len,
                   engine_seqs=args.engine_seqs or args.batch * args.n, retention=args.retention, seed=args.seed,
-                  async_prefetch=args.async_prefetch)
+                  async_prefetch=args.async_prefetch, pool=args.pool)
     return args, setup
 
 

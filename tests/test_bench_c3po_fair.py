@@ -83,7 +83,9 @@ def _overrides(mode: str, sigma: float = 1.0) -> list[str]:
 def test_modes_share_engine_batch_and_groups_in_flight() -> None:
     seen = {mode: bench.concurrency(mode, _overrides(mode)) for mode in bench.MODES}
     assert {c["engine_seqs"] for c in seen.values()} == {SETUP.batch * SETUP.n}
-    assert {c["groups_in_flight"] for c in seen.values()} == {SETUP.batch}
+    # admitted groups (decoding or queued behind the engine batch): the two partial-rollout modes alike, 2B with w = 1
+    assert seen["c3po"]["groups_in_flight"] == seen["colocate_async"]["groups_in_flight"] == 2 * SETUP.batch
+    assert seen["sync"]["groups_in_flight"] == SETUP.batch
 
 
 def test_modes_differ_only_in_their_own_knobs() -> None:
@@ -151,7 +153,7 @@ def test_overrides_compose_with_verl_config_and_no_unknown_key() -> None:
         assert cfg.data.max_prompt_length == bench.PROMPT_MAX
         assert OmegaConf.select(cfg, "actor_rollout_ref.rollout.agent.default_agent_loop") == bench.LOOP_NAME
     c3po = compose_verl(_overrides("c3po")).trainer.v1.c3po
-    assert (c3po.token_budget, c3po.pool_prompts, c3po.max_retention) == (bench.token_budget(SETUP, 1.0), 4, 1)
+    assert (c3po.token_budget, c3po.pool_prompts, c3po.max_retention) == (bench.token_budget(SETUP, 1.0), 8, 1)
     sampler = compose_verl(_overrides("colocate_async")).trainer.v1
     assert sampler.sampler.max_off_policy_threshold == 2 and sampler.colocate_async.num_warmup_batches == 1.0
 
