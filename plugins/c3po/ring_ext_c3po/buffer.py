@@ -76,9 +76,13 @@ class C3POReplayBuffer(ReplayBufferAsync):
         self._append_timeline(global_steps, [(k, e) for k, e in rows if _uid(k) in newly], True)
         return {uid for uid, purged in self._purged.items() if purged}
 
+    def _in_flight(self, partition_id: str) -> int:
+        """Prompt groups pending or running, on the last poll's snapshot."""
+        return len(self.pending_keys[partition_id]) + len(self.running_keys[partition_id])
+
     def top_up(self, partition_id: str = "train", reached: bool = False) -> int:
         """Admit new prompt groups until Omega are pending or running (on the last poll's snapshot)."""
-        in_flight = len(self.pending_keys[partition_id]) + len(self.running_keys[partition_id])
+        in_flight = self._in_flight(partition_id)
         missing = top_up(in_flight, self.c3po.pool_prompts, reached=reached)
         if missing:
             self.refill_fn(missing)
@@ -101,7 +105,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
                 return sampleable, metrics
             if self.top_up(partition_id):
                 continue  # re-read: the new groups are pending now
-            in_flight = len(self.pending_keys[partition_id]) + len(self.running_keys[partition_id])
+            in_flight = self._in_flight(partition_id)
             progress = (len(self.partitions[partition_id]), len(self.finished_keys[partition_id]),
                         len(self.failure_keys[partition_id]))
             guard.check(progress=progress, in_flight=in_flight, tokens=tokens, config=self.c3po,
@@ -122,7 +126,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
             sampleable, late = self.wait_for_sampleable(global_steps, partition_id, batch_size)
             _accumulate_eviction_metrics(metrics, late, late.get("training/off_policy/evicted_samples", 0))
         uids, extras = self._batch_uids(partition_id, sampleable)
-        in_flight = len(self.pending_keys[partition_id]) + len(self.running_keys[partition_id])
+        in_flight = self._in_flight(partition_id)
         batch = self._materialize_batch(partition_id, uids, dict(self.partitions[partition_id]))
         extras = [extras[k] for k in batch.keys]
         metrics.update(self._step_metrics(global_steps, batch, extras, in_flight, time.time() - start))
