@@ -1,0 +1,148 @@
+"""In-place weight sync, both ends of one sync: a sender writes its slices into a worker's parameters, the worker
+checks the reports before it commits. No verl, no vLLM.
+
+A sync of version v: the sender writes each checkpoint tensor's recorded slices straight into the worker's
+parameter arena (`replay` the view ops on the sender's own device, then one copy per step of `STEP` bytes), and
+reports the byte ranges it wrote; on a verified sync it also compares each step's destination bytes with the
+source while both are in cache and sends the destination's xxh3 per step. The worker (`check_reports`) commits v
+only if the plan digests agree, v is the next version, the ranges cover every planned byte exactly once and, on a
+verified sync, the bytes it holds still hash as the sender saw them. Writes are idempotent overwrites: a failed
+sync is retried whole.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import xxhash
+
+from ring_ext_astate.arena import map_arena
+from ring_ext_astate.control import ControlClient, SyncError
+from ring_ext_astate.plan import Plan, PlanError, merge_exactly_once, replay
+
+STEP = 1 << 20  # bytes per copy step: the source and destination of one step are still in cache when hashed
+
+
+@dataclass
+class Welcome:
+    """What a proven sender learns from the worker."""
+
+    rank: int
+    arena: str
+    size: int
+    plan: Plan
+    ignored: frozenset[str]  # checkpoint names vLLM's loader reads but writes nowhere (tied heads, rotary caches)
+    version: int  # the last committed version
+
+
+@dataclass
+class WriteStats:
+    bytes: int = 0
+    seconds: float = 0.0
+    verified: bool = False
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    digests: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+class InPlaceSender:
+    """A trainer-side writer into one rollout worker's parameters (the mapping is kept across syncs)."""
+
+    def __init__(self, descriptor: str, timeout_s: float) -> None:
+        self.client = ControlClient(descriptor, timeout_s)
+        self.welcome: Welcome = self.client.hello()
+        self.bytes = map_arena(self.welcome.arena, self.welcome.size)
+
+    def write(self, weights: Iterable[tuple[str, torch.Tensor]], verify: bool,
+              after_each: Callable[[str], None] | None = None) -> WriteStats:
+        plan, stats, t0 = self.welcome.plan, WriteStats(verified=verify), time.perf_counter()
+        seen: set[str] = set()
+        for name, t in weights:
+            ds = plan.destinations.get(name)
+            if ds is None:
+                if name in self.welcome.ignored:
+                    continue
+                raise SyncError(f"tensor {name!r} is not in rollout worker {self.welcome.rank}'s plan (recorded from "
+                                "vLLM's loaders at the first sync): the trainer sends a checkpoint vLLM did not load")
+            seen.add(name)
+            for d in ds:
+                self._write_one(name, t, d, stats, verify)
+            if after_each is not None:
+                after_each(name)
+        missing = sorted(set(plan.destinations) - seen)
+        if missing:
+            raise SyncError(f"the trainer sent no {missing[:5]}{'...' if len(missing) > 5 else ''} "
+                            f"({len(missing)} tensors rollout worker {self.welcome.rank} needs)")
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def _write_one(self, name: str, t: torch.Tensor, d, stats: WriteStats, verify: bool) -> None:
+        src = replay(t, d.ops)
+        if tuple(src.shape) != d.shape:
+            if src.numel() != d.nbytes // d.itemsize:
+                raise PlanError(f"{name!r}: the recorded slice has shape {d.shape}, the sender's is {tuple(src.shape)}")
+            src = src.reshape(d.shape)
+        src = src.reshape(-1)  # a TP slice along an inner dim is gathered here, on the sender's device
+        dst = self.bytes[d.offset:d.offset + d.nbytes].view(getattr(torch, d.dtype))
+        per = STEP // d.itemsize
+        for a in range(0, dst.numel(), per):
+            s, o = src[a:a + per], dst[a:a + per]
+            o.copy_(s)
+            if verify:  # compared and hashed while both are in cache: no second pass over memory
+                same = (s.dtype == o.dtype and s.device.type == "cpu"
+                        and xxhash.xxh3_64_intdigest(memoryview(s.contiguous().view(torch.uint8).numpy()))
+                        == (h := xxhash.xxh3_64_intdigest(memoryview(o.view(torch.uint8).numpy()))))
+                if not same:
+                    if not torch.equal(o, s.to(o.dtype).cpu()):
+                        raise SyncError(f"{name!r}: bytes written into {d.param!r} differ from the source")
+                    h = xxhash.xxh3_64_intdigest(memoryview(o.view(torch.uint8).numpy()))
+                lo = d.offset + a * d.itemsize
+                stats.digests.append((lo, lo + o.numel() * d.itemsize, h))
+        stats.ranges.append((d.offset, d.offset + d.nbytes))
+        stats.bytes += d.nbytes
+
+    def report(self, version: int, sender: int, stats: WriteStats) -> None:
+        self.client.report({"version": version, "sender": sender, "plan": self.welcome.plan.digest,
+                            "ranges": stats.ranges, "digests": stats.digests if stats.verified else None})
+
+    def close(self) -> None:
+        self.client.close()
+        self.bytes = None  # unmaps with the last reference
+
+
+def check_reports(plan: Plan, reports: list[dict], version: int, arena: torch.Tensor, verify: bool, rank: int) -> int:
+    """The worker's commit check; returns the bytes written. Raises SyncError naming what is wrong."""
+    for r in reports:
+        if r["plan"] != plan.digest:
+            raise SyncError(f"rollout worker {rank}: sender {r['sender']} wrote with plan {r['plan']}, the worker's is "
+                            f"{plan.digest}")
+        if r["version"] != version:
+            raise SyncError(f"rollout worker {rank}: sender {r['sender']} reported version {r['version']}, "
+                            f"expected {version}")
+    try:
+        got = merge_exactly_once((a, b, f"sender {r['sender']}") for r in reports for a, b in r["ranges"])
+    except PlanError as e:
+        raise SyncError(f"rollout worker {rank}, sync {version}: {e}") from None
+    want = merge_exactly_once((d.offset, d.offset + d.nbytes, n) for n, ds in plan.destinations.items() for d in ds)
+    if got != want:
+        raise SyncError(f"rollout worker {rank}, sync {version}: the senders wrote {sum(b - a for a, b in got)} of "
+                        f"{sum(b - a for a, b in want)} planned bytes")
+    if verify:
+        for r in reports:
+            if r["digests"] is None:
+                raise SyncError(f"rollout worker {rank}: sync {version} is verified but sender {r['sender']} sent "
+                                "no digests")
+            for a, b, h in r["digests"]:
+                if xxhash.xxh3_64_intdigest(memoryview(arena[a:b].numpy())) != h:
+                    raise SyncError(f"rollout worker {rank}, sync {version}: bytes [{a}, {b}) changed after sender "
+                                    f"{r['sender']} wrote them (in {_param_at(plan, a)!r})")
+    return sum(b - a for a, b in got)
+
+
+def _param_at(plan: Plan, offset: int) -> str:
+    for name, (o, n) in plan.params.items():
+        if o <= offset < o + n:
+            return name
+    return "?"

