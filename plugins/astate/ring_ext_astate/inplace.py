@@ -64,8 +64,11 @@ class InPlaceSender:
             if ds is None:
                 if name in self.welcome.ignored:
                     continue
-                raise SyncError(f"tensor {name!r} is not in rollout worker {self.welcome.rank}'s plan (recorded from "
-                                "vLLM's loaders at the first sync): the trainer sends a checkpoint vLLM did not load")
+                # not in the checkpoint the plan came from (a tied head HF's state dict still holds): the worker's
+                # loaders say whether they ignore it; anything they would write is refused there, naming it
+                if self.client.ignores(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")):
+                    self.welcome.ignored = self.welcome.ignored | {name}
+                    continue
             seen.add(name)
             for d in ds:
                 self._write_one(name, t, d, stats, verify)

@@ -1,12 +1,52 @@
-"""ring-ext hook implementation of ring-ext-astate: the ``astate`` verl checkpoint engine."""
+"""ring-ext hook implementation of ring-ext-astate: the ``astate`` verl checkpoint engine and the in-place sync.
+
+In-place: a vLLM engine started with ``weight_transfer_config={"backend": "astate"}`` builds ring-ext-astate's
+weight-transfer engine in each worker (`vllm_plugin`), and verl's `ServerAdapter.update_weights` writes into it
+(`adapter`), in every trainer mode.
+"""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from ring_ext.hookspecs import hookimpl
+from ring_ext.patching import after_import
 from ring_ext.registrar import Registrar
+
+logger = logging.getLogger("ring_ext")
+
+
+def check_inplace_config(config: Any) -> None:
+    """In the driver: the in-place options parse, and the start-up log says which sync runs."""
+    from ring_ext_astate.adapter import InPlaceOptions, in_place
+
+    rollout = config.actor_rollout_ref.rollout
+    options = InPlaceOptions.from_rollout_config(rollout)
+    if not in_place(rollout):
+        if rollout.checkpoint_engine.get("engine_kwargs", {}).get("astate_inplace"):
+            logger.warning("ring-ext: checkpoint_engine.engine_kwargs.astate_inplace is set but vLLM's "
+                           "weight_transfer_config.backend is not astate: the in-place options are not used")
+        return
+    if rollout.name != "vllm":
+        raise ValueError(f"astate's in-place sync writes into vLLM's parameters; rollout.name={rollout.name}")
+    logger.warning("ring-ext: weight sync in place through astate into every vLLM worker's parameters: %s", options)
 
 
 @hookimpl
 def ring_ext_register(registrar: Registrar) -> None:
     # a string: the engine module imports verl's checkpoint engines, which only load when verl needs them
     registrar.checkpoint_engine("astate", "ring_ext_astate.engine:AStateCheckpointEngine")
+    registrar.startup_check("astate_inplace", check_inplace_config)
+    after_import("verl.workers.rollout.vllm_rollout.vllm_rollout", _patch_server_adapter)
+    registrar.workaround(
+        "server_adapter_in_place",
+        "verl/workers/rollout/vllm_rollout/vllm_rollout.py ServerAdapter.update_weights copies every tensor into a "
+        "bucket for the vLLM worker's load_weights; with weight_transfer_config.backend=astate it writes the rank's "
+        "slices into the worker's parameters instead (ring_ext_astate.adapter)")
+
+
+def _patch_server_adapter(module: Any) -> None:
+    from ring_ext_astate.adapter import patch_server_adapter
+
+    patch_server_adapter(module)

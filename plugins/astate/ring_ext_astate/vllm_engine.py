@@ -78,26 +78,31 @@ class _RecordingSink:
 
 def bake(model: torch.nn.Module, arena: ParamArena, layout: dict[str, tuple[int, int]],
          checkpoint: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[Plan, frozenset[str], dict[str, str]]:
-    """Record every checkpoint tensor's destinations by running vLLM's loaders over placeholders, one at a time.
+    """Record every checkpoint tensor's destinations by running vLLM's loaders over placeholders.
 
-    Returns the plan, the names the loaders consume without writing, and the refused names with the reason."""
+    Returns the plan, the names the loaders consume without writing, and the refused names with the reason.
+    All names in one `load_weights` (loaders check tied names against the rest); if that raises, one name at a
+    time, so that only the names whose loader does something other than a view are refused."""
     sink = _RecordingSink(arena, {o: n for n, (o, _) in layout.items()})
-    destinations, ignored, refused = {}, set(), {}
-    for name, (shape, dtype) in checkpoint.items():
-        fake = FakeRDTTensor(name, torch.Size(shape), dtype, torch.device("cpu"), sink=sink)
-        before = len(sink.copies)
-        try:
-            model.load_weights([(name, fake)])
-        except (PlanError, NotImplementedError) as e:  # vLLM's fake raises NotImplementedError on non-view ops
-            refused[name] = str(e).splitlines()[0]
-            del sink.copies[before:]
-            continue
-        mine = [d for n, d in sink.copies[before:] if n == name]
-        if mine:
-            destinations[name] = tuple(mine)
-        else:
-            ignored.add(name)
-    return Plan(destinations, dict(layout)), frozenset(ignored), refused
+    fakes = [(n, FakeRDTTensor(n, torch.Size(shape), dtype, torch.device("cpu"), sink=sink))
+             for n, (shape, dtype) in checkpoint.items()]
+    refused: dict[str, str] = {}
+    try:
+        model.load_weights(fakes)
+    except (PlanError, NotImplementedError):  # vLLM's fake raises NotImplementedError on non-view ops
+        sink.copies.clear()
+        for item in fakes:
+            before = len(sink.copies)
+            try:
+                model.load_weights([item])
+            except (PlanError, NotImplementedError, ValueError) as e:
+                refused[item[0]] = str(e).splitlines()[0]
+                del sink.copies[before:]
+    destinations: dict[str, list[Destination]] = {}
+    for name, d in sink.copies:
+        destinations.setdefault(name, []).append(d)
+    ignored = frozenset(checkpoint) - set(destinations) - set(refused)
+    return Plan({n: tuple(ds) for n, ds in destinations.items()}, dict(layout)), ignored, refused
 
 
 @dataclass
@@ -111,6 +116,7 @@ class AStateUpdateInfo:
     senders: int = 1
     verify: bool = True
     timeout_s: float = 120.0
+    abort: bool = False  # a sender failed: end vLLM's session (its update_weights closes it on an error)
 
 
 class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpdateInfo]):
@@ -136,8 +142,8 @@ class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpda
         params = list(self.model.named_parameters())
         self.arena, layout = ParamArena.adopt(params)
         try:
-            checkpoint = checkpoint_tensors(self.model_config.model)
-            self.plan, self.ignored, refused = bake(self.model, self.arena, layout, checkpoint)
+            self.checkpoint = checkpoint_tensors(self.model_config.model)
+            self.plan, self.ignored, refused = bake(self.model, self.arena, layout, self.checkpoint)
             if refused:
                 raise PlanError(f"rollout worker {self.rank}: vLLM's loaders transform {sorted(refused)}: "
                                 f"{next(iter(refused.values()))}; they cannot be written in place")
@@ -145,7 +151,7 @@ class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpda
         except BaseException:
             self.arena.unlink()
             raise
-        self.server = ControlServer(init_info.run_dir, self.rank, self._welcome)
+        self.server = ControlServer(init_info.run_dir, self.rank, self._welcome, self._classify)
         logger.warning("ring-ext astate: rollout worker %d writes in place: %d checkpoint tensors -> %d parameters, "
                        "%.1f MiB, plan %s", self.rank, len(self.plan.destinations), len(layout),
                        self.plan.nbytes / 2**20, self.plan.digest)
@@ -153,6 +159,19 @@ class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpda
     def _welcome(self) -> Welcome:
         assert self.arena is not None
         return Welcome(self.rank, self.arena.name, self.arena.size, self.plan, self.ignored, self.version)
+
+    def _classify(self, name: str, shape: tuple[int, ...], dtype: str) -> bool:
+        """A name the checkpoint on disk lacks (a tied head the trainer still sends): True if vLLM ignores it."""
+        if name in self.ignored:
+            return True
+        plan, ignored, refused = bake(self.model, self.arena, self.plan.params,
+                                      {**self.checkpoint, name: (shape, getattr(torch, dtype))})
+        if name in ignored:
+            self.ignored = self.ignored | {name}
+            return True
+        why = refused.get(name) or f"it lands in {[d.param for d in plan.destinations[name]]}, planned from others"
+        raise PlanError(f"rollout worker {self.rank}: tensor {name!r} is not in the checkpoint the plan was recorded "
+                        f"from and vLLM's loader would write it: {why}")
 
     def _params(self) -> list[tuple[str, torch.Tensor]]:
         return list(self.model.named_parameters())
@@ -171,6 +190,9 @@ class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpda
             torch.cuda.synchronize()
 
     def receive_weights(self, update_info: AStateUpdateInfo) -> None:
+        if update_info.abort:
+            self.open = None
+            raise SyncError(f"rollout worker {self.rank}: sync {update_info.version} aborted by its sender")
         if self.open is None or update_info.version != self.open:
             raise SyncError(f"rollout worker {self.rank}: update for version {update_info.version}, the open sync is "
                             f"{self.open} (last committed {self.version})")

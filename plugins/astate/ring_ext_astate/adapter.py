@@ -1,0 +1,162 @@
+"""verl's end of the in-place sync: `ServerAdapter.update_weights` writes straight into its vLLM worker's parameters.
+
+verl 0.9.1 hands every weight push to the rollout's `ServerAdapter.update_weights(weights)`: in the colocated
+modes (sync, colocate_async, c3po) the trainer rank calls it with its model's tensors, in separate_async the
+checkpoint-engine worker does with what it received. verl's own body copies each tensor into a bucket and has the
+vLLM worker `load_weights` from it. When the vLLM engine runs the ``astate`` weight-transfer backend, the patched
+method instead drives vLLM's weight-transfer session on its worker and writes this rank's slices into the worker's
+parameter arena itself (`InPlaceSender`): start (the parameters have not moved) -> write -> update (the worker checks
+coverage, version, digests) -> finish (commit), then verl's own tail (prefix cache reset, step stamp). A failed
+attempt is retried whole after a backoff; the last failure stops the run naming tensor and rank, with the version
+unchanged and the prefix cache and step stamp untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ring_ext_astate.control import SyncError, descriptor_path
+from ring_ext_astate.inplace import InPlaceSender
+
+logger = logging.getLogger("ring_ext")
+BACKEND = "astate"
+
+
+@dataclass(frozen=True)
+class InPlaceOptions:
+    """``actor_rollout_ref.rollout.checkpoint_engine.engine_kwargs.astate_inplace``."""
+
+    verify: Literal["audit", "always"] = "audit"  # audit: every byte hashed on the 1st, every K-th and each retry
+    audit_every: int = 10  # K
+    retries: int = 2  # whole-sync retries after a failed attempt (0 also skips keeping the sources alive)
+    backoff_s: float = 1.0  # doubled per retry
+    timeout_s: float = 120.0  # every wait of an attempt
+
+    def __post_init__(self) -> None:
+        if self.verify not in ("audit", "always") or self.audit_every < 1 or self.retries < 0 or self.timeout_s <= 0:
+            raise ValueError(f"astate_inplace needs verify in (audit, always), audit_every >= 1, retries >= 0, "
+                             f"timeout_s > 0: {self}")
+
+    def verified(self, version: int, attempt: int) -> bool:
+        return self.verify == "always" or attempt > 0 or version == 1 or version % self.audit_every == 0
+
+    @classmethod
+    def from_rollout_config(cls, rollout: Any) -> "InPlaceOptions":
+        kwargs = dict(rollout.checkpoint_engine.get("engine_kwargs", {}).get("astate_inplace", {}) or {})
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise TypeError(f"checkpoint_engine.engine_kwargs.astate_inplace: {e}; known: "
+                            f"{', '.join(cls.__dataclass_fields__)}") from None
+
+
+def in_place(rollout: Any) -> bool:
+    """The rollout config asks vLLM for the astate weight-transfer backend."""
+    wtc = (rollout.get("engine_kwargs", {}) or {}).get("vllm", {}) or {}
+    return ((wtc.get("weight_transfer_config") or {}) or {}).get("backend") == BACKEND
+
+
+def run_dir(job_id: str, replica_rank: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"ring-ext-astate-{os.getuid()}" / f"{job_id}-replica-{replica_rank}"
+
+
+class _State:
+    def __init__(self, adapter: Any) -> None:
+        import ray
+
+        self.options = InPlaceOptions.from_rollout_config(adapter.config)
+        self.dir = run_dir(ray.get_runtime_context().get_job_id(), adapter.replica_rank)
+        self.rank = adapter.rollout_rank
+        self.leader = adapter._has_server
+        self.sender: InPlaceSender | None = None
+        self.version = 0
+
+
+async def _wait_for(path: Path, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SyncError(f"astate: no {what} at {path} within {timeout_s}s")
+        await asyncio.sleep(0.05)
+
+
+async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int | None = None) -> dict:
+    st: _State = adapter.__dict__.get("_astate") or adapter.__dict__.setdefault("_astate", _State(adapter))
+    o = st.options
+    if st.sender is None:
+        if st.leader:
+            await adapter._execute_method("init_weight_transfer_engine", kwargs={"init_info": {"run_dir": str(st.dir)}})
+        await _wait_for(descriptor_path(st.dir, st.rank), o.timeout_s, f"descriptor of rollout worker {st.rank}")
+        st.sender = InPlaceSender(str(descriptor_path(st.dir, st.rank)), o.timeout_s)
+        st.version = st.sender.welcome.version
+    if hasattr(weights, "__aiter__"):  # separate_async: what the checkpoint engine received
+        items = [item async for item in weights]
+    else:
+        items = list(weights) if o.retries else weights  # a retry writes the same tensors again
+    for attempt in range(o.retries + 1):
+        version, verify = st.version + 1, o.verified(st.version + 1, attempt)
+        try:
+            t0 = time.perf_counter()
+            started = st.dir / f"started-{version}-{attempt}"
+            if st.leader:
+                await adapter._execute_method("start_weight_update")
+                started.touch(mode=0o600)
+            await _wait_for(started, o.timeout_s, f"start of sync {version}")
+            stats = await asyncio.to_thread(st.sender.write, items, verify)
+            st.sender.report(version, st.rank, stats)
+            if st.leader:
+                info = {"version": version, "senders": 1, "verify": verify, "timeout_s": o.timeout_s}
+                await adapter._execute_method("update_weights", kwargs={"update_info": info})
+                await adapter._execute_method("finish_weight_update")
+                started.unlink()  # every worker's report arrived, so every sender saw it
+            seconds = time.perf_counter() - t0
+            break
+        except Exception as e:
+            if st.leader:  # close vLLM's session: its update_weights ends it on an error (the version stays)
+                try:
+                    await adapter._execute_method("update_weights", kwargs={"update_info": {
+                        "version": version, "abort": True}})
+                except Exception:
+                    pass
+            if attempt == o.retries:
+                raise SyncError(f"astate: weight sync {version} into rollout worker {st.rank} failed "
+                                f"{attempt + 1} time(s); the rollout keeps version {st.version}. Last error: {e}") from e
+            logger.error("ring-ext astate: sync %d attempt %d failed (%s); retrying whole in %.1fs",
+                         version, attempt + 1, e, o.backoff_s * 2**attempt)
+            await asyncio.sleep(o.backoff_s * 2**attempt)
+    st.version = version
+    if st.leader:
+        await adapter.server_handle.clear_kv_cache.remote()  # resets the prefix cache: no prefix of old weights
+        if global_steps is not None:
+            await adapter.server_handle.set_global_steps.remote(global_steps)
+    metrics = {"astate/bytes_per_worker": stats.bytes, "astate/seconds": seconds, "astate/version": version,
+               "astate/gb_per_s": stats.bytes / max(seconds, 1e-9) / 1e9, "astate/verified": float(verify),
+               "astate/attempts": attempt + 1}
+    logger.warning("ring-ext astate: sync %d into rollout worker %d in place: %.1f MiB in %.3fs (%.2f GB/s, "
+                   "verified=%s, attempts=%d)", version, st.rank, stats.bytes / 2**20, seconds,
+                   metrics["astate/gb_per_s"], verify, attempt + 1)
+    return metrics
+
+
+def patch_server_adapter(module: Any) -> None:
+    """After import of verl's vllm_rollout module: route `update_weights` through astate where configured."""
+    cls = module.ServerAdapter
+    original = cls.update_weights
+    if getattr(original, "__ring_ext_patched__", False):
+        return
+
+    async def update_weights(self, weights, global_steps: int = None, wire_format: str = "named_tensors", **kw):
+        if wire_format != "named_tensors" or not in_place(self.config) or kw.get("peft_config") is not None:
+            return await original(self, weights, global_steps=global_steps, wire_format=wire_format, **kw)
+        return await update_weights_in_place(self, weights, global_steps)
+
+    update_weights.__ring_ext_patched__ = True  # type: ignore[attr-defined]
+    update_weights.__wrapped__ = original  # type: ignore[attr-defined]
+    cls.update_weights = update_weights
