@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import time
 from collections import Counter
@@ -57,6 +58,12 @@ def test_the_start_up_log_names_each_technique_and_its_knobs(run: dict) -> None:
     assert f"C3PO++ partial rollouts on: token_budget(Phi)={BUDGET} pool_prompts(Omega)=24 max_retention(sigma)=1" \
         in run["log"]
     assert "policy loss icepop(alpha=0.5, beta=5.0) on the rollout engine's log-probs" in run["log"]
+    # weights move through astate, in place, at every sync (the initial one and one per step)
+    assert "weight sync in place through astate into every vLLM worker's parameters" in run["log"]
+    assert re.search(r"rollout worker 0 writes in place: 26 checkpoint tensors -> \d+ parameters", run["log"])
+    synced = re.findall(r"sync (\d+) into rollout worker 0 in place: .* verified=(\w+), attempts=1", run["log"])
+    assert [int(v) for v, _ in synced] == list(range(1, HALF + 2)), synced
+    assert synced[0][1] == "True" and synced[1][1] == "False"  # audit: the first sync hashes every byte
 
 
 def test_partial_rollouts_really_happen_and_the_cut_is_tight(run: dict) -> None:
