@@ -99,7 +99,7 @@ def push_verl(llm, weights: dict[str, torch.Tensor], handle: str, bucket_mb: int
 def push_astate(llm, sender, weights: dict[str, torch.Tensor], version: int, verify: bool) -> float:
     t0 = time.perf_counter()
     llm.collective_rpc("start_weight_update")
-    stats = sender.write(weights.items(), verify=verify)
+    stats = sender.write(weights.items(), version, verify=verify)
     sender.report(version, 0, stats)
     llm.collective_rpc("update_weights", kwargs={"update_info": {"version": version, "verify": verify}})
     llm.collective_rpc("finish_weight_update")

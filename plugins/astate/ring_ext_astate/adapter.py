@@ -38,6 +38,7 @@ class InPlaceOptions:
     retries: int = 2  # whole-sync retries after a failed attempt (0 also skips keeping the sources alive)
     backoff_s: float = 1.0  # doubled per retry
     timeout_s: float = 120.0  # every wait of an attempt
+    shadow: bool = False  # a second arena: a sync writes the inactive one, its commit switches (2x weight memory)
 
     def __post_init__(self) -> None:
         if self.verify not in ("audit", "always") or self.audit_every < 1 or self.retries < 0 or self.timeout_s <= 0:
@@ -92,7 +93,8 @@ async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int 
     o = st.options
     if st.sender is None:
         if st.leader:
-            await adapter._execute_method("init_weight_transfer_engine", kwargs={"init_info": {"run_dir": str(st.dir)}})
+            await adapter._execute_method("init_weight_transfer_engine", kwargs={"init_info": {
+                "run_dir": str(st.dir), "shadow": o.shadow}})
         await _wait_for(descriptor_path(st.dir, st.rank), o.timeout_s, f"descriptor of rollout worker {st.rank}")
         st.sender = InPlaceSender(str(descriptor_path(st.dir, st.rank)), o.timeout_s)
         st.version = st.sender.welcome.version
@@ -109,7 +111,7 @@ async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int 
                 await adapter._execute_method("start_weight_update")
                 started.touch(mode=0o600)
             await _wait_for(started, o.timeout_s, f"start of sync {version}")
-            stats = await asyncio.to_thread(st.sender.write, items, verify)
+            stats = await asyncio.to_thread(st.sender.write, items, version, verify)
             st.sender.report(version, st.rank, stats)
             if st.leader:
                 info = {"version": version, "senders": 1, "verify": verify, "timeout_s": o.timeout_s}

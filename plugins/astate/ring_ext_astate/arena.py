@@ -88,6 +88,42 @@ class ParamArena:
             pass
 
 
+class Arenas:
+    """A worker's parameter arenas: one (a sync writes the live parameters) or two with `shadow` (a sync writes the
+    inactive one and its commit repoints the parameters at it: a failed sync leaves the serving weights untouched,
+    for twice the weight memory). Sync v writes arena `v % len`; the parameters start in arena 0."""
+
+    def __init__(self, params: Iterable[tuple[str, torch.nn.Parameter]], shadow: bool) -> None:
+        first, self.layout = ParamArena.adopt(params)
+        self.all = [first]
+        if shadow:
+            second = ParamArena(first.size)
+            second.bytes.copy_(first.bytes)
+            self.all.append(second)
+        self.active = 0
+
+    def target(self, version: int) -> ParamArena:
+        return self.all[version % len(self.all)]
+
+    def commit(self, version: int, params: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
+        arena = self.target(version)
+        if arena is self.all[self.active]:
+            return
+        for name, p in params:
+            if name in self.layout:
+                off, n = self.layout[name]
+                p.data = arena.bytes[off:off + n].view(p.dtype).view(p.shape)
+                arena.addresses[name] = p.data_ptr()
+        self.active = self.all.index(arena)
+
+    def check_unmoved(self, params: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.all[self.active].check_unmoved(params)
+
+    def unlink(self) -> None:
+        for a in self.all:
+            a.unlink()
+
+
 def map_arena(name: str, size: int) -> torch.Tensor:
     """Sender side: the worker's arena as bytes (the mapping stays open as long as the tensor lives)."""
     if "/" in name or not name.startswith(PREFIX + "_"):

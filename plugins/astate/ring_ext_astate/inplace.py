@@ -13,7 +13,7 @@ sync is retried whole.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +31,7 @@ class Welcome:
     """What a proven sender learns from the worker."""
 
     rank: int
-    arena: str
+    arenas: tuple[str, ...]  # one, or two with shadow: sync v writes arenas[v % len]
     size: int
     plan: Plan
     ignored: frozenset[str]  # checkpoint names vLLM's loader reads but writes nowhere (tied heads, rotary caches)
@@ -53,11 +53,15 @@ class InPlaceSender:
     def __init__(self, descriptor: str, timeout_s: float) -> None:
         self.client = ControlClient(descriptor, timeout_s)
         self.welcome: Welcome = self.client.hello()
-        self.bytes = map_arena(self.welcome.arena, self.welcome.size)
+        self.maps = [map_arena(name, self.welcome.size) for name in self.welcome.arenas]
 
-    def write(self, weights: Iterable[tuple[str, torch.Tensor]], verify: bool,
-              after_each: Callable[[str], None] | None = None) -> WriteStats:
+    def target(self, version: int) -> torch.Tensor:
+        """The arena sync `version` writes (the inactive one, with shadow)."""
+        return self.maps[version % len(self.maps)]
+
+    def write(self, weights: Iterable[tuple[str, torch.Tensor]], version: int, verify: bool) -> WriteStats:
         plan, stats, t0 = self.welcome.plan, WriteStats(verified=verify), time.perf_counter()
+        self.bytes = self.target(version)
         seen: set[str] = set()
         for name, t in weights:
             ds = plan.destinations.get(name)
@@ -72,8 +76,6 @@ class InPlaceSender:
             seen.add(name)
             for d in ds:
                 self._write_one(name, t, d, stats, verify)
-            if after_each is not None:
-                after_each(name)
         missing = sorted(set(plan.destinations) - seen)
         if missing:
             raise SyncError(f"the trainer sent no {missing[:5]}{'...' if len(missing) > 5 else ''} "
@@ -112,7 +114,7 @@ class InPlaceSender:
 
     def close(self) -> None:
         self.client.close()
-        self.bytes = None  # unmaps with the last reference
+        self.maps, self.bytes = [], None  # unmapped with the last reference
 
 
 def check_reports(plan: Plan, reports: list[dict], version: int, arena: torch.Tensor, verify: bool, rank: int) -> int:

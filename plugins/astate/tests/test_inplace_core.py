@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ring_ext_astate.arena import ParamArena, map_arena
+from ring_ext_astate.arena import Arenas, ParamArena, map_arena
 from ring_ext_astate.control import ControlClient, ControlServer, SyncError, descriptor_path
 from ring_ext_astate.inplace import InPlaceSender, Welcome, check_reports
 from ring_ext_astate.plan import Destination, Plan, PlanError, merge_exactly_once, replay
@@ -58,7 +58,7 @@ def worker(tmp_path: Path):
     plan = _plan(arena, layout)
     plan.check_covers()
     state = {"version": 0}
-    server = ControlServer(tmp_path / "run", 0, lambda: Welcome(0, arena.name, arena.size, plan, frozenset({"tied"}),
+    server = ControlServer(tmp_path / "run", 0, lambda: Welcome(0, (arena.name,), arena.size, plan, frozenset({"tied"}),
                                                                state["version"]),
                            lambda name, shape, dtype: name == "rotary")
     yield {"model": model, "arena": arena, "plan": plan, "server": server, "dir": tmp_path / "run", "state": state}
@@ -75,7 +75,7 @@ def _weights(seed: int) -> dict[str, torch.Tensor]:
 def test_a_sync_lands_in_the_parameters_and_commits(worker: dict) -> None:
     sender = InPlaceSender(str(descriptor_path(worker["dir"], 0)), timeout_s=5)
     w = _weights(0)
-    stats = sender.write(w.items(), verify=True)
+    stats = sender.write(w.items(), 1, verify=True)
     sender.report(1, 0, stats)
     reports = worker["server"].wait_reports(1, 1, timeout_s=5)
     assert check_reports(worker["plan"], reports, 1, worker["arena"].bytes, verify=True, rank=0) == 6 * 4 * 2 + 4 * 2
@@ -88,7 +88,7 @@ def test_a_sync_lands_in_the_parameters_and_commits(worker: dict) -> None:
 
 def test_the_commit_check_refuses_double_writes_gaps_old_versions_and_changed_bytes(worker: dict) -> None:
     sender = InPlaceSender(str(descriptor_path(worker["dir"], 0)), timeout_s=5)
-    stats = sender.write(_weights(1).items(), verify=True)
+    stats = sender.write(_weights(1).items(), 1, verify=True)
     plan, arena = worker["plan"], worker["arena"].bytes
     body = {"version": 1, "sender": 0, "plan": plan.digest, "ranges": stats.ranges, "digests": stats.digests}
     check_reports(plan, [body], 1, arena, verify=True, rank=0)
@@ -109,10 +109,10 @@ def test_the_commit_check_refuses_double_writes_gaps_old_versions_and_changed_by
 
 def test_tensors_outside_the_plan_are_asked_about_once_and_unknown_ones_refused(worker: dict) -> None:
     sender = InPlaceSender(str(descriptor_path(worker["dir"], 0)), timeout_s=5)
-    sender.write([*_weights(2).items(), ("rotary", torch.zeros(2))], verify=False)  # the worker ignores it
+    sender.write([*_weights(2).items(), ("rotary", torch.zeros(2))], 1, verify=False)  # the worker ignores it
     assert "rotary" in sender.welcome.ignored
     with pytest.raises(SyncError, match="sent no \\['norm'\\]"):
-        sender.write([(k, v) for k, v in _weights(2).items() if k != "norm"], verify=False)
+        sender.write([(k, v) for k, v in _weights(2).items() if k != "norm"], 1, verify=False)
     sender.close()
 
 
@@ -147,3 +147,19 @@ def test_a_replaced_parameter_and_an_uncovered_one_are_caught(worker: dict) -> N
     strided = Plan({"q": (Destination((), 0, (4, 4), (1, 4), "bfloat16", "qk"),)}, {})
     with pytest.raises(PlanError, match="strided view"):
         strided.check_covers()
+
+
+def test_shadow_writes_the_inactive_arena_and_the_commit_switches() -> None:
+    model = _FusedModel()
+    arenas = Arenas(model.named_parameters(), shadow=True)
+    live0 = model.norm.data_ptr()
+    assert arenas.target(1) is arenas.all[1] and arenas.target(2) is arenas.all[0]
+    off, n = arenas.layout["norm"]
+    arenas.target(1).bytes[off:off + n].view(torch.bfloat16).fill_(1.0)  # sync 1 lands in arena 1
+    assert torch.equal(model.norm.detach(), torch.zeros(4, dtype=torch.bfloat16))  # serving: untouched
+    arenas.commit(1, model.named_parameters())
+    assert torch.equal(model.norm.detach(), torch.ones(4, dtype=torch.bfloat16)) and model.norm.data_ptr() != live0
+    arenas.check_unmoved(model.named_parameters())  # the active arena's addresses now
+    arenas.target(2).bytes[off:off + n].view(torch.bfloat16).fill_(7.0)  # sync 2 written, then it fails: no commit
+    assert torch.equal(model.norm.detach(), torch.ones(4, dtype=torch.bfloat16))  # the old weights serve at once
+    arenas.unlink()

