@@ -1,9 +1,10 @@
 """End to end on CPU: verl's unchanged `main_ppo` entry point, `+recipe=ring1t ring1t_loop=grpo`, a real vLLM server.
 
 A few GRPO steps on the tiny default with a large learning rate, so the policy moves far enough that
-a rollout engine left on stale weights would be caught by the log-prob comparison. Not larger: at 1e-2 and 3e-2
-the tiny policy collapsed within 3-4 steps to one deterministic answer (every token's probability 1: the Pearson
-correlation undefined, every advantage zero).
+a rollout engine left on stale weights would be caught by the log-prob comparison. The tiny Qwen2 without the length
+tail (`length_tail=False`): the default's scaled EOS embedding makes each step's change of the hidden states move the
+EOS logit 30x, and at these rates the policy flipped between always and never ending within 1-3 steps (CI runs at
+3e-2 and 3e-3: a deterministic one-token answer, Pearson correlation undefined, every advantage zero).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         f"trainer.total_training_steps={STEPS}",
         f"trainer.save_freq={STEPS}",
         f"trainer.default_local_dir={workdir / 'ckpt'}",
-        "actor_rollout_ref.actor.optim.lr=3e-3",
+        "actor_rollout_ref.actor.optim.lr=3e-2",
+        f"actor_rollout_ref.model.path={build_tiny_default(length_tail=False).model_dir}",
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
     ], workdir, name="run").steps  # fmt: skip
     for s in steps:  # the file logger writes a NaN or an infinity as null
@@ -57,7 +59,7 @@ def test_every_step_logs_finite_metrics(run: dict) -> None:
 
 
 def test_actor_weights_changed(run: dict) -> None:
-    initial = load_file(build_tiny_default().model_dir / "model.safetensors")
+    initial = load_file(build_tiny_default(length_tail=False).model_dir / "model.safetensors")
     hf_dir = run["workdir"] / "ckpt" / f"global_step_{STEPS}" / "actor" / "huggingface"
     trained = load_file(next(hf_dir.glob("*.safetensors")))
     common = sorted(set(initial) & set(trained))

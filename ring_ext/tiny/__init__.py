@@ -54,20 +54,25 @@ def default_cache_dir() -> Path:
 
 
 def build_tiny_default(
-    cache_dir: Path | str | None = None, *, moe: bool = False, reward_model: bool = False, force: bool = False
+    cache_dir: Path | str | None = None, *, moe: bool = False, reward_model: bool = False, length_tail: bool = True,
+    force: bool = False,
 ) -> TinyDefault:
     """Return the tiny default under `<cache_dir>/tiny-v3/`, building the missing parts first.
 
     `moe`: the model is the Qwen3-MoE variant; `reward_model`: the sequence-classification reward model.
+    `length_tail=False`: the Qwen2 without the scaled EOS embedding (`qwen2_plain/`): short answers, no length tail,
+    and a policy that a large learning rate moves without flipping between always and never ending (the tests that
+    need the policy to move far, fast, use it).
     """
-    if moe and reward_model:
-        raise ValueError("build_tiny_default: choose moe or reward_model, not both")
+    if moe + reward_model + (not length_tail) > 1:
+        raise ValueError("build_tiny_default: choose one of moe, reward_model, length_tail=False")
     root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser().absolute() / VERSION
-    name = "qwen3moe" if moe else "qwen2_rm" if reward_model else "qwen2"
+    name = "qwen3moe" if moe else "qwen2_rm" if reward_model else "qwen2" if length_tail else "qwen2_plain"
     model_dir, data_dir = root / name, root / "data"
     result = TinyDefault(model_dir, *(data_dir / f for f in DATA_FILES))
     parts: dict[Path, tuple[tuple[str, ...], Callable[[Path], object]]] = {
-        model_dir: (REWARD_MODEL_FILES if reward_model else MODEL_FILES, lambda d: _build_model(d, moe, reward_model)),
+        model_dir: (REWARD_MODEL_FILES if reward_model else MODEL_FILES, lambda d: _build_model(d, moe, reward_model,
+                                                                                         length_tail)),
         data_dir: (DATA_FILES, _build_data),
     }
     if not force and all(_complete(d, files) for d, (files, _) in parts.items()):
@@ -80,10 +85,10 @@ def build_tiny_default(
     return result
 
 
-def _build_model(out_dir: Path, moe: bool, reward_model: bool) -> None:
+def _build_model(out_dir: Path, moe: bool, reward_model: bool, length_tail: bool) -> None:
     from ring_ext.tiny.model import build_model
 
-    build_model(out_dir, moe=moe, reward_model=reward_model)
+    build_model(out_dir, moe=moe, reward_model=reward_model, length_tail=length_tail)
 
 
 def _build_data(out_dir: Path) -> None:

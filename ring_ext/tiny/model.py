@@ -48,7 +48,8 @@ def _special_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
     return {"pad_token_id": pad, "bos_token_id": pad, "eos_token_id": eos}
 
 
-def build_model(out_dir: Path, *, moe: bool = False, reward_model: bool = False) -> PreTrainedModel:
+def build_model(out_dir: Path, *, moe: bool = False, reward_model: bool = False,
+                length_tail: bool = True) -> PreTrainedModel:
     """Write tokenizer + random-init model (+ generation_config.json) into `out_dir`.
 
     `reward_model`: a Qwen2ForSequenceClassification with one label (a scalar score per sequence), the
@@ -83,7 +84,7 @@ def build_model(out_dir: Path, *, moe: bool = False, reward_model: bool = False)
         model = cls(config)
     finally:
         torch.set_default_dtype(previous)
-    if not reward_model:
+    if not reward_model and length_tail:
         with torch.no_grad():
             model.get_input_embeddings().weight[ids["eos_token_id"]] *= EOS_EMBEDDING_SCALE
     model = model.to(torch.bfloat16).eval()  # bf16 on disk = the vLLM rollout dtype

@@ -14,7 +14,7 @@ import torch
 from ring_ext_astate.shm_transport import ShmReceiver, ShmSender, SyncError, _meta
 
 SLOT = 1024  # small slots: every tensor spans several buckets and the 2-slot ring wraps many times
-TIMEOUT = 5.0
+TIMEOUT = 15.0  # generous: on 2 shared cores a spawned sender's first message can take seconds
 
 
 def make_weights(seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:

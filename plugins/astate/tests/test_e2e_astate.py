@@ -64,7 +64,9 @@ ENV = {"VERL_LOGGING_LEVEL": "WARN"}
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     workdir = tmp_path_factory.mktemp("astate_e2e")
-    result = run_main_ppo([*OVERRIDES, f"trainer.default_local_dir={workdir / 'ckpt'}"], workdir, name="astate",
+    plain = build_tiny_default(length_tail=False).model_dir  # see tests/test_e2e_cpu.py: no EOS flips at this rate
+    result = run_main_ppo([*OVERRIDES, f"trainer.default_local_dir={workdir / 'ckpt'}",
+                           f"actor_rollout_ref.model.path={plain}"], workdir, name="astate",
                           env=ENV, timeout=600)
     for s in result.steps:
         d = s["data"]
@@ -89,7 +91,7 @@ def _sequence_log_probs(model: torch.nn.Module, batch: list[tuple[list[int], lis
 
 def _policy_versions(ckpt: Path) -> list[torch.Tensor]:
     """Per-sequence log-probs on fixed arithmetic prompts + answers under the initial weights and each step's."""
-    tiny = build_tiny_default()
+    tiny = build_tiny_default(length_tail=False)
     tok = AutoTokenizer.from_pretrained(tiny.model_dir)
     rows = pd.read_parquet(tiny.train_parquet).head(16)
     batch = [(list(tok.apply_chat_template(list(r.prompt), add_generation_prompt=True, tokenize=True)["input_ids"]),
@@ -123,7 +125,7 @@ def test_the_standalone_rollout_was_synced_by_astate_every_step(run: dict) -> No
     Version 1 is the initial sync in `on_init_end` (not logged); step k's end-of-step sync is version k + 1.
     """
     steps = run["steps"]
-    model_bytes = sum(t.nbytes for t in load_file(build_tiny_default().model_dir / "model.safetensors").values())
+    model_bytes = sum(t.nbytes for t in load_file(build_tiny_default(length_tail=False).model_dir / "model.safetensors").values())
     for step, data in steps.items():
         assert data["astate/version"] == step + 1, step
         # one trainer rank sends every tensor: at least the whole checkpoint (bf16) moves per sync

@@ -35,6 +35,12 @@ def _engine(model_dir: Path, **kw):
                gpu_memory_utilization=0.5, **kw)
 
 
+def _close(llm) -> None:
+    """Stop the engine's processes now: left to the garbage collector, their workers keep cores busy during the
+    next tests (the shared-memory transport tests wait on spawned senders with timeouts)."""
+    llm.llm_engine.engine_core.shutdown()
+
+
 def _greedy(llm) -> list[tuple[list[int], list[float]]]:
     from vllm import SamplingParams
 
@@ -58,7 +64,7 @@ def checkpoints(tmp_path_factory) -> dict:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # lets a test send the worker a function
     fresh = _engine(b)
     reference = _greedy(fresh)
-    del fresh
+    _close(fresh)
     return {"a": a, "b": b, "weights": weights, "reference": reference}
 
 
@@ -71,6 +77,7 @@ def live(checkpoints, tmp_path_factory) -> dict:
     sender = InPlaceSender(str(descriptor_path(run_dir, 0)), timeout_s=10)
     yield {"llm": llm, "run_dir": run_dir, "sender": sender, "before": before}
     sender.close()
+    _close(llm)
 
 
 def _sync(live: dict, weights: dict, version: int, *, verify: bool = True, corrupt: bool = False) -> None:
@@ -182,3 +189,4 @@ def test_shadow_a_failed_sync_leaves_the_serving_weights_untouched(checkpoints: 
         _sync(shadow, load_file(checkpoints["a"] / "model.safetensors"), 2, corrupt=True)
     assert _greedy(llm) == checkpoints["reference"]  # no half-written model: the committed weights serve at once
     shadow["sender"].close()
+    _close(llm)
