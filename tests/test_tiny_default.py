@@ -179,6 +179,24 @@ def test_reward_model_scores_each_sequence(tmp_path: Path) -> None:
         build_tiny_default(tmp_path, moe=True, reward_model=True)
 
 
+def test_the_plain_variant_differs_only_in_the_eos_row(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from ring_ext.tiny.model import EOS_EMBEDDING_SCALE
+
+    tail, plain = (load_file(build_tiny_default(tmp_path, length_tail=t).model_dir / "model.safetensors")
+                   for t in (True, False))
+    eos = AutoTokenizer.from_pretrained(build_tiny_default(tmp_path).model_dir).eos_token_id
+    emb = "model.embed_tokens.weight"
+    assert all(torch.equal(tail[k], plain[k]) for k in tail if k != emb)
+    others = [i for i in range(tail[emb].shape[0]) if i != eos]
+    assert torch.equal(tail[emb][others], plain[emb][others])
+    ratio = tail[emb][eos].float() / plain[emb][eos].float()
+    assert torch.allclose(ratio, torch.full_like(ratio, EOS_EMBEDDING_SCALE), rtol=1e-2)  # bf16 rounding
+
+
 # --- data --------------------------------------------------------------------------------------
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}

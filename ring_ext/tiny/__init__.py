@@ -65,7 +65,8 @@ def build_tiny_default(
     need the policy to move far, fast, use it).
     """
     if moe + reward_model + (not length_tail) > 1:
-        raise ValueError("build_tiny_default: choose one of moe, reward_model, length_tail=False")
+        raise ValueError("build_tiny_default: moe, reward_model and length_tail=False are variants: one at a time, "
+                         "not both")
     root = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser().absolute() / VERSION
     name = "qwen3moe" if moe else "qwen2_rm" if reward_model else "qwen2" if length_tail else "qwen2_plain"
     model_dir, data_dir = root / name, root / "data"
