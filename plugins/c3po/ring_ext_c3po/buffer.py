@@ -46,6 +46,8 @@ class C3POReplayBuffer(ReplayBufferAsync):
         self._added_this_step = 0
         self._deferred_uids: frozenset[str] = frozenset()  # finished after the last crossing: trained next step
         self.deferred_tokens = 0
+        # groups that finished before this process existed came back from a checkpoint: they were deferred there
+        self._created_at = time.time()
 
     def _group_tokens(self, partition_id: str, uids: set[str]) -> dict[str, int]:
         tokens: dict[str, int] = defaultdict(int)
@@ -145,8 +147,9 @@ class C3POReplayBuffer(ReplayBufferAsync):
             ends = [float(seg[3]) for seg in extra.get("c3po_segments", [])]
             done_at[_uid(key)] = max(done_at[_uid(key)], max(ends, default=0.0))
         tokens = self._group_tokens(partition_id, sampleable)
+        restored = {uid for uid in sampleable if done_at[uid] < self._created_at}
         uids = training_batch([(uid, done_at[uid], tokens[uid]) for uid in sampleable], self.c3po.token_budget,
-                              self._deferred_uids)
+                              self._deferred_uids | restored)
         assert uids is not None  # wait_for_sampleable returned only once the budget was met
         self._deferred_uids = frozenset(sampleable - set(uids))
         self.deferred_tokens = sum(tokens[uid] for uid in self._deferred_uids)
