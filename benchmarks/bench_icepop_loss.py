@@ -128,10 +128,11 @@ def part_steps(kind: str, x: dict[str, torch.Tensor], actor: Any) -> dict[str, C
     """The mismatch loss cut in three: (a) weights, (b) metrics, (c) verl's PPO-clip with the weights, fwd+bwd."""
     from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
 
-    from ring_ext_icepop.config import mismatch_config
-    from ring_ext_icepop.core import mismatch_metrics, mismatch_weights
+    from ring_ext_icepop.config import variant_from_config
+    from ring_ext_icepop.metrics import mismatch_metrics
+    from ring_ext_icepop.weights import mismatch_weights
 
-    cfg = mismatch_config(kind, actor.policy_loss)
+    cfg = variant_from_config(kind, actor.policy_loss)
     mask = x["mask"].bool()
     w = mismatch_weights(x["old"], x["infer"], mask, cfg)
     is_weights = w.weight.clone()
@@ -389,14 +390,14 @@ def main(argv: list[str] | None = None) -> int:
         r["rss_baseline_slack_bytes"] = peak.get("slack")
 
     # Fraction of tokens each mask rejects on these inputs (the inputs are meant to be realistic, not trivial).
-    from ring_ext_icepop.config import mismatch_config
-    from ring_ext_icepop.core import mismatch_weights
+    from ring_ext_icepop.config import variant_from_config
+    from ring_ext_icepop.weights import mismatch_weights
 
     x = make_inputs(*sizes[-1], "cpu")
     mask = x["mask"].bool()
     rejected = {}
     for kind in MISMATCH:
-        kept = mismatch_weights(x["old"], x["infer"], mask, mismatch_config(kind, actor.policy_loss)).kept
+        kept = mismatch_weights(x["old"], x["infer"], mask, variant_from_config(kind, actor.policy_loss)).kept
         rejected[kind] = float((~kept & mask).sum() / mask.sum())
 
     dev = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())

@@ -6,7 +6,7 @@ Reproduce from the repo root (CPU, about a minute on 2 cores; `--quick` for a fe
 
 Times, in one process and on the same inputs, at B x T in {8x1024, 32x4096, 64x8192}:
   naive         k = exp(train - infer); w = k * ((k >= alpha) & (k <= beta))   (the bug-prone baseline)
-  icepop        ring_ext_icepop.core.mismatch_weights(kind="icepop")
+  icepop        ring_ext_icepop.weights.mismatch_weights(kind="icepop")
   kpop          mismatch_weights(kind="kpop")   (binary KL in float64, both directions)
   tis           mismatch_weights(kind="tis")
   icepop+metrics mismatch_weights + mismatch_metrics (like-for-like with verl, whose call always computes metrics)
@@ -40,7 +40,9 @@ try:
     import ring_ext_icepop  # noqa: F401
 except ImportError:  # plain checkout, plugin not installed
     sys.path.insert(0, str(ROOT / "plugins" / "icepop"))
-from ring_ext_icepop.core import MismatchConfig, mismatch_metrics, mismatch_weights  # noqa: E402
+from ring_ext_icepop.metrics import mismatch_metrics  # noqa: E402
+from ring_ext_icepop.variants import IcePop, make_variant  # noqa: E402
+from ring_ext_icepop.weights import mismatch_weights  # noqa: E402
 
 ALPHA, BETA = 0.5, 5.0
 SIZES = [(8, 1024), (32, 4096), (64, 8192)]
@@ -54,12 +56,12 @@ def naive(train: torch.Tensor, infer: torch.Tensor, mask: torch.Tensor) -> torch
 
 
 def ours(kind: str) -> Method:
-    cfg = MismatchConfig(kind, alpha=ALPHA, beta=BETA)  # type: ignore[arg-type]
+    cfg = IcePop(alpha=ALPHA, beta=BETA) if kind == "icepop" else make_variant(kind)
     return lambda train, infer, mask: mismatch_weights(train, infer, mask, cfg).weight
 
 
 def ours_with_metrics(train: torch.Tensor, infer: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    w = mismatch_weights(train, infer, mask, MismatchConfig("icepop", alpha=ALPHA, beta=BETA))
+    w = mismatch_weights(train, infer, mask, IcePop(alpha=ALPHA, beta=BETA))
     mismatch_metrics(w, mask, train_logp=train)
     return w.weight
 

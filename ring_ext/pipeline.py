@@ -16,9 +16,9 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from importlib.util import find_spec
 from pathlib import Path
 
+from ring_ext.known_plugins import by_distribution
 from ring_ext.verl_run import MAIN_PPO, run_verl, sft_command
 
 STATE_FILE = "pipeline.json"
@@ -30,7 +30,7 @@ class Stage:
     name: str
     recipe: str
     metric: str  # the per-step number reported before/after
-    needs: tuple[tuple[str, str], ...] = ()  # (distribution, module) of ring-ext plugins the recipe uses
+    needs: tuple[str, ...] = ()  # distributions of the ring-ext plugins the recipe uses
 
     @property
     def is_sft(self) -> bool:
@@ -41,7 +41,7 @@ PIPELINES: dict[str, tuple[Stage, ...]] = {
     "ring1t": (
         Stage("sft", "ring1t_sft", "train/loss"),
         Stage("rlvr", "ring1t_rlvr", "critic/score/mean",
-              needs=(("ring-ext-icepop", "ring_ext_icepop"), ("ring-ext-c3po", "ring_ext_c3po"))),
+              needs=("ring-ext-icepop", "ring-ext-c3po")),
         Stage("rlhf", "ring1t_rlhf", "critic/score/mean"),
     ),
 }
@@ -81,7 +81,7 @@ class PipelineState:
 
 def check_plugins(stages: Sequence[Stage]) -> None:
     """Fail before the first stage starts, not after an hour of SFT, when a later recipe's plugin is missing."""
-    missing = sorted({dist for s in stages for dist, module in s.needs if find_spec(module) is None})
+    missing = sorted({dist for s in stages for dist in s.needs if not by_distribution(dist).installed()})
     if missing:
         raise PipelineError(f"the pipeline's recipes need {', '.join(missing)}: pip install {' '.join(missing)}")
 

@@ -7,13 +7,12 @@ itself imports those modules, so loading a plugin stays cheap in every process. 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from ring_ext.patching import after_import
+from ring_ext.patching import Wrap, after_import, patch_after_import, resolve
 
 
 def _qualname(obj: Any) -> str:
@@ -22,11 +21,6 @@ def _qualname(obj: Any) -> str:
 
 def _detail(cls: type | str) -> str:
     return cls.replace(":", ".") if isinstance(cls, str) else _qualname(cls)
-
-
-def _resolve(spec: str) -> Any:
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr, None)
 
 
 @dataclass(frozen=True)
@@ -59,7 +53,7 @@ class Registrar:
         """`cls` may be "module:Class", imported only once verl imports its v1 trainers (in the TaskRunner)."""
 
         def register(v1: ModuleType) -> None:
-            trainer = _resolve(cls) if isinstance(cls, str) else cls
+            trainer = resolve(cls, missing_ok=True) if isinstance(cls, str) else cls
             if trainer is not None:  # None: that module is mid-import and registers itself when done
                 v1.register_trainer(name)(trainer)
 
@@ -71,7 +65,7 @@ class Registrar:
         also registers the class itself (verl's decorator), so importing it directly works too."""
 
         def register(base: ModuleType) -> None:
-            engine = _resolve(cls) if isinstance(cls, str) else cls
+            engine = resolve(cls, missing_ok=True) if isinstance(cls, str) else cls
             if engine is not None:  # None: that module is mid-import and registers itself when done
                 base.CheckpointEngineRegistry.register(name)(engine)
 
@@ -98,6 +92,12 @@ class Registrar:
 
         PlatformRegistry.register(platform=name)(cls)
         self._record("platform", name, _qualname(cls))
+
+    def patch(self, target: str, wrap: Wrap | str, name: str, why: str) -> None:
+        """Wrap verl's "module:Owner.attr" by `wrap(original)` once verl imports the module (`patch_once`: a
+        second registration is a no-op); listed by `ring-ext plugins` as workaround `name`, with `why`."""
+        patch_after_import(target, wrap)
+        self.workaround(name, why)
 
     def workaround(self, name: str, description: str) -> None:
         """Record a patch of a verl/vLLM defect so users can see exactly what ring-ext changed."""

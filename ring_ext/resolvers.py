@@ -20,6 +20,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ring_ext.known_plugins import require
+
 SEPARATED_MODES = ("separate_async",)  # verl 0.9.1 trainer modes with standalone rollout replicas
 TINY_ITEMS = ("model", "moe_model", "reward_model", "train", "val", "sft", "open_prompts", "reward")
 
@@ -55,10 +57,9 @@ def _tiny(what: str) -> str:
 def _weight_sync(trainer_mode: str) -> str:
     if trainer_mode not in SEPARATED_MODES:
         return "naive"
-    if find_spec("ring_ext_astate") is None:
-        raise ValueError(f"trainer.v1.trainer_mode={trainer_mode} syncs weights to separate rollout devices, which "
-                         "verl's naive engine cannot: pip install ring-ext-astate, or set "
-                         "actor_rollout_ref.rollout.checkpoint_engine.backend (e.g. nccl)")
+    require("checkpoint_engine", "astate",
+            f"trainer.v1.trainer_mode={trainer_mode} syncs weights to separate rollout devices, which verl's naive "
+            "engine cannot", "set actor_rollout_ref.rollout.checkpoint_engine.backend (e.g. nccl)")
     return "astate"
 
 
@@ -67,9 +68,8 @@ def _inplace_sync() -> Any:
 
     if not on_cpu():
         return None
-    if find_spec("ring_ext_astate") is None:
-        raise ValueError("the recipe syncs weights in place through astate: pip install ring-ext-astate, or set "
-                         "actor_rollout_ref.rollout.engine_kwargs.vllm.weight_transfer_config=null (verl's copy)")
+    require("checkpoint_engine", "astate", "the recipe syncs weights in place through astate",
+            "set actor_rollout_ref.rollout.engine_kwargs.vllm.weight_transfer_config=null (verl's copy)")
     return OmegaConf.create({"backend": "astate"})  # a node: OmegaConf.resolve cannot store a plain dict
 
 

@@ -10,28 +10,17 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
-from ring_ext.patching import after_import
+from ring_ext.known_plugins import provider, require
+from ring_ext.patching import patch_after_import
 
 logger = logging.getLogger("ring_ext")
 Check = Callable[[Any], None]
 _checks: dict[str, Check] = {}
-# Losses ring-ext plugins provide, so a missing plugin gets an install hint instead of a bare "unknown".
-PLUGIN_LOSSES = {"icepop": "ring-ext-icepop", "kpop": "ring-ext-icepop", "tis": "ring-ext-icepop"}
-# v1 trainer modes ring-ext plugins provide: distribution and the module that registers the mode.
-PLUGIN_TRAINER_MODES = {"c3po": ("ring-ext-c3po", "ring_ext_c3po")}
-
-
-def _install_hint(distribution: str) -> str:
-    return (f"pip install {distribution} "
-            f"(in this repository: pip install -e plugins/{distribution.removeprefix('ring-ext-')})")
-
-
 def add_startup_check(name: str, check: Check) -> None:
     if not _checks:
-        after_import("verl.utils.config", _wrap_validate_config)
+        patch_after_import("verl.utils.config:validate_config", _run_checks_first)
     _checks[name] = check
 
 
@@ -40,18 +29,13 @@ def run_startup_checks(config: Any) -> None:
         check(config)
 
 
-def _wrap_validate_config(module: ModuleType) -> None:
-    original = module.validate_config
-    if getattr(original, "__ring_ext_patched__", False):
-        return
-
+def _run_checks_first(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def validate_config(config: Any, *args: Any, **kwargs: Any) -> Any:
         run_startup_checks(config)
         return original(config, *args, **kwargs)
 
-    validate_config.__ring_ext_patched__ = True  # type: ignore[attr-defined]
-    module.validate_config = validate_config
+    return validate_config
 
 
 def check_policy_loss_registered(config: Any) -> None:
@@ -61,9 +45,10 @@ def check_policy_loss_registered(config: Any) -> None:
     mode = config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla")
     if mode not in core_algos.POLICY_LOSS_REGISTRY:
         available = ", ".join(sorted(core_algos.POLICY_LOSS_REGISTRY))
+        plugin = provider("policy_loss", mode)
         hint = (
-            f"'{mode}' comes with the plugin {PLUGIN_LOSSES[mode]}: {_install_hint(PLUGIN_LOSSES[mode])}"
-            if mode in PLUGIN_LOSSES
+            f"'{mode}' comes with the plugin {plugin.distribution}: {plugin.install_hint()}"
+            if plugin is not None
             else "ring-ext plugins add theirs when installed: see `ring-ext plugins`"
         )
         raise ValueError(
@@ -88,12 +73,28 @@ def check_config_resolves(config: Any) -> None:
 def check_trainer_mode_plugin(config: Any) -> None:
     """verl looks the v1 trainer mode up inside its TaskRunner, after Ray started; a mode that a ring-ext plugin
     provides fails here instead when that plugin is not installed."""
-    import importlib.util
-
     mode = config.trainer.get("v1", {}).get("trainer_mode", "sync")
-    if mode in PLUGIN_TRAINER_MODES:
-        distribution, module = PLUGIN_TRAINER_MODES[mode]
-        if importlib.util.find_spec(module) is None:
-            raise ValueError(f"trainer.v1.trainer_mode={mode!r} comes with the plugin {distribution}, which is not "
-                             f"installed: {_install_hint(distribution)}")
+    if provider("trainer_mode", mode) is not None:
+        require("trainer_mode", mode, f"trainer.v1.trainer_mode={mode!r}")
         logger.warning("ring-ext: v1 trainer mode = %s", mode)
+
+
+_WANDB_DIR_OURS = "RING_EXT_SET_WANDB_DIR"  # marks a WANDB_DIR this check chose (a user's own is kept)
+
+
+def keep_wandb_in_the_run_dir(config: Any) -> None:
+    """wandb writes `./wandb/` wherever the process runs; put it under the run's own directory
+    (`trainer.default_local_dir`, made absolute) instead. Set in the driver before `ray.init`, so the local
+    Ray cluster's processes (the TaskRunner logs to wandb) inherit it. A user's WANDB_DIR wins."""
+    import os
+    from pathlib import Path
+
+    loggers = config.trainer.get("logger", []) or []
+    if "wandb" not in ([loggers] if isinstance(loggers, str) else list(loggers)):
+        return
+    if "WANDB_DIR" in os.environ and not os.environ.get(_WANDB_DIR_OURS):
+        return
+    run_dir = Path(str(config.trainer.default_local_dir)).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)  # wandb falls back to a temporary directory when it is missing
+    os.environ["WANDB_DIR"] = str(run_dir)
+    os.environ[_WANDB_DIR_OURS] = "1"

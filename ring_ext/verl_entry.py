@@ -10,6 +10,7 @@ from ring_ext.startup import (
     check_config_resolves,
     check_policy_loss_registered,
     check_trainer_mode_plugin,
+    keep_wandb_in_the_run_dir,
 )
 
 # Runs stay local unless the user opts in (WANDB_MODE=online); `wandb sync` uploads them later.
@@ -20,4 +21,5 @@ add_startup_check("policy_loss_registered", check_policy_loss_registered)
 add_startup_check("trainer_mode_plugin", check_trainer_mode_plugin)
 add_startup_check("recipe_keys_known", check_recipe_keys)
 add_startup_check("config_resolves", check_config_resolves)
+add_startup_check("wandb_in_the_run_dir", keep_wandb_in_the_run_dir)
 load_plugins()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from importlib.metadata import entry_points
 
 import pytest
@@ -126,3 +127,19 @@ def test_ray_task_and_verl_worker_group_see_registrations() -> None:
     expected = {"platform": "PlatformCPU", "plugins": PLUGINS, "entry": True}
     assert result["task"] == expected
     assert result["workers"] == [expected, expected]
+
+
+def test_known_plugins_table_says_what_each_installed_plugin_registers() -> None:
+    """The core names plugins from `ring_ext.known_plugins` only; a plugin that registers a loss, a mode, a
+    backend or a platform the table does not list (or the reverse) would get users a wrong install hint."""
+    from ring_ext.known_plugins import KNOWN_PLUGINS
+
+    reports = {r.distribution: r for r in load_plugins(reload=True)}
+    kinds = ("policy_loss", "trainer_mode", "checkpoint_engine", "platform")
+    for plugin in KNOWN_PLUGINS:
+        assert plugin.installed(), plugin.distribution  # CI installs every plugin
+        registered = {(r.kind, r.name) for r in reports[plugin.distribution].registrations if r.kind in kinds}
+        assert registered == set(plugin.provides), plugin.distribution
+    repo = Path(__file__).resolve().parents[1]
+    assert {p.directory for p in KNOWN_PLUGINS} == {
+        f"plugins/{d.name}" for d in (repo / "plugins").iterdir() if (d / "pyproject.toml").exists()}

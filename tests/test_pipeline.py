@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from ring_ext import known_plugins
 from ring_ext.cli import main as cli_main
 from ring_ext.config_check import unknown_keys
 from ring_ext.pipeline import (
@@ -64,8 +65,10 @@ def test_without_a_model_the_recipe_default_stays(tmp_path: Path) -> None:
     assert not any("model.path" in o for o in stage_overrides(SFT, tmp_path, None, save_freq=1))
 
 
-def test_a_missing_plugin_stops_the_pipeline_before_any_stage(tmp_path: Path) -> None:
-    needy = Stage("x", "ring1t_rlvr", "m", needs=(("ring-ext-nowhere", "ring_ext_nowhere"),))
+def test_a_missing_plugin_stops_the_pipeline_before_any_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    nowhere = known_plugins.KnownPlugin("ring-ext-nowhere", "ring_ext_nowhere", ())
+    monkeypatch.setattr(known_plugins, "KNOWN_PLUGINS", (*known_plugins.KNOWN_PLUGINS, nowhere))
+    needy = Stage("x", "ring1t_rlvr", "m", needs=("ring-ext-nowhere",))
     with pytest.raises(PipelineError, match="pip install ring-ext-nowhere"):
         check_plugins([SFT, needy])
     check_plugins(PIPELINES["ring1t"])  # CI installs every plugin

@@ -83,13 +83,12 @@ class GRPORun:
 
     def describe(self) -> str:
         """The loss verl's registry returned and the knobs the loss will actually use (as the loss reads them)."""
-        from ring_ext_icepop.config import mismatch_config
+        from ring_ext_icepop.config import variant_from_config
+        from ring_ext_icepop.variants import describe
 
         knobs = ""
         if self.mode != "vanilla":
-            used = mismatch_config(self.mode, self.actor.policy_loss)
-            names = {"icepop": ("alpha", "beta"), "kpop": ("phi",), "tis": ("cap",)}[self.mode]
-            knobs = str({k: getattr(used, k) for k in names})
+            knobs = " " + describe(variant_from_config(self.mode, self.actor.policy_loss))
         agg = self.actor.loss_agg_mode
         return f"{self.spec}: verl loss {self.loss_fn.__name__}{knobs} agg={agg} {asdict(self.cfg)}"
 
@@ -135,9 +134,11 @@ class GRPORun:
     def _diagnostics(old: torch.Tensor, infer: torch.Tensor, resp: torch.Tensor, ent: torch.Tensor,
                      kl: torch.Tensor) -> dict[str, float]:  # fmt: skip
         """Method-independent: exact vocabulary KL, core's k3, and the tokens outside the default [0.5, 5] band."""
-        from ring_ext_icepop.core import MismatchConfig, mismatch_metrics, mismatch_weights
+        from ring_ext_icepop.metrics import mismatch_metrics
+        from ring_ext_icepop.variants import IcePop
+        from ring_ext_icepop.weights import mismatch_weights
 
-        w = mismatch_weights(old, infer, resp, MismatchConfig("icepop"))
+        w = mismatch_weights(old, infer, resp, IcePop())
         m = mismatch_metrics(w, resp, entropy=ent, prefix="")
         n = resp.sum().clamp(min=1)
         return {

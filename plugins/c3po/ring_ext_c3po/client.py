@@ -118,14 +118,10 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
                        tracker.retention, routed)
 
 
-def skip_scoring_purged(agent_loop: Any) -> None:
+def skip_scoring_purged(original: Any) -> Any:
     """verl's agent loop scores every finished sample before it reaches TransferQueue; a purged sample is evicted
     with its group unread, so it gets reward 0 without the reward worker's call (a reward model's forward, a sandbox
-    run). Applied to `verl.experimental.agent_loop.agent_loop.AgentLoopWorker` by the plugin."""
-    worker = agent_loop.AgentLoopWorker
-    original = worker._compute_score
-    if getattr(original, "__ring_ext_patched__", False):
-        return
+    run). Wraps `verl.experimental.agent_loop.agent_loop.AgentLoopWorker._compute_score` (the plugin's patch)."""
 
     async def _compute_score(self: Any, outputs: list[Any], kwargs: dict) -> None:
         final = outputs[-1]
@@ -135,6 +131,5 @@ def skip_scoring_purged(agent_loop: Any) -> None:
             return
         await original(self, outputs, kwargs)
 
-    _compute_score.__ring_ext_patched__ = True  # type: ignore[attr-defined]
-    worker._compute_score = _compute_score
+    return _compute_score
 

@@ -7,7 +7,6 @@ import os
 from typing import Any
 
 from ring_ext.hookspecs import hookimpl
-from ring_ext.patching import after_import
 from ring_ext.registrar import Registrar
 
 logger = logging.getLogger("ring_ext")
@@ -47,14 +46,9 @@ def ring_ext_register(registrar: Registrar) -> None:
     registrar.trainer_mode("c3po", "ring_ext_c3po.trainer:C3POTrainer")
     registrar.config_section("trainer.v1.c3po", "ring_ext_c3po.rules:C3POConfig")
     registrar.startup_check("c3po_config", check_c3po_config)
-    after_import("verl.experimental.agent_loop.agent_loop", _skip_scoring_purged)
-    registrar.workaround(
+    registrar.patch(
+        "verl.experimental.agent_loop.agent_loop:AgentLoopWorker._compute_score",
+        "ring_ext_c3po.client:skip_scoring_purged",
         "purged_samples_not_scored",
         "verl/experimental/agent_loop/agent_loop.py AgentLoopWorker._compute_score scores every sample; a C3PO++ "
         "sample purged at a cut (its group is evicted unread) gets reward 0 without the reward call")
-
-
-def _skip_scoring_purged(module: Any) -> None:
-    from ring_ext_c3po.client import skip_scoring_purged
-
-    skip_scoring_purged(module)

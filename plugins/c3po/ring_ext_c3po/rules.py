@@ -27,38 +27,31 @@ from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ring_ext.knobs import check_knobs, from_mapping, knob
+
+SECTION = "trainer.v1.c3po"
+
 
 @dataclass(frozen=True)
 class C3POConfig:
     """The knobs, `trainer.v1.c3po.*` in verl's config; the scheduler and the simulator take the same type."""
 
-    token_budget: int  # Phi: response tokens of finished groups that end a rollout phase
-    max_retention: int = 1  # sigma: policy updates a request may be carried across holding tokens; purged above
-    pool_prompts: int = 8  # Omega: prompt groups in flight (each is rollout.n requests)
-    poll_interval_s: float = 0.05  # how often the trainer reads the pools while the engine decodes
-    stall_timeout_s: float = 600.0  # no request finished for this long with the budget unmet: stop with an error
+    token_budget: int = knob(ge=1)  # Phi: response tokens of finished groups that end a rollout phase
+    max_retention: int = knob(1, ge=0)  # sigma: policy updates a request may be carried across holding tokens
+    pool_prompts: int = knob(8, ge=1)  # Omega: prompt groups in flight (each is rollout.n requests)
+    poll_interval_s: float = knob(0.05, gt=0)  # how often the trainer reads the pools while the engine decodes
+    stall_timeout_s: float = knob(600.0, gt=0)  # no request finished for this long, budget unmet: an error
     timeline: bool = True  # append each trained/purged request's segments to <default_local_dir>/c3po_timeline.jsonl
     timeline_tokens: bool = False  # the timeline also holds each trained request's token ids and rollout log-probs
 
     def __post_init__(self) -> None:
-        for name, low in (("token_budget", 1), ("pool_prompts", 1), ("max_retention", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"trainer.v1.c3po.{name} must be an integer >= {low}, got {value!r}")
-        for name in ("poll_interval_s", "stall_timeout_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"trainer.v1.c3po.{name} must be a number > 0, got {value!r}")
+        check_knobs(self, SECTION)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> C3POConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown trainer.v1.c3po key(s) {unknown}; known: {sorted(known)}")
-        if values.get("token_budget") is None:
-            raise ValueError("trainer.v1.c3po.token_budget (Phi) is required: response tokens per training step")
-        return cls(**dict(values))
+        if values.get("token_budget") is None and not set(values) - {f.name for f in fields(cls)}:
+            raise ValueError(f"{SECTION}.token_budget (Phi) is required: response tokens per training step")
+        return from_mapping(cls, values, SECTION)
 
     @classmethod
     def from_trainer_config(cls, config: Any) -> C3POConfig:

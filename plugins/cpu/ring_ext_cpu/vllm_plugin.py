@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-PATCH_FLAG = "__ring_ext_patched__"
+from ring_ext.patching import patch_once
 
 
 def _linear_on_live_weight(x: Any, weight: Any, bias: Any) -> Any:
@@ -27,40 +27,33 @@ def _linear_on_live_weight(x: Any, weight: Any, bias: Any) -> Any:
     return F.linear(x, weight, bias)
 
 
-def register() -> None:
-    from ring_ext.device import on_cpu
-
-    if not on_cpu():
-        return
-    from vllm.model_executor.layers import utils
-
-    original = utils.dispatch_cpu_unquantized_gemm
-    if getattr(original, PATCH_FLAG, False):
-        return
-
+def _keep_linear_weights(original: Any) -> Any:
     def dispatch_keeping_weight(layer: Any, remove_weight: bool) -> None:
         if layer.weight.ndim != 2:  # MoE expert stacks and convs: vLLM's own path keeps them
             original(layer, remove_weight)
             return
         layer.cpu_linear = _linear_on_live_weight
 
-    setattr(dispatch_keeping_weight, PATCH_FLAG, True)
-    utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
-    _prepack_experts_on_reload()
+    return dispatch_keeping_weight
 
 
-def _prepack_experts_on_reload() -> None:
-    from vllm.model_executor.layers.fused_moe import unquantized_fused_moe_method as moe
-
-    original = moe.UnquantizedFusedMoEMethod._setup_kernel
-    if getattr(original, PATCH_FLAG, False):
-        return
-
+def _prepack_experts_on_reload(original: Any) -> Any:
     def setup_kernel(self: Any, layer: Any, w13: Any, w2: Any) -> None:
         reload = self.moe_kernel is not None
         original(self, layer, w13, w2)
         if reload:  # the first load ran it inside `original`
             self.moe_kernel.fused_experts.process_weights_after_loading(layer)
 
-    setattr(setup_kernel, PATCH_FLAG, True)
-    moe.UnquantizedFusedMoEMethod._setup_kernel = setup_kernel
+    return setup_kernel
+
+
+def register() -> None:
+    from ring_ext.device import on_cpu
+
+    if not on_cpu():
+        return
+    from vllm.model_executor.layers import utils
+    from vllm.model_executor.layers.fused_moe import unquantized_fused_moe_method as moe
+
+    patch_once(utils, "dispatch_cpu_unquantized_gemm", _keep_linear_weights)
+    patch_once(moe.UnquantizedFusedMoEMethod, "_setup_kernel", _prepack_experts_on_reload)

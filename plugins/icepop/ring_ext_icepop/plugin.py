@@ -3,33 +3,24 @@
 from __future__ import annotations
 
 import logging
-from types import ModuleType
 from typing import Any
 
 from ring_ext.hookspecs import hookimpl
-from ring_ext.patching import after_import
 from ring_ext.registrar import Registrar
 
 logger = logging.getLogger("ring_ext")
 
 
-def _patch_ppo_loss(losses: ModuleType) -> None:
-    from ring_ext_icepop.loss import with_rollout_log_probs
-
-    if not getattr(losses.ppo_loss, "__ring_ext_patched__", False):
-        losses.ppo_loss = with_rollout_log_probs(losses.ppo_loss, losses.no_padding_2_padding)
-
-
 def check_mismatch_loss(config: Any) -> None:
     """At start: valid knobs, rollout log-probs produced, and the active loss logged with its parameters."""
-    from ring_ext_icepop.config import mismatch_config
-    from ring_ext_icepop.loss import MISMATCH_KINDS
+    from ring_ext_icepop.config import variant_from_config
+    from ring_ext_icepop.variants import VARIANTS, describe
 
     policy_loss = config.actor_rollout_ref.actor.policy_loss
     mode = policy_loss.get("loss_mode", "vanilla")
-    if mode not in MISMATCH_KINDS:
+    if mode not in VARIANTS:
         return
-    cfg = mismatch_config(mode, policy_loss)
+    variant = variant_from_config(mode, policy_loss)
     if not config.actor_rollout_ref.rollout.get("calculate_log_probs", True):
         raise ValueError(f"policy loss '{mode}' needs actor_rollout_ref.rollout.calculate_log_probs=True")
     if config.algorithm.get("rollout_correction", {}).get("bypass_mode", False):
@@ -37,9 +28,7 @@ def check_mismatch_loss(config: Any) -> None:
             f"policy loss '{mode}' compares the trainer's recomputed log-probs with the rollout's; "
             "algorithm.rollout_correction.bypass_mode=True skips that recomputation (k would be 1 everywhere)"
         )
-    knobs = {"icepop": ("alpha", "beta"), "kpop": ("phi",), "tis": ("cap",)}[mode]
-    described = ", ".join(f"{k}={getattr(cfg, k)}" for k in knobs)
-    logger.warning("ring-ext: policy loss %s(%s) on the rollout engine's log-probs", mode, described)
+    logger.warning("ring-ext: policy loss %s on the rollout engine's log-probs", describe(variant))
 
 
 @hookimpl
@@ -48,8 +37,9 @@ def ring_ext_register(registrar: Registrar) -> None:
 
     for name, fn in LOSSES.items():
         registrar.policy_loss(name, fn)
-    after_import("verl.workers.utils.losses", _patch_ppo_loss)
-    registrar.workaround(
+    registrar.patch(
+        "verl.workers.utils.losses:ppo_loss",
+        "ring_ext_icepop.loss:with_rollout_log_probs",
         "rollout_log_probs_reach_the_loss",
         "verl/workers/utils/losses.py ppo_loss drops rollout_log_probs before the policy loss; for "
         "icepop/kpop/tis it hands them (and the entropy) to the loss of the same micro-batch",

@@ -1,4 +1,5 @@
-"""Unit tests of ring_ext_icepop.core: band edges, K-Pop's binary KL, TIS, non-finite inputs, metrics, config."""
+"""Unit tests of the variants, their weights and metrics: band edges, K-Pop's binary KL, TIS, non-finite inputs,
+metrics, knobs."""
 
 from __future__ import annotations
 
@@ -9,14 +10,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ring_ext_icepop.core import (
-    KPOP_MAX_LOG_WEIGHT,
-    MISMATCH_KINDS,
-    MismatchConfig,
-    MismatchWeights,
-    mismatch_metrics,
-    mismatch_weights,
-)
+from ring_ext_icepop.metrics import mismatch_metrics
+from ring_ext_icepop.variants import KPOP_MAX_LOG_WEIGHT, TIS, VARIANTS, IcePop, KPop, Variant, make_variant
+from ring_ext_icepop.weights import MismatchWeights, mismatch_weights
+
+MISMATCH_KINDS = tuple(VARIANTS)
 
 INF, NAN = float("inf"), float("nan")
 F64 = torch.float64
@@ -59,7 +57,7 @@ def test_icepop_band_edges_inclusive_and_next_float_rejected(dtype: torch.dtype,
     train = torch.stack([lo, zero, below_lo, zero])[None]
     infer = torch.stack([zero, -hi, zero, -above_hi])[None]
     assert (train - infer)[0].tolist() == [lo.item(), hi.item(), below_lo.item(), above_hi.item()]
-    w = mismatch_weights(train, infer, _ones(train), MismatchConfig("icepop", alpha=alpha, beta=beta))
+    w = mismatch_weights(train, infer, _ones(train), IcePop(alpha=alpha, beta=beta))
     assert w.kept[0].tolist() == [True, True, False, False]
     assert w.below[0].tolist() == [False, False, True, False]
     assert w.above[0].tolist() == [False, False, False, True]
@@ -73,7 +71,7 @@ def test_icepop_edges_with_log_constructed_log_probs() -> None:
     ks = [0.5, 0.5, 0.5, 5.0, 5.0, 5.0]
     train = infer + torch.tensor([[math.log(k) for k in ks]], dtype=F64)
     assert (train - infer).tolist()[0] == [math.log(k) for k in ks]  # premise: exact in float64
-    w = mismatch_weights(train, infer, _ones(train), MismatchConfig("icepop", alpha=0.5, beta=5.0))
+    w = mismatch_weights(train, infer, _ones(train), IcePop(alpha=0.5, beta=5.0))
     assert w.kept.all()
     assert w.weight[0].tolist() == pytest.approx(ks, rel=1e-12)
 
@@ -84,7 +82,7 @@ def test_icepop_weight_is_k_inside_and_zero_outside() -> None:
     log_k = (torch.rand(16, 64, generator=g, dtype=F64) - 0.5) * 6  # k in [e^-3, e^3]
     train = infer + log_k
     alpha, beta = 0.5, 5.0
-    w = mismatch_weights(train, infer, _ones(train), MismatchConfig("icepop", alpha=alpha, beta=beta))
+    w = mismatch_weights(train, infer, _ones(train), IcePop(alpha=alpha, beta=beta))
     k = torch.exp(train - infer)
     inside = (k >= alpha) & (k <= beta)
     assert 0 < inside.sum() < inside.numel()
@@ -100,7 +98,7 @@ def test_bf16_inputs_match_their_float32_upcast_and_weights_are_detached() -> No
     infer = (-torch.rand(4, 32, generator=g) * 5).to(torch.bfloat16)
     mask = torch.rand(4, 32, generator=g) > 0.3
     for kind in MISMATCH_KINDS:
-        cfg = MismatchConfig(kind)
+        cfg = make_variant(kind)
         a = mismatch_weights(train, infer, mask, cfg)
         b = mismatch_weights(train.detach().float(), infer.float(), mask.float(), cfg)  # 0/1 float mask too
         assert a.weight.dtype == torch.float32 and not a.weight.requires_grad
@@ -116,7 +114,7 @@ def test_extreme_and_non_finite_log_probs(kind: str, dtype: torch.dtype) -> None
     train = _t([[-1e4, 0.0, -1.0, -INF, NAN, -1.0, INF, -1.0, -1.0, NAN]], dtype)
     infer = _t([[0.0, -1e4, -1.0, -1.0, -1.0, -INF, -1.0, NAN, INF, NAN]], dtype)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)  # last: nan padding
-    w = mismatch_weights(train, infer, mask, MismatchConfig(kind))
+    w = mismatch_weights(train, infer, mask, make_variant(kind))
     _assert_partition(w, mask)
     assert w.invalid[0].tolist() == [False] * 3 + [True] * 6 + [False]
     assert torch.equal(w.log_ratio[0, :3], (train.float() - infer.float())[0, :3])
@@ -140,7 +138,7 @@ def test_naive_exp_then_mask_would_produce_nan() -> None:
     train, infer = _t([[0.0]], torch.float32), _t([[-1e4]], torch.float32)
     k = torch.exp(train - infer)
     assert torch.isnan(k * ((k >= 0.5) & (k <= 5.0)) * 0.0).all()  # the naive pattern, times a zero advantage
-    w = mismatch_weights(train, infer, _ones(train), MismatchConfig("icepop"))
+    w = mismatch_weights(train, infer, _ones(train), IcePop())
     assert w.weight.item() == 0.0 and (w.weight * 0.0).item() == 0.0 and w.above.item()
 
 
@@ -148,7 +146,7 @@ def test_all_masked_batch_metrics_are_zero() -> None:
     train, infer = _t([[NAN, -1.0], [-INF, 1e4]]), _t([[-1.0, INF], [0.0, 0.0]])
     mask = torch.zeros(2, 2, dtype=torch.bool)
     for kind in MISMATCH_KINDS:
-        w = mismatch_weights(train, infer, mask, MismatchConfig(kind))
+        w = mismatch_weights(train, infer, mask, make_variant(kind))
         _assert_partition(w, mask)
         assert not (w.kept | w.below | w.above | w.invalid).any() and not w.weight.any()
         metrics = mismatch_metrics(w, mask, entropy=torch.ones(2, 2), train_logp=train, prefix="m/")
@@ -160,7 +158,7 @@ def test_all_rejected_batch_metrics() -> None:
     infer = _t([[-1.0, -2.0], [-3.0, -4.0]])
     train = infer + _t([[-3.0, -4.0], [5.0, 6.0]])  # k = e^-3, e^-4 (below), e^5, e^6 (above)
     mask = _ones(train)
-    w = mismatch_weights(train, infer, mask, MismatchConfig("icepop", alpha=0.5, beta=2.0))
+    w = mismatch_weights(train, infer, mask, IcePop(alpha=0.5, beta=2.0))
     assert not w.kept.any() and not w.weight.any()
     m = mismatch_metrics(w, mask, entropy=_t([[1.0, 2.0], [3.0, 4.0]]), train_logp=train, prefix="")
     _assert_metrics_finite(m)
@@ -184,7 +182,7 @@ def _db(p: float, q: float) -> float:
 def _kpop(p: float, q: float, phi: float) -> MismatchWeights:
     lp, lq = (math.log(x) for x in (p, q))
     train, infer = _t([[lp]]), _t([[lq]])
-    return mismatch_weights(train, infer, _ones(train), MismatchConfig("kpop", phi=phi))
+    return mismatch_weights(train, infer, _ones(train), KPop(phi=phi))
 
 
 @pytest.mark.parametrize(("p", "q"), [(0.3, 0.6), (0.6, 0.3), (0.9, 0.99), (0.02, 0.05), (0.999, 0.99), (0.5, 1e-3)])
@@ -221,7 +219,7 @@ def test_kpop_probability_one_cases() -> None:
     assert not w.kept.item() and w.above.item()
     # p == 1 in float32 noise above 0 counts as p == 1, q == 1: kept
     train, infer = _t([[1e-7]], torch.float32), _t([[0.0]], torch.float32)
-    w = mismatch_weights(train, infer, _ones(train), MismatchConfig("kpop"))
+    w = mismatch_weights(train, infer, _ones(train), KPop())
     assert w.kept.item()
 
 
@@ -235,8 +233,8 @@ def test_kpop_near_probability_one_is_accurate(eps_p: float, eps_q: float) -> No
 
     d = max(db(lp, lq, eps_p, eps_q), db(lq, lp, eps_q, eps_p))
     train, infer = _t([[lp]]), _t([[lq]])
-    at = mismatch_weights(train, infer, _ones(train), MismatchConfig("kpop", phi=d))
-    under = mismatch_weights(train, infer, _ones(train), MismatchConfig("kpop", phi=d * (1 - 1e-9)))
+    at = mismatch_weights(train, infer, _ones(train), KPop(phi=d))
+    under = mismatch_weights(train, infer, _ones(train), KPop(phi=d * (1 - 1e-9)))
     assert at.kept.item() and not under.kept.item()
 
 
@@ -245,7 +243,7 @@ def test_kpop_kept_huge_ratio_is_capped_and_finite() -> None:
     train, infer = _t([[-12.0]]), _t([[-1e4]])
     p = math.exp(-12.0)
     assert p * (1e4 - 12.0) + (1 - p) * math.log(1 - p) < 0.5 and -math.log(1 - p) < 0.5  # both D_B, q = 0
-    w = mismatch_weights(train, infer, _ones(train), MismatchConfig("kpop", phi=0.5))
+    w = mismatch_weights(train, infer, _ones(train), KPop(phi=0.5))
     assert w.kept.item()
     assert w.weight.item() == pytest.approx(math.exp(KPOP_MAX_LOG_WEIGHT), rel=1e-6)
 
@@ -258,7 +256,7 @@ def test_tis_weight_is_min_k_cap_and_nothing_rejected() -> None:
     infer = -torch.rand(8, 64, generator=g, dtype=F64) * 10
     train = infer + (torch.rand(8, 64, generator=g, dtype=F64) - 0.5) * 8
     mask = torch.rand(8, 64, generator=g) > 0.2
-    w = mismatch_weights(train, infer, mask, MismatchConfig("tis", cap=2.0))
+    w = mismatch_weights(train, infer, mask, TIS(cap=2.0))
     k = torch.exp(train - infer)
     assert (k[mask] > 2.0).any() and (k[mask] < 2.0).any()
     assert torch.equal(w.kept, mask) and not w.below.any() and not w.above.any() and not w.invalid.any()
@@ -289,12 +287,14 @@ def test_tis_weight_is_min_k_cap_and_nothing_rejected() -> None:
 )
 def test_config_rejects_bad_values_naming_the_knob(kwargs: dict, words: list[str]) -> None:
     with pytest.raises(ValueError) as info:
-        MismatchConfig(**kwargs)
+        make_variant(**kwargs)
     assert all(word in str(info.value) for word in words), str(info.value)
 
 
-def test_config_checks_only_the_knobs_of_its_kind_and_is_frozen() -> None:
-    cfg = MismatchConfig("tis", alpha=-1.0)  # alpha is irrelevant to tis
+def test_a_variant_takes_only_its_own_knobs_and_is_frozen() -> None:
+    with pytest.raises(ValueError, match=r"tis has no knob\(s\) \['alpha'\]; its knobs: \['cap'\]"):
+        make_variant("tis", alpha=-1.0)  # alpha is irrelevant to tis
+    cfg = TIS()
     with pytest.raises(AttributeError):
         cfg.cap = 3.0  # type: ignore[misc]
     with pytest.raises(ValueError, match="shapes differ"):
@@ -320,7 +320,7 @@ def _hand_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 
 def test_metrics_match_hand_computation_icepop() -> None:
     train, infer, mask, entropy = _hand_batch()
-    w = mismatch_weights(train, infer, mask, MismatchConfig("icepop", alpha=0.5, beta=2.0))
+    w = mismatch_weights(train, infer, mask, IcePop(alpha=0.5, beta=2.0))
     assert w.kept.tolist() == [[True, False, False, True], [False, False, True, False]]
     m = mismatch_metrics(w, mask, entropy=entropy, train_logp=train, prefix="")
     assert list(m) == _METRIC_KEYS
@@ -346,7 +346,7 @@ def test_metrics_match_hand_computation_icepop() -> None:
 
 def test_metrics_match_hand_computation_tis() -> None:
     train, infer, mask, entropy = _hand_batch()
-    w = mismatch_weights(train, infer, mask, MismatchConfig("tis", cap=2.0))
+    w = mismatch_weights(train, infer, mask, TIS(cap=2.0))
     m = mismatch_metrics(w, mask, entropy=entropy, prefix="tis/")
     weights = [1.0, 0.25, 2.0, 1.5, 0.5]
     assert m["tis/ess"] == pytest.approx(sum(weights) ** 2 / (5 * sum(x * x for x in weights)), rel=1e-6)
@@ -358,7 +358,7 @@ def test_metric_extrema_ignore_padding_and_non_finite_entropy_is_left_out() -> N
     infer = _t([[-1.0, -1.0, -1.0, -1.0, -1.0]])
     train = infer + _t([[0.3, 0.5, 2.0, NAN, 9.0]])  # token 3 invalid, token 4 padding; log_ratio 0.0 there
     mask = torch.tensor([[True, True, True, True, False]])
-    w = mismatch_weights(train, infer, mask, MismatchConfig("icepop", alpha=0.5, beta=2.0))
+    w = mismatch_weights(train, infer, mask, IcePop(alpha=0.5, beta=2.0))
     assert w.kept[0].tolist() == [True, True, False, False, False]
     entropy = _t([[NAN, 1.0, 3.0, 7.0, 7.0]])  # nan on a kept token is left out, not averaged in
     m = mismatch_metrics(w, mask, entropy=entropy, train_logp=train, prefix="")
@@ -374,21 +374,18 @@ _LOGP = st.one_of(st.floats(-30.0, 0.0), st.floats(-30.0, 0.0), st.floats(-30.0,
 
 
 @st.composite
-def _configs(draw: st.DrawFn) -> MismatchConfig:
+def _configs(draw: st.DrawFn) -> Variant:
     kind = draw(st.sampled_from(MISMATCH_KINDS))
     alpha = draw(st.floats(1e-3, 1.0))
-    return MismatchConfig(
-        kind,
-        alpha=alpha,
-        beta=alpha + draw(st.floats(1e-3, 10.0)),
-        phi=draw(st.floats(1e-4, 5.0)),
-        cap=draw(st.floats(1e-2, 10.0)),
-    )
+    knobs = {"icepop": {"alpha": alpha, "beta": alpha + draw(st.floats(1e-3, 10.0))},
+             "kpop": {"phi": draw(st.floats(1e-4, 5.0)), "precision": draw(st.sampled_from(["float64", "float32"]))},
+             "tis": {"cap": draw(st.floats(1e-2, 10.0))}}[kind]
+    return make_variant(kind, **knobs)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), cfg=_configs(), shape=st.tuples(st.integers(1, 4), st.integers(1, 8)))
-def test_property_flags_partition_the_mask(data: st.DataObject, cfg: MismatchConfig, shape: tuple[int, int]) -> None:
+def test_property_flags_partition_the_mask(data: st.DataObject, cfg: Variant, shape: tuple[int, int]) -> None:
     n = shape[0] * shape[1]
     train = torch.tensor(data.draw(st.lists(_LOGP, min_size=n, max_size=n)), dtype=torch.float32).view(shape)
     infer = torch.tensor(data.draw(st.lists(_LOGP, min_size=n, max_size=n)), dtype=torch.float32).view(shape)
@@ -397,9 +394,48 @@ def test_property_flags_partition_the_mask(data: st.DataObject, cfg: MismatchCon
     _assert_partition(w, mask)
     finite = torch.isfinite(train) & torch.isfinite(infer)
     assert torch.equal(w.invalid, mask & ~finite)
-    if cfg.kind == "tis":
+    if cfg.name == "tis":
         assert torch.equal(w.kept, mask & finite)
-    if cfg.kind == "icepop":
+    if cfg.name == "icepop":
         k = torch.exp(w.log_ratio.double())
         assert (k[w.kept] >= cfg.alpha * (1 - 1e-6)).all() and (k[w.kept] <= cfg.beta * (1 + 1e-6)).all()
     _assert_metrics_finite(mismatch_metrics(w, mask, entropy=torch.rand(shape), train_logp=train))
+
+
+def test_log_ratio_extrema_are_over_valid_tokens_when_all_share_a_sign() -> None:
+    """Padding holds log_ratio 0.0: with every valid log-ratio > 0 (or < 0) the extrema must not be that 0.0."""
+    for sign in (1.0, -1.0):
+        infer = _t([[-1.0, -1.0, -1.0, -1.0]])
+        train = infer + sign * _t([[0.5, 0.25, 0.0, 0.0]])
+        mask = torch.tensor([[True, True, False, False]])
+        m = mismatch_metrics(mismatch_weights(train, infer, mask, IcePop()), mask, prefix="")
+        assert sorted([m["log_ratio_min"], m["log_ratio_max"]]) == sorted([sign * 0.25, sign * 0.5])
+
+
+def test_k3_with_exp_matches_expm1_to_float64_rounding() -> None:
+    g = torch.Generator().manual_seed(3)
+    infer = -torch.rand(8, 512, generator=g, dtype=F64) * 4
+    for scale in (1e-4, 1e-2, 1.0):
+        train = infer + torch.randn(8, 512, generator=g, dtype=F64) * scale
+        m = mismatch_metrics(mismatch_weights(train, infer, _ones(train), TIS(cap=1e9)), _ones(train), prefix="")
+        r = (train - infer).float().double()  # the weights keep log k in float32
+        exact = (torch.expm1(r) - r).mean().item()
+        assert m["k3"] == pytest.approx(exact, rel=1e-6, abs=1e-15)
+
+
+def test_kpop_float32_decides_as_float64_except_within_a_hair_of_phi() -> None:
+    g = torch.Generator().manual_seed(4)
+    infer = -torch.rand(16, 1024, generator=g) * 6
+    train = infer + torch.randn(16, 1024, generator=g) * 0.5
+    for phi in (0.02, 0.5):
+        w64 = mismatch_weights(train, infer, _ones(train), KPop(phi=phi))
+        w32 = mismatch_weights(train, infer, _ones(train), KPop(phi=phi, precision="float32"))
+        differ = w64.kept != w32.kept
+        assert 0 < w64.kept.sum() < w64.kept.numel()  # both decisions occur
+        assert differ.float().mean() < 1e-3
+        if differ.any():  # only tokens whose binary KL is within 1e-4 (relative) of phi
+            from ring_ext_icepop.fastops import binary_kl_both
+
+            fwd, bwd = binary_kl_both(train.double()[differ].clamp(max=0), infer.double()[differ].clamp(max=0))
+            closest = torch.minimum((fwd - phi).abs(), (bwd - phi).abs())
+            assert (closest <= 1e-4 * phi).all()
