@@ -8,6 +8,7 @@ Times, in one process and on the same inputs, at B x T in {8x1024, 32x4096, 64x8
   naive         k = exp(train - infer); w = k * ((k >= alpha) & (k <= beta))   (the bug-prone baseline)
   icepop        ring_ext_icepop.weights.mismatch_weights(kind="icepop")
   kpop          mismatch_weights(kind="kpop")   (binary KL in float64, both directions)
+  kpop_fp32     the same with kpop_precision=float32
   tis           mismatch_weights(kind="tis")
   icepop+metrics mismatch_weights + mismatch_metrics (like-for-like with verl, whose call always computes metrics)
   verl_icepop   verl.trainer.ppo.rollout_corr_helper.compute_rollout_correction_weights(
@@ -45,6 +46,7 @@ from ring_ext_icepop.variants import IcePop, make_variant  # noqa: E402
 from ring_ext_icepop.weights import mismatch_weights  # noqa: E402
 
 ALPHA, BETA = 0.5, 5.0
+KPOP32 = make_variant("kpop", precision="float32")
 SIZES = [(8, 1024), (32, 4096), (64, 8192)]
 QUICK_SIZES = [(8, 1024), (16, 2048)]
 Method = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "naive": naive,
         "icepop": ours("icepop"),
         "kpop": ours("kpop"),
+        "kpop_fp32": lambda train, infer, mask: mismatch_weights(train, infer, mask, KPOP32).weight,
         "tis": ours("tis"),
         "icepop+metrics": ours_with_metrics,
     }

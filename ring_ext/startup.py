@@ -78,23 +78,3 @@ def check_trainer_mode_plugin(config: Any) -> None:
         require("trainer_mode", mode, f"trainer.v1.trainer_mode={mode!r}")
         logger.warning("ring-ext: v1 trainer mode = %s", mode)
 
-
-_WANDB_DIR_OURS = "RING_EXT_SET_WANDB_DIR"  # marks a WANDB_DIR this check chose (a user's own is kept)
-
-
-def keep_wandb_in_the_run_dir(config: Any) -> None:
-    """wandb writes `./wandb/` wherever the process runs; put it under the run's own directory
-    (`trainer.default_local_dir`, made absolute) instead. Set in the driver before `ray.init`, so the local
-    Ray cluster's processes (the TaskRunner logs to wandb) inherit it. A user's WANDB_DIR wins."""
-    import os
-    from pathlib import Path
-
-    loggers = config.trainer.get("logger", []) or []
-    if "wandb" not in ([loggers] if isinstance(loggers, str) else list(loggers)):
-        return
-    if "WANDB_DIR" in os.environ and not os.environ.get(_WANDB_DIR_OURS):
-        return
-    run_dir = Path(str(config.trainer.default_local_dir)).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)  # wandb falls back to a temporary directory when it is missing
-    os.environ["WANDB_DIR"] = str(run_dir)
-    os.environ[_WANDB_DIR_OURS] = "1"

@@ -4,14 +4,15 @@ import os
 
 from ring_ext.config_check import check_recipe_keys
 from ring_ext.discovery import load_plugins
+from ring_ext.patching import patch_after_import
 from ring_ext.resolvers import register_resolvers
 from ring_ext.startup import (
     add_startup_check,
     check_config_resolves,
     check_policy_loss_registered,
     check_trainer_mode_plugin,
-    keep_wandb_in_the_run_dir,
 )
+from ring_ext.wandb_run import keep_wandb_in_the_run_dir, teardown_after_finish
 
 # Runs stay local unless the user opts in (WANDB_MODE=online); `wandb sync` uploads them later.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -22,4 +23,5 @@ add_startup_check("trainer_mode_plugin", check_trainer_mode_plugin)
 add_startup_check("recipe_keys_known", check_recipe_keys)
 add_startup_check("config_resolves", check_config_resolves)
 add_startup_check("wandb_in_the_run_dir", keep_wandb_in_the_run_dir)
+patch_after_import("verl.utils.tracking:Tracking.finish", teardown_after_finish)
 load_plugins()

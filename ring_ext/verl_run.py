@@ -57,15 +57,15 @@ class _RecordTail:
 
 def run_verl(command: Sequence[str], overrides: Sequence[str], workdir: Path, *, name: str,
              env: Mapping[str, str] | None = None, timeout: float = 1200,
-             on_step: Callable[[dict], None] | None = None) -> VerlRun:
-    """`python <command> <overrides> trainer.logger=[console,file]` from `workdir`.
+             on_step: Callable[[dict], None] | None = None, loggers: Sequence[str] = ("console",)) -> VerlRun:
+    """`python <command> <overrides> trainer.logger=[<loggers>,file]` from `workdir`.
 
     `on_step` gets each file-logger record as it appears. Raises VerlRunError with the log tail when the
     process fails or outlives `timeout` (it is killed then).
     """
     metrics, log_path = workdir / f"{name}.jsonl", workdir / f"{name}.log"
     metrics.unlink(missing_ok=True)  # a rerun must not read the previous attempt's steps
-    cmd = [sys.executable, *command, *overrides, "trainer.logger=[console,file]"]
+    cmd = [sys.executable, *command, *overrides, f"trainer.logger=[{','.join([*loggers, 'file'])}]"]
     tail, deadline = _RecordTail(metrics), time.monotonic() + timeout
 
     def report() -> None:
@@ -92,6 +92,7 @@ def run_verl(command: Sequence[str], overrides: Sequence[str], workdir: Path, *,
 
 
 def run_main_ppo(overrides: Sequence[str], workdir: Path, *, name: str = "main_ppo",
-                 env: Mapping[str, str] | None = None, timeout: float = 1200) -> VerlRun:
+                 env: Mapping[str, str] | None = None, timeout: float = 1200,
+                 loggers: Sequence[str] = ("console",)) -> VerlRun:
     """Train with `overrides` (e.g. "+recipe=ring1t") through `python -m verl.trainer.main_ppo`."""
-    return run_verl(MAIN_PPO, overrides, workdir, name=name, env=env, timeout=timeout)
+    return run_verl(MAIN_PPO, overrides, workdir, name=name, env=env, timeout=timeout, loggers=loggers)

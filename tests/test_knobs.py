@@ -49,3 +49,4 @@ def test_from_mapping_refuses_unknown_and_missing_keys() -> None:
     with pytest.raises(ValueError, match="x.y: budget required"):
         from_mapping(Knobs, {"rate": 1.0}, "x.y")
     assert from_mapping(Knobs, {"budget": 3}, "x.y") == Knobs(budget=3)
+
