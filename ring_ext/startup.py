@@ -78,3 +78,15 @@ def check_trainer_mode_plugin(config: Any) -> None:
         require("trainer_mode", mode, f"trainer.v1.trainer_mode={mode!r}")
         logger.warning("ring-ext: v1 trainer mode = %s", mode)
 
+
+
+def report_attention(config: Any) -> None:
+    """On a GPU without flash-attn the recipes fall back to sdpa on padded micro-batches (see `ring_ext.resolvers`);
+    say so at start, since packed sequences are what a user on a GPU expects."""
+    from ring_ext.device import on_cpu
+
+    model = config.actor_rollout_ref.model
+    attention = (model.get("override_config", {}) or {}).get("attn_implementation")
+    if not on_cpu() and attention == "sdpa" and not model.get("use_remove_padding", False):
+        logger.warning("ring-ext: attention sdpa on padded micro-batches: flash-attn is not installed (pip install "
+                       "flash-attn for packed sequences without a dense mask)")

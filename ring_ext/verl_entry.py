@@ -3,6 +3,7 @@
 import os
 
 from ring_ext.config_check import check_recipe_keys
+from ring_ext.device import hand_device_to_every_process
 from ring_ext.discovery import load_plugins
 from ring_ext.patching import patch_after_import
 from ring_ext.resolvers import register_resolvers
@@ -11,6 +12,7 @@ from ring_ext.startup import (
     check_config_resolves,
     check_policy_loss_registered,
     check_trainer_mode_plugin,
+    report_attention,
 )
 from ring_ext.wandb_run import keep_wandb_in_the_run_dir, teardown_after_finish
 
@@ -23,5 +25,7 @@ add_startup_check("trainer_mode_plugin", check_trainer_mode_plugin)
 add_startup_check("recipe_keys_known", check_recipe_keys)
 add_startup_check("config_resolves", check_config_resolves)
 add_startup_check("wandb_in_the_run_dir", keep_wandb_in_the_run_dir)
+add_startup_check("device_decided_once", hand_device_to_every_process)
+add_startup_check("attention", report_attention)
 patch_after_import("verl.utils.tracking:Tracking.finish", teardown_after_finish)
 load_plugins()

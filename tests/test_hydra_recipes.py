@@ -194,3 +194,57 @@ def test_the_ring1t_loop_without_its_plugins_stops_before_ray_naming_the_install
         monkeypatch.delitem(core_algos.POLICY_LOSS_REGISTRY, name, raising=False)
     with pytest.raises(ValueError, match="'icepop' comes with the plugin ring-ext-icepop: pip install ring-ext-icepop"):
         run_startup_checks(loop)
+
+
+@pytest.mark.parametrize("recipe", ["ring1t", "ring1t_rlvr"])  # rlvr and rlhf share ring1t_profile/tiny_ppo
+def test_num_cpus_applies_only_when_ray_starts_locally(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ray.init` refuses num_cpus when it attaches to a running cluster (two hosts: tests in
+    plugins/astate/tests/test_two_hosts.py): the tiny recipes' num_cpus is null exactly then."""
+    from omegaconf import open_dict
+    from ray._private import services
+
+    # no cluster found on this machine unless a case says so (a `ray start` leaves its address in a file)
+    bootstrap: list[str | None] = [None]
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: bootstrap[0])
+    monkeypatch.setattr(services, "find_gcs_addresses", list)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_init = compose_ppo(f"+recipe={recipe}").ray_kwargs.ray_init  # resolved at each read, as by ray.init
+
+    def num_cpus(address: str | None = None) -> object:
+        with open_dict(ray_init):
+            ray_init.address = address
+        return ray_init.num_cpus
+
+    assert num_cpus() == 8  # ray.init starts Ray itself
+    assert num_cpus("127.0.0.2:6379") is None
+    assert num_cpus("local") == 8
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.2:6379")
+    assert num_cpus() is None
+    assert num_cpus("local") == 8  # "local" starts a new instance whatever the environment says
+    monkeypatch.delenv("RAY_ADDRESS")
+    bootstrap[0] = "127.0.0.2:6379"  # `ray start --head` ran here: a bare ray.init attaches to it
+    assert num_cpus() is None
+    assert num_cpus("local") == 8
+    # the key composes from the command line, and a user's own value is kept
+    cfg = compose_ppo(f"+recipe={recipe}", "+ray_kwargs.ray_init.address=local",
+                      "ray_kwargs.ray_init.num_cpus=4")
+    assert cfg.ray_kwargs.ray_init.num_cpus == 4 and unknown_keys(cfg) == []
+
+
+def test_ray_starts_locally_follows_ray_init(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same decision as ray.init's `canonicalize_bootstrap_address` (None: start a local instance)."""
+    from ray._private import services
+
+    from ring_ext.resolvers import ray_starts_locally
+
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    monkeypatch.setattr(services, "find_gcs_addresses", list)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for address in (None, "local", "127.0.0.2:6379", "auto"):
+        try:
+            expected = services.canonicalize_bootstrap_address(address) is None
+        except ConnectionError:  # "auto" with no cluster: ray.init fails too, it does not start one
+            expected = False
+        assert ray_starts_locally(address) is expected, address
+    assert ray_starts_locally(None) and not ray_starts_locally("auto")
+    assert not ray_starts_locally("10.0.0.1:6379")

@@ -197,3 +197,27 @@ def test_tokens_of_two_policy_versions_in_one_micro_batch_are_masked_and_reporte
     with pytest.raises(ValueError, match="per-token version lags"):
         output, data = actor_batch(log_prob.clone(), old, rollout, adv, mask, lag=lag[:, :5])
         ppo_loss(icepop, output, data)
+
+
+def test_the_loss_reaches_verls_engine_workers_as_megatrons_engine_calls_it() -> None:
+    """verl 0.9.1's engine workers (FSDP and Megatron alike) bind `ppo_loss` at import
+    (`verl.workers.engine_workers`: `self.loss_fn = partial(ppo_loss, config=actor_config)`), and the Megatron
+    engine calls it by keyword (`loss_function(model_output=..., data=..., dp_group=...)`, transformer_impl.py).
+    The name the worker bound must be ring-ext's wrapper, and that call must give IcePop's masking. (megatron-core
+    is not installed here: this is the call contract, not a Megatron run.)"""
+    from functools import partial
+
+    from verl.workers import engine_workers
+
+    from ring_ext.patching import PATCHED
+
+    assert getattr(engine_workers.ppo_loss, PATCHED, False)
+    _, actor = compose_actor("actor_rollout_ref.actor.policy_loss.loss_mode=icepop")
+    old = torch.full((1, 4), -1.0, dtype=torch.float64)
+    rollout = old - torch.tensor([[0.0, 0.0, 3.0, -3.0]], dtype=torch.float64)  # k = 1, 1, e^3, e^-3
+    output, data = actor_batch(old.clone().requires_grad_(True), old, rollout, torch.ones_like(old),
+                               torch.ones_like(old, dtype=torch.bool))
+    loss_function = partial(engine_workers.ppo_loss, config=actor)
+    _, metrics = loss_function(model_output=output, data=data, dp_group=None)
+    assert metrics["mismatch/kept_frac"].aggregate() == pytest.approx(0.5)
+    assert metrics["mismatch/masked_above_frac"].aggregate() == pytest.approx(0.25)
