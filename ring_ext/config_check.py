@@ -59,10 +59,10 @@ def _dataclass_fields(target: str) -> set[str]:
 
 def _accepted(path: str, cfg: DictConfig, base: DictConfig) -> bool:
     parts = path.split(".")
+    if any(".".join(parts[:i]) in FREE_FORM for i in range(1, len(parts))):  # anything below ray.init's kwargs
+        return True
     for i in range(len(parts) - 1, 0, -1):
         parent = ".".join(parts[:i])
-        if parent in FREE_FORM:
-            return True
         node = OmegaConf.select(base, parent, throw_on_missing=False)
         if node is None:
             continue

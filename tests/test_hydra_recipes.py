@@ -248,3 +248,11 @@ def test_ray_starts_locally_follows_ray_init(monkeypatch: pytest.MonkeyPatch) ->
         assert ray_starts_locally(address) is expected, address
     assert ray_starts_locally(None) and not ray_starts_locally("auto")
     assert not ray_starts_locally("10.0.0.1:6379")
+
+
+def test_keys_anywhere_below_ray_init_are_free_form() -> None:
+    """ray.init's kwargs are Ray's, not verl's: runtime_env.env_vars is how variables reach an existing cluster."""
+    cfg = compose_ppo("+recipe=ring1t", "+ray_kwargs.ray_init.runtime_env.env_vars.MY_VAR=1")
+    assert unknown_keys(cfg) == []
+    assert unknown_keys(compose_ppo("+recipe=ring1t", "+actor_rollout_ref.actor.clip_ratoi=0.3")) == [
+        "actor_rollout_ref.actor.clip_ratoi"]
