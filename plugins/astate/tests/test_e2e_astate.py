@@ -89,7 +89,7 @@ def _sequence_log_probs(model: torch.nn.Module, batch: list[tuple[list[int], lis
     return torch.stack(out)
 
 
-def _policy_versions(ckpt: Path) -> list[torch.Tensor]:
+def policy_versions(ckpt: Path, steps: int = STEPS) -> list[torch.Tensor]:
     """Per-sequence log-probs on fixed arithmetic prompts + answers under the initial weights and each step's."""
     tiny = build_tiny_default(length_tail=False)
     tok = AutoTokenizer.from_pretrained(tiny.model_dir)
@@ -98,7 +98,7 @@ def _policy_versions(ckpt: Path) -> list[torch.Tensor]:
               tok(r.extra_info["answer"], add_special_tokens=False).input_ids) for r in rows.itertuples()]
     model = AutoModelForCausalLM.from_pretrained(tiny.model_dir, dtype=torch.float32).eval()
     versions = [_sequence_log_probs(model, batch)]
-    for step in range(1, STEPS + 1):
+    for step in range(1, steps + 1):
         hf_dir = ckpt / f"global_step_{step}" / "actor" / "huggingface"
         state = {k: v.float() for f in sorted(hf_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -146,7 +146,7 @@ def test_rollout_logprobs_follow_the_synced_weights(run: dict) -> None:
         assert data["rollout_corr/log_ppl_abs_diff"] <= MAX_LOG_PPL_GAP, step
     # Each step moves the policy far beyond the tolerated gap, so a rollout one version behind would fail above:
     # step k's batch is generated on version k - 1, its stale counterpart would be version k - 2.
-    versions = _policy_versions(run["ckpt"])
+    versions = policy_versions(run["ckpt"])
     moves = [(versions[k] - versions[k - 1]).abs().mean().item() for k in range(1, STEPS + 1)]
     print(f"mean |log-ppl| change per step on fixed sequences: {[round(m, 4) for m in moves]}")
     # at least 2 of 3: a step whose groups all tie on reward has no gradient (one run measured 0.58, 0.08, 0.21)

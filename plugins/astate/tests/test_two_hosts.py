@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from ray_two_hosts import HEAD_IP, WORKER_IP, NodeSpec, two_hosts
 from safetensors.torch import load_file
-from test_e2e_astate import MAX_LOG_PPL_GAP, MIN_PEARSON, OVERRIDES, _sequence_log_probs
+from test_e2e_astate import MAX_LOG_PPL_GAP, MIN_PEARSON, OVERRIDES, policy_versions
 
 from ring_ext.tiny import build_tiny_default
 from ring_ext.verl_run import run_main_ppo
@@ -143,20 +142,5 @@ def test_rollout_logprobs_follow_the_trainer_after_every_sync(run: dict) -> None
 
 def _policy_moves(ckpt: Path) -> list[float]:
     """How far each step moved the per-sequence log-probs of fixed prompts + answers (as test_e2e_astate)."""
-    import pandas as pd
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tiny = build_tiny_default(length_tail=False)
-    tok = AutoTokenizer.from_pretrained(tiny.model_dir)
-    batch = [(list(tok.apply_chat_template(list(r.prompt), add_generation_prompt=True, tokenize=True)
-                   ["input_ids"]), tok(r.extra_info["answer"], add_special_tokens=False).input_ids)
-             for r in pd.read_parquet(tiny.train_parquet).head(16).itertuples()]
-    model = AutoModelForCausalLM.from_pretrained(tiny.model_dir, dtype=torch.float32).eval()
-    versions = [_sequence_log_probs(model, batch)]
-    for step in range(1, STEPS + 1):
-        hf = ckpt / f"global_step_{step}" / "actor" / "huggingface"
-        state = {k: v.float() for f in sorted(hf.glob("*.safetensors")) for k, v in load_file(f).items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-        versions.append(_sequence_log_probs(model, batch))
+    versions = policy_versions(ckpt, STEPS)
     return [(versions[k] - versions[k - 1]).abs().mean().item() for k in range(1, STEPS + 1)]
