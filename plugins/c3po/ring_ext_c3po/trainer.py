@@ -25,6 +25,7 @@ import ray
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_colocate_async import PPOTrainerColocateAsync
 
+from ring_ext.shared_dir import require_shared
 from ring_ext_c3po.buffer import C3POReplayBuffer
 from ring_ext_c3po.client import MODE, C3POLLMServerClient, spool_for
 from ring_ext_c3po.gate import BudgetGate
@@ -49,6 +50,10 @@ class C3POTrainer(PPOTrainerColocateAsync):
     _mini_batches = 1
 
     def _build_replay_buffer(self) -> C3POReplayBuffer:
+        # before any worker starts: the clients on every node spool where this process snapshots
+        require_shared(str(self.config.trainer.default_local_dir), "trainer.default_local_dir",
+                       "C3PO++'s rollout clients on every node spool partial trajectories there for the trainer's "
+                       "checkpoints")
         c3po = C3POConfig.from_trainer_config(self.config)
         rollout = self.config.actor_rollout_ref.rollout
         c3po.check_reachable(int(rollout.n), int(rollout.response_length))

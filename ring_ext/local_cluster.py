@@ -3,9 +3,14 @@ worker raylet on 127.0.0.3 (loopback addresses: Linux routes all of 127/8 to `lo
 `ray start --block` process in a session of its own, with its own logical resources. Every process of the
 cluster carries a marker in its environment, and `stop` ends exactly those, by id, however the test went.
 
+A node may have directories of its own (`NodeSpec.private_dirs`): its raylet starts in a mount namespace of its
+own (`unshare --mount`, root only) with an empty tmpfs over each, so its processes and the other node's see two
+different disks at the same path, as two hosts without a shared file system do.
+
 The cluster writes its address file in a temp dir of its own (`--temp-dir`): a bare `ray.init()` elsewhere on
 this machine does not find it and attach. It requires a token of its own (Ray's token authentication): a
 client needs `client_env()`, as a driver on another host needs RAY_AUTH_MODE=token and the cluster's token.
+Used by the two-host tests (plugins/astate/tests/test_two_hosts.py, plugins/c3po/tests/test_c3po_two_hosts.py).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -28,7 +34,7 @@ from pathlib import Path
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 START_TIMEOUT_S = 120.0  # a node's raylet registered with the GCS (2 busy cores: ~10 s measured)
 STOP_TIMEOUT_S = 5.0  # SIGTERM to exit, before SIGKILL (nothing left to drain after the run)
-MARKER = "RING_EXT_TWO_HOSTS"  # in the environment of every process of the cluster (inherited)
+MARKER = "RING_EXT_LOCAL_CLUSTER"  # in the environment of every process of the cluster (inherited)
 # A driver of the cluster: waits for the nodes at `want` to be alive, prints the node and actor tables.
 PROBE = """
 import json, sys, time
@@ -58,6 +64,7 @@ class NodeSpec:
     num_cpus: int  # logical: Ray's bookkeeping, not cores
     num_gpus: int  # logical GPUs (ring-ext-cpu schedules its CPU workers on them)
     resources: dict[str, float] = field(default_factory=dict)  # custom resources naming the node
+    private_dirs: tuple[Path, ...] = ()  # each an empty disk of this node's own (a tmpfs in its mount namespace)
 
 
 @dataclass
@@ -104,6 +111,16 @@ class TwoHosts:
                     f"--ray-client-server-port={free_port(spec.ip)}"]
         else:
             cmd += [f"--address={self.address}"]
+        if spec.private_dirs:
+            if os.geteuid() != 0:
+                raise PermissionError(f"node {spec.ip}: private directories need a mount namespace (root)")
+            mounts = []
+            for d in spec.private_dirs:
+                Path(d).mkdir(parents=True, exist_ok=True)
+                mounts.append(f"mount -t tmpfs ring-ext-private {shlex.quote(str(d))}")
+            # mounts made in the namespace stay there (private propagation); exec: the raylet keeps the pid
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   " && ".join(mounts) + ' && exec "$@"', "sh", *cmd]
         env = {**os.environ, **self.env, MARKER: self.token, "RAY_USAGE_STATS_ENABLED": "0",
                **self.client_env()}
         env.pop("RAY_ADDRESS")  # the head starts a cluster; the worker gets --address
