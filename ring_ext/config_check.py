@@ -34,10 +34,16 @@ class UnknownConfigKeyError(ValueError):
 
 
 @functools.cache
-def verl_default_config() -> DictConfig:
+def verl_default_config(model_engine: str = "dp") -> DictConfig:
+    """verl's fully expanded defaults for an engine (`model_engine=megatron`: its Megatron config)."""
     from ring_ext.verl_config import verl_config_dir
 
-    return OmegaConf.load(verl_config_dir() / "_generated_ppo_trainer.yaml")
+    name = "_generated_ppo_trainer.yaml" if model_engine == "dp" else f"_generated_ppo_{model_engine}_trainer.yaml"
+    return OmegaConf.load(verl_config_dir() / name)
+
+
+def _defaults_for(cfg: DictConfig) -> DictConfig:
+    return verl_default_config(str(cfg.get("model_engine", "dp") or "dp"))
 
 
 def _leaf_paths(node: Any, prefix: str = "") -> Iterator[str]:
@@ -75,7 +81,7 @@ def _accepted(path: str, cfg: DictConfig, base: DictConfig) -> bool:
 
 
 def unknown_keys(cfg: DictConfig, base: DictConfig | None = None) -> list[str]:
-    base = verl_default_config() if base is None else base
+    base = _defaults_for(cfg) if base is None else base
     known = set(_leaf_paths(base)) | COMPOSED_ONLY
     added = [p for p in _leaf_paths(cfg) if p not in known]
     # Report the topmost unknown key only, not every key below it.
@@ -95,7 +101,7 @@ def check_config_keys(cfg: DictConfig) -> None:
     bad = unknown_keys(cfg)
     if not bad:
         return
-    base = verl_default_config()
+    base = _defaults_for(cfg)
     lines = []
     for path in bad:
         parent, _, key = path.rpartition(".")

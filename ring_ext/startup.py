@@ -90,3 +90,23 @@ def report_attention(config: Any) -> None:
     if not on_cpu() and attention == "sdpa" and not model.get("use_remove_padding", False):
         logger.warning("ring-ext: attention sdpa on padded micro-batches: flash-attn is not installed (pip install "
                        "flash-attn for packed sequences without a dense mask)")
+
+
+def check_megatron_engine(config: Any) -> None:
+    """`model_engine=megatron` (e.g. +recipe=ring1t_megatron) needs CUDA and megatron-core: say so before Ray
+    rather than at the first worker's import."""
+    if config.get("model_engine") != "megatron":
+        return
+    import importlib.util
+
+    from ring_ext.device import training_device
+
+    if training_device() == "cpu":
+        raise ValueError("model_engine=megatron: verl's Megatron engine trains on CUDA GPUs only; on the CPU path "
+                         "(ring-ext-cpu) use verl's FSDP2 engine, e.g. +recipe=ring1t instead of +recipe=ring1t_megatron")
+    try:
+        found = importlib.util.find_spec("megatron.core") is not None
+    except ModuleNotFoundError:  # no `megatron` package at all
+        found = False
+    if not found:
+        raise ModuleNotFoundError("model_engine=megatron needs megatron-core: pip install 'ring-ext[megatron]'")

@@ -10,6 +10,7 @@ from ring_ext.resolvers import register_resolvers
 from ring_ext.startup import (
     add_startup_check,
     check_config_resolves,
+    check_megatron_engine,
     check_policy_loss_registered,
     check_trainer_mode_plugin,
     report_attention,
@@ -27,5 +28,6 @@ add_startup_check("config_resolves", check_config_resolves)
 add_startup_check("wandb_in_the_run_dir", keep_wandb_in_the_run_dir)
 add_startup_check("device_decided_once", hand_device_to_every_process)
 add_startup_check("attention", report_attention)
+add_startup_check("megatron_engine", check_megatron_engine)
 patch_after_import("verl.utils.tracking:Tracking.finish", teardown_after_finish)
 load_plugins()
