@@ -158,7 +158,7 @@ def run_size(gib: float, repeats: int, work: Path, bucket_mb: int) -> dict:
             times["memcpy"].append(memcpy(first))
         print(f"{gib} GiB round {r}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items() if v and r))
     sender.close()
-    del llm
+    llm = None  # the engine goes before the next size (the closures above hold the name, not a copy)
     shutil.rmtree(model_dir, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     gbps = {k: nbytes / s / 1e9 for k, s in med.items()}

@@ -218,7 +218,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed syncs per case (after one warm-up)")
     ap.add_argument("--tensor-mib", type=int, default=64, help="size of each weight tensor")
     ap.add_argument("--slot-mib", type=int, default=16, help="astate slot size (4 slots per sender)")
-    ap.add_argument("--verl-bucket-mib", type=int, default=512, help="verl sender bucket (BucketedWeightSender default)")
+    ap.add_argument("--verl-bucket-mib", type=int, default=512,
+                    help="verl sender bucket (BucketedWeightSender default)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cpu: shared memory; cuda: every process on the current GPU, CUDA IPC")
     ap.add_argument("--transport", choices=["shm", "ring", "dist"], nargs="+", default=["shm", "ring"],

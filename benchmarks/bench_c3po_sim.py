@@ -78,8 +78,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, SimConfig]:
     cfg = SimConfig(**(TINY if args.tiny else {}))
     if args.costs is not None:
         measured = measured_costs(args.costs)
-        cfg = dataclasses.replace(cfg, **{k: v / (1 if k == "step_fixed_s" else args.engines) for k, v in measured.items()})
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SimConfig) if getattr(args, f.name) is not None}
+        per_engine = {k: v / (1 if k == "step_fixed_s" else args.engines) for k, v in measured.items()}
+        cfg = dataclasses.replace(cfg, **per_engine)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SimConfig)
+                 if getattr(args, f.name) is not None}
     return args, dataclasses.replace(cfg, **overrides)
 
 
@@ -105,8 +107,11 @@ def sweeps(cfg: SimConfig, base: dict, which: str) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     batch_tokens = base["sync"]["trained_tokens"] / cfg.steps
     if which in ("both", "phi"):
-        out["phi_multiple"] = [{"x": m, **point(compare(dataclasses.replace(cfg, token_budget=max(1, round(m * batch_tokens)))))}
-                               for m in PHI_MULTIPLES]  # fmt: skip
+        def budget(multiple: float) -> int:
+            return max(1, round(multiple * batch_tokens))
+
+        out["phi_multiple"] = [{"x": m, **point(compare(dataclasses.replace(cfg, token_budget=budget(m))))}
+                               for m in PHI_MULTIPLES]
     if which in ("both", "sigma"):  # Phi follows each tail's own mean batch tokens
         out["length_sigma"] = [{"x": s, **point(compare(dataclasses.replace(cfg, length_sigma=s, token_budget=None)))}
                                for s in TAIL_SIGMAS]  # fmt: skip
@@ -119,7 +124,8 @@ def plot(cfg: SimConfig, curves: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {"phi_multiple": "token budget Phi / mean sync batch tokens", "length_sigma": "length-tail sigma (log-normal)"}
+    labels = {"phi_multiple": "token budget Phi / mean sync batch tokens",
+              "length_sigma": "length-tail sigma (log-normal)"}
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4.2), squeeze=False)
     for ax, (name, pts) in zip(axes[0], curves.items()):
         xs = [p["x"] for p in pts]

@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, short timing (smoke run)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--budget", type=float, default=None, help="seconds of timing per cell (default 0.8, quick 0.1)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds of timing per cell (default 0.8, quick 0.1)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15, quick 5)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--memory-jobs", type=int, default=2, help="CPU memory child processes at a time (default 2)")
@@ -411,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         b, t = r["size"]
         alloc = None if r["alloc_peak_bytes"] is None else r["alloc_peak_bytes"] / 2**20
         rss = None if r["rss_peak_bytes"] is None else r["rss_peak_bytes"] / 2**20
-        print(f"{f'{b}x{t}':>9} {r['loss']:>8} {r['median_s'] * 1e3:>10.3f} {r['ratio']:>7.3f} {_fmt(alloc, '.1f'):>10} "
+        print(f"{f'{b}x{t}':>9} {r['loss']:>8} {r['median_s'] * 1e3:>10.3f} {r['ratio']:>7.3f} "
+              f"{_fmt(alloc, '.1f'):>10} "
               f"{_fmt(r['alloc_ratio'], '.2f'):>11} {_fmt(rss, '.1f'):>8} {_fmt(r['rss_ratio'], '.2f'):>9} "
               f"{_fmt(r['minor_faults_per_call'], '.0f'):>11}")
     print("\nwhere the time of the mismatch losses goes (ms; glue = total - weights - metrics - ppo):")

@@ -72,7 +72,8 @@ def measure(args: argparse.Namespace) -> dict:
     top = points[-1]
     c = max(0.0, (top["t1_s"] - (a + b * top["batch"])) / (top["batch"] * args.prompt_tokens))
     return {"step_fixed_s": a, "step_per_seq_s": b, "prefill_per_token_s": c, "r2": r2, "points": points,
-            "tokens": args.tokens, "prompt_tokens": args.prompt_tokens, "engine": "vllm", "model": "ring_ext tiny qwen2"}
+            "tokens": args.tokens, "prompt_tokens": args.prompt_tokens, "engine": "vllm",
+            "model": "ring_ext tiny qwen2"}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -85,7 +86,8 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot(xs, [1e3 * p["step_s"] for p in result["points"]], "o", label="measured")
     a, b = result["step_fixed_s"], result["step_per_seq_s"]
-    ax.plot(xs, [1e3 * (a + b * x) for x in xs], "-", label=f"fit: {1e3 * a:.2f} ms + {1e3 * b:.3f} ms x B (R2 {result['r2']:.3f})")
+    fit = f"fit: {1e3 * a:.2f} ms + {1e3 * b:.3f} ms x B (R2 {result['r2']:.3f})"
+    ax.plot(xs, [1e3 * (a + b * x) for x in xs], "-", label=fit)
     ax.set_xlabel("running sequences B")
     ax.set_ylabel("one decode step (ms)")
     ax.set_title(f"{result['engine']} decode step time vs batch ({result['model']})", fontsize=9)

@@ -47,7 +47,8 @@ def check(tokens: int, device: torch.device) -> dict:
         F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None].repeat_interleave(4, 1),
                                        v.transpose(0, 1)[None].repeat_interleave(4, 1), attn_mask=mask)
 
-    row = {"tokens": tokens, "dense_mask_gib": tokens * tokens / 2**30, "sdpa_packed_peak_gib": _peak(device, sdpa_packed)}
+    row = {"tokens": tokens, "dense_mask_gib": tokens * tokens / 2**30,
+           "sdpa_packed_peak_gib": _peak(device, sdpa_packed)}
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:

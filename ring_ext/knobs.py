@@ -64,10 +64,12 @@ def check_knobs(config: Any, section: str, prefix: str = "") -> None:
         noun = {"int": "an integer", "float": "a number"}.get(kind, "")
         bound = f" >= {ge}" if ge is not None else f" > {gt}" if gt is not None else ""
         wrong = _type_error(value, kind, choices)
-        if wrong is None and value is not None and ((ge is not None and value < ge) or (gt is not None and value <= gt)):
+        if wrong is None and value is not None and ((ge is not None and value < ge) or
+                                                    (gt is not None and value <= gt)):
             wrong = noun  # the right type, out of bounds
         if wrong is not None:
-            raise ValueError(f"{section}.{prefix}{f.name} must be {wrong}{bound if wrong == noun else ''}, got {value!r}")
+            need = f"{wrong}{bound if wrong == noun else ''}"
+            raise ValueError(f"{section}.{prefix}{f.name} must be {need}, got {value!r}")
 
 
 def from_mapping(cls: type[T], values: Mapping[str, Any], section: str) -> T:

@@ -103,7 +103,8 @@ def check_megatron_engine(config: Any) -> None:
 
     if training_device() == "cpu":
         raise ValueError("model_engine=megatron: verl's Megatron engine trains on CUDA GPUs only; on the CPU path "
-                         "(ring-ext-cpu) use verl's FSDP2 engine, e.g. +recipe=ring1t instead of +recipe=ring1t_megatron")
+                         "(ring-ext-cpu) use verl's FSDP2 engine, e.g. +recipe=ring1t instead of "
+                         "+recipe=ring1t_megatron")
     try:
         found = importlib.util.find_spec("megatron.core") is not None
     except ModuleNotFoundError:  # no `megatron` package at all

@@ -40,7 +40,8 @@ def test_plugin_whose_hook_raises_is_reported_not_fatal(plugin_site) -> None:
         "ring-ext-badhook",
         "badhook",
         "ring_ext_badhook_plugin",
-        "from ring_ext.hookspecs import hookimpl\n\n@hookimpl\ndef ring_ext_register(registrar):\n    raise KeyError('x')\n",
+        "from ring_ext.hookspecs import hookimpl\n\n"
+        "@hookimpl\ndef ring_ext_register(registrar):\n    raise KeyError('x')\n",
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -55,7 +55,8 @@ def test_weight_sync_engine_follows_the_trainer_mode(recipe: str, monkeypatch: p
                    "actor_rollout_ref.rollout.checkpoint_engine.backend=nccl") == "nccl"  # the user's choice wins
     monkeypatch.setitem(sys.modules, "ring_ext_astate", None)  # as if ring-ext-astate were not installed
     assert backend() == "naive"
-    with pytest.raises(InterpolationResolutionError, match="pip install ring-ext-astate, or set actor_rollout_ref.rollout.checkpoint_eng"):
+    with pytest.raises(InterpolationResolutionError,
+                       match="pip install ring-ext-astate, or set actor_rollout_ref.rollout.checkpoint_eng"):
         backend("trainer.v1.trainer_mode=separate_async")
 
 
@@ -101,14 +102,17 @@ def test_misspelled_knob_inside_a_recipe_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "recipe" / "typo.yaml").write_text(TYPO_RECIPE)
     cfg = compose_ppo("+recipe=typo", f"hydra.searchpath=[file://{tmp_path}]")
     assert unknown_keys(cfg) == ["actor_rollout_ref.actor.clip_ratoi"]
-    with pytest.raises(UnknownConfigKeyError, match=r"actor_rollout_ref.actor.clip_ratoi.*did you mean 'actor_rollout_ref.actor.clip_ratio'"):
+    with pytest.raises(UnknownConfigKeyError,
+                       match=r"actor_rollout_ref.actor.clip_ratoi.*did you mean 'actor_rollout_ref.actor.clip_ratio'"):
         check_config_keys(cfg)
 
 
 def test_misspelled_recipe_knob_stops_main_ppo_before_ray_starts(tmp_path: Path) -> None:
     """A typo in an untyped section, which verl's own dataclass checks would never see."""
     (tmp_path / "recipe").mkdir()
-    (tmp_path / "recipe" / "typo.yaml").write_text(TYPO_RECIPE.replace("actor_rollout_ref:\n  actor:\n    clip_ratoi: 0.3", "trainer:\n  total_traning_steps: 2"))
+    typo = TYPO_RECIPE.replace("actor_rollout_ref:\n  actor:\n    clip_ratoi: 0.3",
+                               "trainer:\n  total_traning_steps: 2")
+    (tmp_path / "recipe" / "typo.yaml").write_text(typo)
     proc = subprocess.run(
         [sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=typo", f"hydra.searchpath=[file://{tmp_path}]"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
@@ -168,14 +172,18 @@ def test_trainer_mode_of_a_missing_plugin_fails_at_start_with_an_install_hint(mo
     from ring_ext import startup
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ring_ext_c3po" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ring_ext_c3po" else real_find_spec(name, *a))
     cfg = compose_ppo("+recipe=ring1t", "trainer.v1.trainer_mode=c3po")
-    with pytest.raises(ValueError, match=r"'c3po' comes with the plugin ring-ext-c3po, which is not installed: pip install ring-ext-c3po"):
+    with pytest.raises(ValueError, match=r"'c3po' comes with the plugin ring-ext-c3po, which is not installed: "
+                                         r"pip install ring-ext-c3po"):
         startup.check_trainer_mode_plugin(cfg)
-    startup.check_trainer_mode_plugin(compose_ppo("+recipe=ring1t", "ring1t_loop=grpo"))  # verl's own modes need no plugin
+    # verl's own modes need no plugin
+    startup.check_trainer_mode_plugin(compose_ppo("+recipe=ring1t", "ring1t_loop=grpo"))
 
 
-def test_the_ring1t_loop_without_its_plugins_stops_before_ray_naming_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_ring1t_loop_without_its_plugins_stops_before_ray_naming_the_install(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """`+recipe=ring1t` runs IcePop + C3PO++: each missing plugin is named by the driver's startup checks."""
     import importlib.util
 
@@ -187,7 +195,8 @@ def test_the_ring1t_loop_without_its_plugins_stops_before_ray_naming_the_install
     loop = compose_ppo("+recipe=ring1t")
     real_find_spec = importlib.util.find_spec
     with monkeypatch.context() as m:
-        m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ring_ext_c3po" else real_find_spec(name, *a))
+        m.setattr(importlib.util, "find_spec",
+                  lambda name, *a: None if name == "ring_ext_c3po" else real_find_spec(name, *a))
         with pytest.raises(ValueError, match="'c3po' comes with the plugin ring-ext-c3po.*pip install ring-ext-c3po"):
             run_startup_checks(loop)
     for name in ("icepop", "kpop", "tis"):

@@ -255,4 +255,5 @@ def test_rlvr_c3po_knobs_are_valid_and_reachable(profile: str) -> None:
     knobs = C3POConfig.from_mapping(OmegaConf.to_container(cfg.trainer.v1.c3po))
     knobs.check_reachable(cfg.actor_rollout_ref.rollout.n, cfg.data.max_response_length)
     # the budget is at most one full-length synchronous batch: C3PO++ steps never wait longer than sync ones
-    assert knobs.token_budget <= cfg.data.train_batch_size * cfg.actor_rollout_ref.rollout.n * cfg.data.max_response_length
+    rollout_tokens = cfg.data.train_batch_size * cfg.actor_rollout_ref.rollout.n * cfg.data.max_response_length
+    assert knobs.token_budget <= rollout_tokens

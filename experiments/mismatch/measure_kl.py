@@ -4,9 +4,10 @@
     # -> experiments/mismatch/results/kl_vs_knob.{json,md}, docs/figures/mismatch_kl_vs_knob.png
 
 For each knob value (0.001 is in effect bf16 alone: that noise is far below bf16 rounding): sample 128 responses
-(64 train prompts x 2) from the rollout copy, score them with the fp32 trainer, and report the exact vocabulary KL(pi_infer || pi_train) per response token (mean, max), the fraction of
-tokens with k = pi_train/pi_infer outside IcePop's [0.5, 5], and the fraction of (token, layer) router top-2 sets
-that differ between trainer and rollout (the "different expert choice under near-ties" part).
+(64 train prompts x 2) from the rollout copy, score them with the fp32 trainer, and report the exact vocabulary
+KL(pi_infer || pi_train) per response token (mean, max), the fraction of tokens with k = pi_train/pi_infer
+outside IcePop's [0.5, 5], and the fraction of (token, layer) router top-2 sets that differ between trainer and
+rollout (the "different expert choice under near-ties" part).
 """
 
 from __future__ import annotations

@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = next(iter(runs.values()))[0]["config"]
     knobs = sorted({r["config"]["mismatch"] for rs in runs.values() for r in rs})
     title = (f"tiny Qwen3-MoE GRPO, mismatch knob {', '.join(map(str, knobs))} ({cfg['infer_dtype']} rollout + "
-             f"router noise)\n{cfg['prompts']}x{cfg['group']} samples/step, lr {cfg['lr']}, 10-step moving average")  # fmt: skip
+             f"router noise)\n{cfg['prompts']}x{cfg['group']} samples/step, lr {cfg['lr']}, "
+             "10-step moving average")
     for metric in args.metrics:
         path = args.figures / f"mismatch_{name}_{metric}.png"
         plot_metric(runs, metric, path, title)

@@ -125,7 +125,8 @@ async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int 
                     pass
             if attempt == o.retries:
                 raise SyncError(f"astate: weight sync {version} into rollout worker {st.rank} failed "
-                                f"{attempt + 1} time(s); the rollout keeps version {st.version}. Last error: {e}") from e
+                                f"{attempt + 1} time(s); the rollout keeps version {st.version}. "
+                                f"Last error: {e}") from e
             logger.error("ring-ext astate: sync %d attempt %d failed (%s); retrying whole in %.1fs",
                          version, attempt + 1, e, o.backoff_s * 2**attempt)
             await asyncio.sleep(o.backoff_s * 2**attempt)

@@ -1,9 +1,9 @@
 """A rollout worker's parameters, moved once into one shared-memory file that the senders map and write into.
 
-No verl, no vLLM. The file is created owner-only (0600, O_EXCL) under an unguessable name (128 random bits) that also names its
-creator, so that the arena of a worker Ray killed is removed by the next one created on the host. The worker learns
-nothing new per sync: the parameters keep their addresses (`check_unmoved` before every sync, since a module that
-replaced a parameter would silently stop seeing the writes) and senders keep their mapping open across syncs
+No verl, no vLLM. The file is created owner-only (0600, O_EXCL) under an unguessable name (128 random bits) that also
+names its creator, so that the arena of a worker Ray killed is removed by the next one created on the host. The worker
+learns nothing new per sync: the parameters keep their addresses (`check_unmoved` before every sync, since a module
+that replaced a parameter would silently stop seeing the writes) and senders keep their mapping open across syncs
 (first touch of fresh shared pages runs at a fraction of memcpy's speed).
 """
 

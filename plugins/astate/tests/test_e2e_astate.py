@@ -125,7 +125,8 @@ def test_the_standalone_rollout_was_synced_by_astate_every_step(run: dict) -> No
     Version 1 is the initial sync in `on_init_end` (not logged); step k's end-of-step sync is version k + 1.
     """
     steps = run["steps"]
-    model_bytes = sum(t.nbytes for t in load_file(build_tiny_default(length_tail=False).model_dir / "model.safetensors").values())
+    model = build_tiny_default(length_tail=False).model_dir / "model.safetensors"
+    model_bytes = sum(t.nbytes for t in load_file(model).values())
     for step, data in steps.items():
         assert data["astate/version"] == step + 1, step
         # one trainer rank sends every tensor: at least the whole checkpoint (bf16) moves per sync

@@ -105,7 +105,8 @@ class Lengths:
         c = self.cfg
         while len(self._table) <= seq and self._rng is not None:
             z = [self._rng.gauss(0.0, 1.0) for _ in range(c.group_size)]
-            real = [min(c.max_response_length, max(1, round(c.length_median * math.exp(c.length_sigma * x)))) for x in z]
+            real = [min(c.max_response_length, max(1, round(c.length_median * math.exp(c.length_sigma * x))))
+                    for x in z]
             self._table.append([math.ceil(x / self.q) for x in real])
         return self._table[seq]
 

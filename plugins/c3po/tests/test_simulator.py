@@ -58,7 +58,8 @@ def test_hand_computed_run_both_policies():
     assert [r.version_lag for r in results] == [{0: 8}, {0: 4, 1: 4}, {0: 4, 1: 4}]
     assert c3po.summary()["mean_version_lag"] == pytest.approx(8 / 24)
     state = sched.state_dict()
-    pool = state["inference_pool"] + state["training_pool"]  # unfinished, or finished after the last crossing  # group 3: 3/0 finished (2 tokens), 3/1 aborted at 2 of 6
+    # unfinished, or finished after the last crossing; group 3: 3/0 finished (2 tokens), 3/1 aborted at 2 of 6
+    pool = state["inference_pool"] + state["training_pool"]
     assert [[len(t["tokens"]) for t in g["trajectories"]] for g in pool] == [[2, 2]]
 
 

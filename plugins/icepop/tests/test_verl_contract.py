@@ -150,12 +150,14 @@ def test_untyped_knob_is_refused_naming_it() -> None:
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException, match="icepop_beta"):
-        compose_actor("actor_rollout_ref.actor.policy_loss.loss_mode=icepop", "actor_rollout_ref.actor.policy_loss.icepop_beta=2")
+        compose_actor("actor_rollout_ref.actor.policy_loss.loss_mode=icepop",
+                      "actor_rollout_ref.actor.policy_loss.icepop_beta=2")
 
 
 def test_misspelled_loss_fails_at_start_listing_losses(tmp_path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=ring1t", "actor_rollout_ref.actor.policy_loss.loss_mode=icepopp"],
+        [sys.executable, "-m", "verl.trainer.main_ppo", "+recipe=ring1t",
+         "actor_rollout_ref.actor.policy_loss.loss_mode=icepopp"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode != 0
