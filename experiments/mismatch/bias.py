@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -106,13 +107,9 @@ def bias_test(
     return out
 
 
-def bias_report(ctx: Any, lr: float) -> None:
-    """At the start weights and, if its checkpoint exists, at the end of vanilla with the mismatched copy."""
-    from experiments.mismatch.study import arm_name
-    from ring_ext.tiny import default_cache_dir
-
+def bias_report(ctx: Any, lr: float, ckpt: Path) -> None:
+    """At the start weights and, if `ckpt` exists (vanilla's end with the mismatched copy), at its weights."""
     points: dict[str, Any] = {"start": ctx.start}
-    ckpt = default_cache_dir() / "mismatch-gap" / f"{arm_name('vanilla@mm', ctx.mismatched, lr, 0)}.pt"
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
         points[f"vanilla@{ctx.mismatched} step {state['step']}"] = state["model"]

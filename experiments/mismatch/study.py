@@ -220,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from experiments.mismatch.bias import bias_report
 
-        bias_report(ctx, args.lr or json.loads((args.out / "lr.json").read_text())["picked"])
+        lr = args.lr or json.loads((args.out / "lr.json").read_text())["picked"]
+        vanilla_end = default_cache_dir() / "mismatch-gap" / f"{arm_name('vanilla@mm', ctx.mismatched, lr, 0)}.pt"
+        bias_report(ctx, lr, vanilla_end)
     print(f"[gap] {args.stage} done in {time.time() - t0:.0f} s", flush=True)
 
 
