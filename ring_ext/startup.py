@@ -99,9 +99,9 @@ def check_megatron_engine(config: Any) -> None:
         return
     import importlib.util
 
-    from ring_ext.device import training_device
+    from ring_ext.device import on_cpu
 
-    if training_device() == "cpu":
+    if on_cpu():
         raise ValueError("model_engine=megatron: verl's Megatron engine trains on CUDA GPUs only; on the CPU path "
                          "(ring-ext-cpu) use verl's FSDP2 engine, e.g. +recipe=ring1t instead of "
                          "+recipe=ring1t_megatron")

@@ -70,8 +70,7 @@ def _where(job_actors: list[dict[str, Any]]) -> dict[str, set[str]]:
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     workdir = tmp_path_factory.mktemp("two_hosts")
     # verl's TaskRunner runs on a node of the cluster, in its raylet's environment, not in this driver's: what
-    # it reads from the environment is set on the nodes (ring-ext's key check refuses keys under
-    # ray_kwargs.ray_init.runtime_env.env_vars, the other way)
+    # it reads from the environment is set on the nodes (or, per job, under ray_kwargs.ray_init.runtime_env.env_vars)
     node_env = {"VERL_FILE_LOGGER_PATH": str(workdir / f"{NAME}.jsonl"), "VERL_LOGGING_LEVEL": "WARN"}
     with two_hosts(HEAD, WORKER, log_dir=workdir, env=node_env) as cluster:
         tables = cluster.tables(want=(HEAD_IP, WORKER_IP))

@@ -6,21 +6,12 @@ they resume under the new version, and IcePop sees their tokens of two versions 
 step 2 (checkpoint, TransferQueue pools and partial trajectories included) and a second process resumes it to
 step 4. A second run is the case that used to hang (a pool that finishes under the budget) with an IcePop band
 tight enough to reject tokens.
-
-The first run goes across two hosts, stood in for by two Ray nodes on one machine (`ring_ext.local_cluster`,
-raylets on 127.0.0.2 and 127.0.0.3): main_ppo attaches to the cluster with two agent-loop workers, which verl
-places one per node (round robin over the nodes with CPUs). They run C3PO++'s rollout clients, which spool the
-partial trajectories that the trainer (with the colocated vLLM engine, on the node with the GPU) snapshots into its
-checkpoints. The same run with its checkpoint directory on a disk the worker node has of its own (a tmpfs in its
-mount namespace over the same path) is refused before any worker starts, naming the node that does not see it.
-Not stood in for: network latency, and a network file system (both nodes see this machine's disk).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import statistics
 import time
@@ -30,8 +21,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from ring_ext.local_cluster import HEAD_IP, WORKER_IP, NodeSpec, TwoHosts, two_hosts
-from ring_ext.verl_run import VerlRun, VerlRunError, run_main_ppo
+from ring_ext.verl_run import VerlRun, run_main_ppo
 
 if TYPE_CHECKING:
     from typing import Any
@@ -41,52 +31,27 @@ pytestmark = pytest.mark.e2e
 BUDGET, MAX_LEN, SIGMA, HALF, STEPS = 256, 64, 1, 2, 4  # the recipe's values (ring_ext/hydra_conf/recipe/ring1t.yaml)
 
 
-HEAD = NodeSpec(HEAD_IP, num_cpus=8, num_gpus=1)  # trainer and vLLM, colocated (C3PO++ is a colocated mode)
-WORKER_CPUS = 4  # an agent-loop worker, maybe a reward worker or a TransferQueue unit
-
-
-def _main_ppo(cluster: TwoHosts, workdir: Path, ckpt: Path, steps: int) -> VerlRun:
-    name = f"{ckpt.name}_{steps}"
+def _main_ppo(workdir: Path, steps: int, *extra: str) -> VerlRun:
     return run_main_ppo([
         "+recipe=ring1t", f"trainer.total_training_steps={steps}", f"trainer.save_freq={HALF}",
-        f"trainer.default_local_dir={ckpt}", "actor_rollout_ref.rollout.agent.num_workers=2",
-        # the TaskRunner runs on a node of the cluster: what it reads from the environment travels with the job
-        f"++ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH={workdir / f'{name}.jsonl'}",
-    ], workdir, name=name, timeout=900, env={**cluster.client_env(), "VERL_LOGGING_LEVEL": "WARN"})  # fmt: skip
-
-
-def resumed_run(workdir: Path, first: VerlRun, second: VerlRun, restart_s: float, half: int, steps: int) -> dict:
-    """What a run stopped at `half` (checkpoint) and resumed by a second process to `steps` left behind."""
-    ckpt = workdir / "ckpt"
-    timeline = [json.loads(line) for line in (ckpt / "c3po_timeline.jsonl").read_text().splitlines()]
-    pools = {step: json.loads((ckpt / f"global_step_{step}" / "c3po_pool.json").read_text()) for step in (half, steps)}
-    partials = json.loads((ckpt / f"global_step_{half}" / "c3po_partials.json").read_text())["partials"]
-    return {"steps": {s["step"]: s["data"] for s in first.steps + second.steps}, "timeline": timeline,
-            "pools": pools, "second_run_steps": [s["step"] for s in second.steps], "partials": partials,
-            "restart_s": restart_s, "log": first.log}
+        f"trainer.default_local_dir={workdir / 'ckpt'}", *extra,
+    ], workdir, name=f"run_{steps}")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     workdir = tmp_path_factory.mktemp("c3po_e2e")
-    private = (workdir / "unshared",) if os.geteuid() == 0 else ()  # a mount namespace needs root
-    worker = NodeSpec(WORKER_IP, num_cpus=WORKER_CPUS, num_gpus=0, private_dirs=private)
-    with two_hosts(HEAD, worker, log_dir=workdir, env={"VERL_LOGGING_LEVEL": "WARN"}) as cluster:
-        cluster.tables(want=(HEAD_IP, WORKER_IP))
-        first = _main_ppo(cluster, workdir, workdir / "ckpt", HALF)
-        restart_s = time.time()
-        second = _main_ppo(cluster, workdir, workdir / "ckpt", STEPS)  # resume_mode=auto: global_step_2
-        actors = cluster.tables()["actors"]  # the runs' actors, dead now: the GCS keeps where each ran
-        where = lambda pattern: {a["Address"]["IPAddress"] for a in actors if re.search(pattern, a["Name"] or "")}
-        agent_nodes, trainer_nodes = where(r"^agent_loop_worker_\d+_"), where(r"WorkerDict_\d+:\d+$")
-        refused = None
-        if private:
-            try:
-                _main_ppo(cluster, workdir, private[0], STEPS)
-            except VerlRunError:
-                refused = (workdir / f"{private[0].name}_{STEPS}.log").read_text()
-    return {**resumed_run(workdir, first, second, restart_s, HALF, STEPS), "agent_nodes": agent_nodes,
-            "trainer_nodes": trainer_nodes, "private": private, "refused": refused}
+    first = _main_ppo(workdir, HALF)
+    log = first.log
+    first = first.steps
+    restart_s = time.time()
+    second = _main_ppo(workdir, STEPS).steps  # resume_mode=auto picks up global_step_2
+    timeline = [json.loads(line) for line in (workdir / "ckpt" / "c3po_timeline.jsonl").read_text().splitlines()]
+    pools = {step: json.loads((workdir / "ckpt" / f"global_step_{step}" / "c3po_pool.json").read_text())
+             for step in (HALF, STEPS)}
+    partials = json.loads((workdir / "ckpt" / f"global_step_{HALF}" / "c3po_partials.json").read_text())["partials"]
+    return {"steps": {s["step"]: s["data"] for s in first + second}, "timeline": timeline, "pools": pools,
+            "second_run_steps": [s["step"] for s in second], "partials": partials, "restart_s": restart_s, "log": log}
 
 
 def test_the_start_up_log_names_each_technique_and_its_knobs(run: dict) -> None:
@@ -96,9 +61,7 @@ def test_the_start_up_log_names_each_technique_and_its_knobs(run: dict) -> None:
     # weights move through astate, in place, at every sync (the initial one and one per step)
     assert "weight sync in place through astate into every vLLM worker's parameters" in run["log"]
     assert re.search(r"rollout worker 0 writes in place: 26 checkpoint tensors -> \d+ parameters", run["log"])
-    # each line once: the two raylets of the one-machine cluster share a log directory, so both stream it
-    synced = list(dict.fromkeys(re.findall(r"sync (\d+) into rollout worker 0 in place: .* verified=(\w+), attempts=1",
-                                           run["log"])))
+    synced = re.findall(r"sync (\d+) into rollout worker 0 in place: .* verified=(\w+), attempts=1", run["log"])
     assert [int(v) for v, _ in synced] == list(range(1, HALF + 2)), synced
     assert synced[0][1] == "True" and synced[1][1] == "False"  # audit: the first sync hashes every byte
 
@@ -166,53 +129,26 @@ def uid(key: str) -> str:
 
 
 def test_restart_neither_loses_nor_duplicates_a_trajectory(run: dict) -> None:
-    check_nothing_lost_or_duplicated(run, HALF, STEPS)
-
-
-def test_partial_trajectories_resume_token_by_token_after_the_restart(run: dict) -> None:
-    check_partials_resume_token_by_token(run, HALF, STEPS)
-
-
-def test_the_rollout_clients_ran_on_both_hosts(run: dict) -> None:
-    print(f"agent-loop workers ran on {sorted(run['agent_nodes'])}, the trainer on {sorted(run['trainer_nodes'])}")
-    assert run["agent_nodes"] == {HEAD_IP, WORKER_IP}
-    assert run["trainer_nodes"] == {HEAD_IP}  # the only node with a (logical) GPU
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="a disk of one node's own needs a mount namespace (root)")
-def test_a_checkpoint_directory_one_host_has_of_its_own_is_refused_at_start(run: dict) -> None:
-    log, unshared = run["refused"], run["private"][0]
-    assert log is not None, "a run spooling to a directory one node cannot see was accepted"
-    print(log[-1500:])
-    assert f"trainer.default_local_dir={str(unshared)!r} must be one file system for every node" in log
-    # the marker went to the disk of the node the trainer process ran on: the other node does not see it
-    nodes = f"({re.escape(HEAD_IP)}|{re.escape(WORKER_IP)})"
-    assert len(set(re.findall(rf"node {nodes} does not see {re.escape(str(unshared))}", log))) == 1
-    steps = unshared.parent / f"{unshared.name}_{STEPS}.jsonl"  # refused before any step: no step logged
-    assert not steps.exists() or not steps.read_text().strip()
-
-
-def check_nothing_lost_or_duplicated(run: dict, half: int, steps: int) -> None:
     trained = [r for r in run["timeline"] if not r["purged"]]
     keys = [r["key"] for r in trained]
     assert len(keys) == len(set(keys)), "a trajectory was trained twice"
-    before = {uid(r["key"]) for r in trained if r["step"] <= half}
-    after = {uid(r["key"]) for r in trained if r["step"] > half}
+    before = {uid(r["key"]) for r in trained if r["step"] <= HALF}
+    after = {uid(r["key"]) for r in trained if r["step"] > HALF}
     purged = {uid(r["key"]) for r in run["timeline"] if r["purged"]}
-    pool_at_restart = set(run["pools"][half]["groups"])
+    pool_at_restart = set(run["pools"][HALF]["groups"])
     assert pool_at_restart, "nothing was in the pool at the checkpoint: the restart proves nothing"
     assert not pool_at_restart & before, "a group trained before the checkpoint is still in its pool"
-    lost = pool_at_restart - after - purged - set(run["pools"][steps]["groups"])
-    assert not lost, f"groups in the step-{half} pool never trained, purged or kept after the restart: {lost}"
+    lost = pool_at_restart - after - purged - set(run["pools"][STEPS]["groups"])
+    assert not lost, f"groups in the step-{HALF} pool never trained, purged or kept after the restart: {lost}"
 
 
-def check_partials_resume_token_by_token(run: dict, half: int, steps: int) -> None:
-    """The step-`half` checkpoint holds the requests its abort cut short; after the restart they continue from their
+def test_partial_trajectories_resume_token_by_token_after_the_restart(run: dict) -> None:
+    """The step-2 checkpoint holds the requests its abort cut short; after the restart they continue from their
     saved tokens (decoded before the restart, under the earlier weights) instead of starting over."""
     saved = run["partials"]
     assert saved, "no request was cut short at the checkpoint: the restart restores nothing"
     assert all(0 < len(p["token_ids"]) < MAX_LEN and 1 <= p["retention"] <= SIGMA for p in saved)
-    resumed = [r for r in run["timeline"] if r["step"] > half and r["restored_tokens"]]
+    resumed = [r for r in run["timeline"] if r["step"] > HALF and r["restored_tokens"]]
     assert resumed, "no trajectory after the restart continued from a saved partial"
     assert Counter(r["restored_tokens"] for r in resumed) <= Counter(len(p["token_ids"]) for p in saved)
     for r in resumed:  # its first tokens were decoded by the first process, the rest after the restart
@@ -221,8 +157,8 @@ def check_partials_resume_token_by_token(run: dict, half: int, steps: int) -> No
         assert sum(s[1] for s in before) == r["restored_tokens"]
         # a trained one went on decoding under the checkpoint's (newer) weights
         assert r["purged"] or (after and max(s[0] for s in before) < min(s[0] for s in after))
-    assert run["steps"][half + 1]["c3po/partials_unclaimed"] <= len(saved)
-    assert run["steps"][steps]["c3po/partials_unclaimed"] == 0  # every saved partial was taken up
+    assert run["steps"][HALF + 1]["c3po/partials_unclaimed"] <= len(saved)
+    assert run["steps"][STEPS]["c3po/partials_unclaimed"] == 0  # every saved partial was taken up
 
 
 @pytest.fixture(scope="module")
