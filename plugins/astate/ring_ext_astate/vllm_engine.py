@@ -1,4 +1,4 @@
-"""vLLM weight-transfer engine ``astate``: the rollout worker's end of the in-place sync (vLLM >= 0.25 interface).
+"""vLLM weight-transfer engine ``astate``: the rollout worker's end of the in-place sync (vLLM >= 0.29).
 
 vLLM creates one per worker process when the engine runs with ``weight_transfer_config={"backend": "astate"}``
 (registered by ring-ext-astate's ``vllm.general_plugins`` entry point) and reaches it through its worker methods

@@ -1,9 +1,9 @@
 """ring-ext-astate's vLLM general plugin (`vllm.general_plugins`): vLLM runs it in every engine process.
 
 It registers the ``astate`` weight-transfer engine with vLLM's own factory, so a worker started with
-``weight_transfer_config={"backend": "astate"}`` builds one next to its model. vLLM releases before 0.25 have a
-different engine interface (verl 0.9.1's GPU stack pins 0.24.0): there the backend is not registered, and a run
-asking for it fails at engine start naming the backend.
+``weight_transfer_config={"backend": "astate"}`` builds one next to its model. The engine needs vLLM >= 0.29 (the
+sharded-RDT placeholders `FakeRDTTensor` its plan is recorded with); on older releases (verl 0.9.1's GPU stack pins
+0.24.0) the backend is not registered, a warning says why, and a run asking for it fails at engine start naming it.
 """
 
 from __future__ import annotations

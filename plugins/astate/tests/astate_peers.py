@@ -119,6 +119,10 @@ class Fleet:
             t.start()
         for t in threads:
             t.join()
+        if fault == "die":  # the last rank exits mid-sync and never reports: wait for its exit, not for a report
+            # (under load it may still be exiting when the receivers give up; counted alive, it cost a 35 s wait)
+            self.procs[-1].join(TIMEOUT)
+            assert self.procs[-1].exitcode is not None, "the sender told to die mid-sync is still running"
         alive = [p for p in self.procs if p.is_alive() or p.exitcode == 0]
         senders = [self.out.get(timeout=2 * TIMEOUT + 5) for _ in alive]
         return results, sorted(senders)

@@ -52,3 +52,10 @@ def ring_ext_register(registrar: Registrar) -> None:
         "purged_samples_not_scored",
         "verl/experimental/agent_loop/agent_loop.py AgentLoopWorker._compute_score scores every sample; a C3PO++ "
         "sample purged at a cut (its group is evicted unread) gets reward 0 without the reward call")
+    registrar.patch(
+        "verl.trainer.ppo.padding_utils:construct_minimal_padding_template",
+        "ring_ext_c3po.padding:lag_cut_to_the_padding_row",
+        "padding_row_lag_cut_to_one_token",
+        "verl/trainer/ppo/padding_utils.py construct_minimal_padding_template rebuilds the per-token fields it "
+        "knows at one token for a dp padding row but keeps C3PO++'s rollout_policy_lag at the source row's length, "
+        "which IcePop's per-lag diagnostics then refuse")

