@@ -1,4 +1,5 @@
-"""`ring-ext`: list installed plugins and what they registered, the shipped recipes; run the stage pipeline."""
+"""`ring-ext`: list installed plugins and what they registered, the shipped recipes; run the stage pipeline;
+summarise a finished run."""
 
 from __future__ import annotations
 
@@ -90,6 +91,18 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from ring_ext.report import ReportError, write_report
+
+    try:
+        report = write_report(args.run_dir, args.out, metrics=args.metrics)
+    except (ReportError, OSError) as exc:
+        print(f"ring-ext report: {exc}", file=sys.stderr)
+        return 2
+    print(report.text, end="")
+    return 1 if report.problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ring-ext",
@@ -122,6 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="checkpoint every N steps; verl also saves at each stage's last step (default: 50)")
     pipeline.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node for the SFT stage's torchrun")
     pipeline.set_defaults(func=_pipeline)
+    report = sub.add_parser(
+        "report",
+        help="print a finished run's summary (IcePop, C3PO++, AState) and redraw its figures",
+        description="Reads the records a run left in its folder (trainer.default_local_dir): ring_ext_metrics.jsonl "
+        "(every logged step), ring_ext_run.json, ring_ext_syncs.jsonl, c3po_timeline.jsonl. Prints the summary the "
+        "run printed at its end and writes ring_ext_summary.txt/.json, ring_ext_curves.png (reward, mismatch k3 per "
+        "version lag, budget use, sync seconds) and c3po_timeline.png. Exit code 2: no such folder or no steps "
+        "recorded; 1: a figure could not be drawn (the summary says why).",
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run's trainer.default_local_dir")
+    report.add_argument("--out", type=Path, help="write the summary and figures here (default: RUN_DIR)")
+    report.add_argument("--metrics", type=Path, metavar="JSONL",
+                        help="step records to read instead of RUN_DIR/ring_ext_metrics.jsonl, e.g. verl's file "
+                        "logger's (VERL_FILE_LOGGER_PATH)")
+    report.set_defaults(func=_report)
     return parser
 
 

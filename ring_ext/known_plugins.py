@@ -33,7 +33,8 @@ class KnownPlugin:
 
 KNOWN_PLUGINS: tuple[KnownPlugin, ...] = (
     KnownPlugin("ring-ext-icepop", "ring_ext_icepop",
-                (("policy_loss", "icepop"), ("policy_loss", "kpop"), ("policy_loss", "tis"))),
+                tuple(("policy_loss", name) for name in ("icepop", "kpop", "tis", "seq_geo", "seq_max",
+                                                          "seq_max_icepop", "seq_geo_tis"))),
     KnownPlugin("ring-ext-c3po", "ring_ext_c3po", (("trainer_mode", "c3po"),)),
     KnownPlugin("ring-ext-astate", "ring_ext_astate", (("checkpoint_engine", "astate"),)),
     KnownPlugin("ring-ext-cpu", "ring_ext_cpu", (("platform", "cpu"),)),

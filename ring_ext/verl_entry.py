@@ -7,6 +7,7 @@ from ring_ext.device import hand_device_to_every_process
 from ring_ext.discovery import load_plugins
 from ring_ext.patching import patch_after_import
 from ring_ext.resolvers import register_resolvers
+from ring_ext.run_record import name_the_run_dir, record_on_init, record_on_log, record_syncs, report_on_finish
 from ring_ext.startup import (
     add_startup_check,
     check_config_resolves,
@@ -26,8 +27,13 @@ add_startup_check("trainer_mode_plugin", check_trainer_mode_plugin)
 add_startup_check("recipe_keys_known", check_recipe_keys)
 add_startup_check("config_resolves", check_config_resolves)
 add_startup_check("wandb_in_the_run_dir", keep_wandb_in_the_run_dir)
+add_startup_check("run_record", name_the_run_dir)
 add_startup_check("device_decided_once", hand_device_to_every_process)
 add_startup_check("attention", report_attention)
 add_startup_check("megatron_engine", check_megatron_engine)
-patch_after_import("verl.utils.tracking:Tracking.finish", teardown_after_finish)
+# The run's own record and summary (ring_ext.run_record); finish also tears wandb down (one wrapper per attribute).
+patch_after_import("verl.utils.tracking:Tracking.__init__", record_on_init)
+patch_after_import("verl.utils.tracking:Tracking.log", record_on_log)
+patch_after_import("verl.utils.tracking:Tracking.finish", lambda fn: report_on_finish(teardown_after_finish(fn)))
+patch_after_import("ring_ext_astate.adapter:update_weights_in_place", record_syncs)
 load_plugins()

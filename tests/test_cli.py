@@ -25,7 +25,7 @@ def test_plugins_lists_every_installed_plugin_with_its_registrations() -> None:
     assert ("platform", "cpu") in {(r["kind"], r["name"]) for r in cpu["registrations"]}
     if "icepop" in reports:
         losses = {r["name"] for r in reports["icepop"]["registrations"] if r["kind"] == "policy_loss"}
-        assert losses == {"icepop", "kpop", "tis"}
+        assert losses == {"icepop", "kpop", "tis", "seq_geo", "seq_max", "seq_max_icepop", "seq_geo_tis"}
 
 
 def test_plugins_text_output_shows_versions() -> None:

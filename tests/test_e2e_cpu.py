@@ -13,12 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ring_ext.verl_run import run_main_ppo
+from shared_runs import GRPO_STEPS, Run
+
 from ring_ext.tiny import build_tiny_default
 
 pytestmark = pytest.mark.e2e
 
-STEPS = 6
+STEPS = GRPO_STEPS
 # vLLM (bf16 kernels) vs the FSDP actor (bf16 forward) on the same weights: measured on this CPU
 # ~0.01 mean |log-ppl| difference and Pearson >= 0.998 of token probabilities.
 MAX_LOG_PPL_GAP = 0.02
@@ -28,21 +29,12 @@ SYNC_METRICS = ("rollout_corr/training_log_ppl", "rollout_corr/log_ppl_abs_diff"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    workdir = tmp_path_factory.mktemp("e2e")
-    steps = run_main_ppo([
-        "+recipe=ring1t",
-        "ring1t_loop=grpo",  # on-policy GRPO: every rollout token is decoded by the weights just synced
-        f"trainer.total_training_steps={STEPS}",
-        f"trainer.save_freq={STEPS}",
-        f"trainer.default_local_dir={workdir / 'ckpt'}",
-        "actor_rollout_ref.actor.optim.lr=3e-2",
-        f"actor_rollout_ref.model.path={build_tiny_default(length_tail=False).model_dir}",
-        "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
-    ], workdir, name="run").steps  # fmt: skip
-    for s in steps:  # the file logger writes a NaN or an infinity as null
-        print(f"step {s['step']}:", {k: s["data"].get(k) for k in (*SYNC_METRICS, "timing_s/step")})
-    return {"steps": {s["step"]: s["data"] for s in steps}, "workdir": workdir}
+def run(grpo_run: Run) -> dict:
+    """The session's GRPO run (conftest.py): IcePop by one override keeps every token here (the engine holds the
+    trainer's weights), so it trains as vanilla GRPO; plugins/icepop/tests/test_e2e_icepop.py checks that."""
+    for step, data in sorted(grpo_run.steps.items()):  # the file logger writes a NaN or an infinity as null
+        print(f"step {step}:", {k: data.get(k) for k in (*SYNC_METRICS, "timing_s/step")})
+    return {"steps": grpo_run.steps, "workdir": grpo_run.workdir}
 
 
 def test_every_step_logs_finite_metrics(run: dict) -> None:

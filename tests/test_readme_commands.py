@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from shared_runs import RING1T_OVERRIDES, ResumedRun
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -135,15 +136,49 @@ def test_script_exists_and_takes_every_flag_shown(doc: str, cmd: str) -> None:
 
 
 @pytest.mark.e2e
-def test_readme_main_command_trains_the_ring1t_loop(tmp_path: Path) -> None:
-    """README's set-up command 1 as written (its loggers, console and wandb, plus verl's file logger to read the
-    steps): 3 steps of GRPO + IcePop + C3PO++ on the tiny default, wandb's files under the run's directory, and an
-    end without a traceback (wandb's atexit teardown used to print a ConnectionResetError)."""
-    from ring_ext.verl_run import run_main_ppo
+def test_readme_main_command_trains_the_ring1t_loop(ring1t_run: ResumedRun) -> None:
+    """README's set-up command 1 as written (the session's ring1t run, first process: its loggers, console and
+    wandb, plus verl's file logger to read the steps): 3 steps of GRPO + IcePop + C3PO++ on the tiny default, wandb's
+    files under the run's directory, and an end without a traceback (wandb's atexit teardown used to print a
+    ConnectionResetError)."""
+    assert ["python", "-m", "verl.trainer.main_ppo", *RING1T_OVERRIDES] == _words(MAIN_COMMAND)
+    first = [ring1t_run.steps[s] for s in ring1t_run.first_steps if s > 0]
+    assert [s for s in ring1t_run.first_steps if "c3po/budget_used" in ring1t_run.steps[s]] == [1, 2, 3]
+    assert all(0.0 < d["actor/mismatch/kept_frac"] <= 1.0 for d in first)
+    log = ring1t_run.log
+    assert "Traceback" not in log, log[log.index("Traceback") - 500:][:3000]
+    workdir = ring1t_run.workdir
+    assert not (workdir / "wandb").exists() and list((workdir / "checkpoints").glob("*/*/wandb/offline-run-*"))
 
-    words = _words(MAIN_COMMAND)
-    run = run_main_ppo(words[3:], tmp_path, name="readme_main", timeout=900, loggers=("console", "wandb"))
-    assert [r["step"] for r in run.steps if "c3po/budget_used" in r["data"]] == [1, 2, 3]
-    assert all(0.0 < r["data"]["actor/mismatch/kept_frac"] <= 1.0 for r in run.steps if r["step"] > 0)
-    assert "Traceback" not in run.log, run.log[run.log.index("Traceback") - 500:][:3000]
-    assert not (tmp_path / "wandb").exists() and list((tmp_path / "checkpoints").glob("*/*/wandb/offline-run-*"))
+
+TOP = ("ring_ext", "plugins", "tests", "docs", "benchmarks", "scripts", "recipes", "experiments", "hydra_conf",
+       "hydra_plugins", ".ci")
+# a repo path in a span or link: starts at a top-level folder of this repository; `<...>` placeholders and globs are
+# output locations of a run, not files of the repository
+_PATH = re.compile(r"(?<![\w./<-])((?:%s)/[^\s`()\[\],;'\"]*)" % "|".join(re.escape(t) for t in TOP))
+
+
+def _named_paths() -> list[tuple[str, str]]:
+    out = []
+    for doc in DOCS:
+        text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)  # code blocks: the command tests read them
+        spans = re.findall(r"`([^`]+)`", text) + re.findall(r"\]\(([^)#\s]+)", text)
+        for span in spans:
+            for path in _PATH.findall(span):
+                if not re.search(r"[*{<\[]", path):
+                    out.append((str(doc.relative_to(ROOT)), re.split(r"::|#", path)[0].rstrip(".:")))
+        for link in re.findall(r"\]\(([^)#\s]+)", text):  # relative links resolve from the page's folder
+            if "://" in link:
+                continue
+            out.append((str(doc.relative_to(ROOT)), str((doc.parent / link).resolve().relative_to(ROOT))))
+    return sorted(set(out))
+
+
+def test_every_file_path_named_in_readme_and_docs_exists() -> None:
+    """A path a page names exists, or is where a committed script writes its results (named in that script)."""
+    named = _named_paths()
+    assert len(named) > 50, named  # the pattern still finds the paths the pages name
+    writers = "\n".join(f.read_text() for f in [*(ROOT / "scripts").iterdir(), *(ROOT / "benchmarks").glob("*.py")]
+                        if f.is_file())
+    missing = [f"{doc}: {path}" for doc, path in named if not (ROOT / path).exists() and path not in writers]
+    assert not missing, "\n".join(missing)

@@ -22,7 +22,7 @@ from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
 from ring_ext.batch_fields import ROLLOUT_POLICY_LAG
 from ring_ext_c3po.resume import token_lags, version_lag_counts
-from ring_ext_c3po.rules import C3POConfig, StallGuard, budget_reached, top_up, training_batch
+from ring_ext_c3po.rules import C3POConfig, StallGuard, budget_reached, staleness, top_up, training_batch
 
 
 def _extra(value: Any) -> dict:
@@ -32,6 +32,15 @@ def _extra(value: Any) -> dict:
 
 def _uid(key: str) -> str:
     return key.split("_")[0]  # verl's trajectory key: {uid}_{session_id}_{index}
+
+
+def _oldest_versions(extras: dict[str, dict]) -> dict[str, int]:
+    """Per group (uid), the oldest policy version that decoded any of its tokens."""
+    oldest: dict[str, int] = {}
+    for key, extra in extras.items():
+        for seg in extra.get("c3po_segments", []):
+            oldest[_uid(key)] = min(oldest.get(_uid(key), int(seg[0])), int(seg[0]))
+    return oldest
 
 
 class C3POReplayBuffer(ReplayBufferAsync):
@@ -45,6 +54,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
         self._purged_this_step = 0
         self._added_this_step = 0
         self._deferred_uids: frozenset[str] = frozenset()  # finished after the last crossing: trained next step
+        self._over_sigma = 0
         self.deferred_tokens = 0
         # groups that finished before this process existed came back from a checkpoint: they were deferred there
         self._created_at = time.time()
@@ -118,7 +128,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
         if partition_id == "val":
             return super().sample(global_steps, partition_id, batch_size)
         start = time.time()
-        self._purged_this_step = self._added_this_step = 0
+        self._purged_this_step = self._added_this_step = self._over_sigma = 0
         sampleable, metrics = self.wait_for_sampleable(global_steps, partition_id, batch_size)
         if self.abort_fn is not None:
             # Cut now (a no-op pause if the gate already cut), then let requests that completed just before the cut
@@ -127,7 +137,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
             time.sleep(self.poll_interval)
             sampleable, late = self.wait_for_sampleable(global_steps, partition_id, batch_size)
             _accumulate_eviction_metrics(metrics, late, late.get("training/off_policy/evicted_samples", 0))
-        uids, extras = self._batch_uids(partition_id, sampleable)
+        uids, extras = self._batch_uids(global_steps, partition_id, sampleable)
         in_flight = self._in_flight(partition_id)
         batch = self._materialize_batch(partition_id, uids, dict(self.partitions[partition_id]))
         extras = [extras[k] for k in batch.keys]
@@ -137,9 +147,14 @@ class C3POReplayBuffer(ReplayBufferAsync):
         self._append_timeline(global_steps, list(zip(batch.keys, extras, strict=True)), False, batch.tags, tokens)
         return batch, metrics
 
-    def _batch_uids(self, partition_id: str, sampleable: set[str]) -> tuple[list[str], dict[str, dict]]:
+    def _batch_uids(self, global_steps: int, partition_id: str,
+                    sampleable: set[str]) -> tuple[list[str], dict[str, dict]]:
         """`rules.training_batch` in completion order (a group completes when its last sample's last segment ends);
-        what finished after the crossing stays in TransferQueue and counts first next step (`deferred_tokens`)."""
+        what finished after the crossing stays in TransferQueue and counts first next step (`deferred_tokens`).
+        `rules.staleness`: waiting for the next step counts against a group's retention, so a group that finished
+        after the crossing and would then lag more than sigma is purged instead of deferred, and one that already
+        lags more is purged; unless the batch would then fall under Phi with the engine already cut (it is trained
+        then, and `c3po/groups_over_sigma` says so: never a wait on a cut engine)."""
         keys = [k for k in self.partitions[partition_id] if _uid(k) in sampleable]
         extras = dict(zip(keys, self._read_extra(partition_id, keys), strict=True))
         done_at: dict[str, float] = defaultdict(float)
@@ -148,10 +163,24 @@ class C3POReplayBuffer(ReplayBufferAsync):
             done_at[_uid(key)] = max(done_at[_uid(key)], max(ends, default=0.0))
         tokens = self._group_tokens(partition_id, sampleable)
         restored = {uid for uid in sampleable if done_at[uid] < self._created_at}
-        uids = training_batch([(uid, done_at[uid], tokens[uid]) for uid in sampleable], self.c3po.token_budget,
-                              self._deferred_uids | restored)
+        stale = {uid: staleness(v, global_steps - 1, self.c3po.max_retention)
+                 for uid, v in _oldest_versions(extras).items() if uid in sampleable}
+        too_stale = {uid for uid, rule in stale.items() if rule == "purge"}
+        carried = (self._deferred_uids | restored) - too_stale
+        uids = training_batch([(uid, done_at[uid], tokens[uid]) for uid in sampleable - too_stale],
+                              self.c3po.token_budget, carried)
+        if uids is None:  # under Phi without them, and the engine is cut: train them rather than wait
+            uids = training_batch([(uid, done_at[uid], tokens[uid]) for uid in sampleable], self.c3po.token_budget,
+                                  carried | too_stale)
+            self._over_sigma, too_stale = len(too_stale), set()
         assert uids is not None  # wait_for_sampleable returned only once the budget was met
-        self._deferred_uids = frozenset(sampleable - set(uids))
+        cannot_wait = {uid for uid in sampleable - set(uids) if stale.get(uid) == "now"}
+        purged = too_stale | cannot_wait
+        for uid in purged:  # evicted with the purged groups at the next poll
+            self._purged[uid] = True
+        self._purged_this_step += len(purged)
+        self._append_timeline(global_steps, [(k, e) for k, e in extras.items() if _uid(k) in purged], True)
+        self._deferred_uids = frozenset(sampleable - set(uids) - purged)
         self.deferred_tokens = sum(tokens[uid] for uid in self._deferred_uids)
         return uids, extras
 
@@ -190,6 +219,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
             "c3po/groups_purged": self._purged_this_step,
             "c3po/prompts_added": self._added_this_step,  # top-ups while decoding (each replaces a group)
             "c3po/groups_deferred": len(self._deferred_uids),  # finished within the abort's latency: next step
+            "c3po/groups_over_sigma": self._over_sigma,  # trained lagging more than sigma (see _batch_uids)
             "c3po/version_lag/mean": sum(k * v for k, v in lag.items()) / lag_tokens,
             "c3po/version_lag/max": max(lag, default=0),
             "c3po/stale_token_fraction": sum(v for k, v in lag.items() if k > 0) / lag_tokens,

@@ -18,6 +18,10 @@ The rules:
 - Ageing and purge (`after_cut`): a request cut while holding tokens is carried across one more policy update
   (retention += 1); cut before its first token it held nothing stale and does not age. Retention > sigma purges
   it, and a purged sample purges its whole group (`GroupBudget.purge`): no partial group is ever trained.
+- Staleness (`staleness`): every trained token lags at most sigma versions behind the policy that trains it.
+  Waiting for the next step counts against a group's retention: a group that finished after the crossing and whose
+  oldest token would then lag more than sigma is purged, not deferred; one whose oldest token already lags more (a
+  sibling waited across cuts while queued, which does not age it) is purged whole too.
 """
 
 from __future__ import annotations
@@ -101,6 +105,16 @@ def after_cut(retention: int, tokens_held: int, max_retention: int) -> tuple[int
         return retention, False  # still queued: nothing stale, no ageing
     retention += 1
     return retention, retention > max_retention
+
+
+def staleness(oldest_version: int, policy_version: int, max_retention: int) -> str:
+    """A finished group whose oldest token was decoded by weights `oldest_version`, at the step that trains policy
+    `policy_version`: "purge" (it lags more than sigma already), "now" (it may train in this step, not wait for the
+    next), or "any"."""
+    lag = policy_version - oldest_version
+    if lag > max_retention:
+        return "purge"
+    return "now" if lag + 1 > max_retention else "any"
 
 
 def training_batch(finished: Sequence[tuple[str, float, int]], token_budget: int,

@@ -2,10 +2,11 @@
 
 The recipe as a user gets it: the tiny policy's lengths have a tail and the pool holds about twice the budget, so
 when the budget is met some requests are mid-decode: they are aborted, the policy updates, the weights sync and
-they resume under the new version, and IcePop sees their tokens of two versions in one batch. The run stops at
-step 2 (checkpoint, TransferQueue pools and partial trajectories included) and a second process resumes it to
-step 4. A second run is the case that used to hang (a pool that finishes under the budget) with an IcePop band
-tight enough to reject tokens.
+they resume under the new version, and IcePop sees their tokens of two versions in one batch. The run is the
+session's `ring1t_run` (tests/shared_runs.py): README's command as written, 3 steps ending in a checkpoint
+(TransferQueue pools and partial trajectories included), then a second process that resumes it to step 5. The
+case that used to hang (a pool that finishes under the budget) with an IcePop band tight enough to reject tokens is
+read from the session's two-host run (`c3po_two_hosts_run`), where rollout clients decode on both nodes.
 """
 
 from __future__ import annotations
@@ -14,44 +15,35 @@ import json
 import math
 import re
 import statistics
-import time
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from ring_ext.verl_run import VerlRun, run_main_ppo
+from shared_runs import C3PO_TWO_HOSTS_STEPS, RING1T_FIRST, RING1T_STEPS, ResumedRun
+
 
 if TYPE_CHECKING:
     from typing import Any
 
 pytestmark = pytest.mark.e2e
 
-BUDGET, MAX_LEN, SIGMA, HALF, STEPS = 256, 64, 1, 2, 4  # the recipe's values (ring_ext/hydra_conf/recipe/ring1t.yaml)
-
-
-def _main_ppo(workdir: Path, steps: int, *extra: str) -> VerlRun:
-    return run_main_ppo([
-        "+recipe=ring1t", f"trainer.total_training_steps={steps}", f"trainer.save_freq={HALF}",
-        f"trainer.default_local_dir={workdir / 'ckpt'}", *extra,
-    ], workdir, name=f"run_{steps}")  # fmt: skip
+BUDGET, MAX_LEN, SIGMA = 256, 64, 1  # the recipe's values (ring_ext/hydra_conf/recipe/ring1t.yaml)
+HALF, STEPS = RING1T_FIRST, RING1T_STEPS  # the first process's last step (its checkpoint), the resumed run's
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    workdir = tmp_path_factory.mktemp("c3po_e2e")
-    first = _main_ppo(workdir, HALF)
-    log = first.log
-    first = first.steps
-    restart_s = time.time()
-    second = _main_ppo(workdir, STEPS).steps  # resume_mode=auto picks up global_step_2
-    timeline = [json.loads(line) for line in (workdir / "ckpt" / "c3po_timeline.jsonl").read_text().splitlines()]
-    pools = {step: json.loads((workdir / "ckpt" / f"global_step_{step}" / "c3po_pool.json").read_text())
-             for step in (HALF, STEPS)}
-    partials = json.loads((workdir / "ckpt" / f"global_step_{HALF}" / "c3po_partials.json").read_text())["partials"]
-    return {"steps": {s["step"]: s["data"] for s in first + second}, "timeline": timeline, "pools": pools,
-            "second_run_steps": [s["step"] for s in second], "partials": partials, "restart_s": restart_s, "log": log}
+def run(ring1t_run: ResumedRun) -> dict:
+    ckpt = ring1t_run.ckpt
+    timeline = [json.loads(line) for line in (ckpt / "c3po_timeline.jsonl").read_text().splitlines()]
+    pools = {step: json.loads((ckpt / f"global_step_{step}" / "c3po_pool.json").read_text()) for step in (HALF, STEPS)}
+    partials = json.loads((ckpt / f"global_step_{HALF}" / "c3po_partials.json").read_text())["partials"]
+    steps = {step: data for step, data in ring1t_run.steps.items() if step > 0}
+    return {"steps": steps, "timeline": timeline, "pools": pools, "second_run_steps": ring1t_run.second_steps,
+            "partials": partials, "restart_s": ring1t_run.restart_s, "log": ring1t_run.log}
 
 
 def test_the_start_up_log_names_each_technique_and_its_knobs(run: dict) -> None:
@@ -69,10 +61,10 @@ def test_the_start_up_log_names_each_technique_and_its_knobs(run: dict) -> None:
 def test_partial_rollouts_really_happen_and_the_cut_is_tight(run: dict) -> None:
     """Most steps train requests decoded under two policy versions; the phase ends at the crossing completion."""
     steps = run["steps"].values()
-    assert sum(d["c3po/trajectories_multi_version"] > 0 for d in steps) >= STEPS // 2
-    assert sum(d["c3po/version_lag/max"] >= 1 for d in steps) >= STEPS // 2
+    assert sum(d["c3po/trajectories_multi_version"] > 0 for d in steps) >= (STEPS + 1) // 2
+    assert sum(d["c3po/version_lag/max"] >= 1 for d in steps) >= (STEPS + 1) // 2
     assert statistics.median(d["c3po/budget_used"] for d in steps) <= 1.2
-    assert sum(d["c3po/gate_cut"] == 1.0 for d in steps) >= STEPS // 2  # the gate, not the trainer's poll, cut
+    assert sum(d["c3po/gate_cut"] == 1.0 for d in steps) >= (STEPS + 1) // 2  # the gate, not the trainer's poll, cut
 
 
 def test_icepop_diagnostics_are_split_by_version_lag(run: dict) -> None:
@@ -91,9 +83,45 @@ def test_icepop_diagnostics_are_split_by_version_lag(run: dict) -> None:
         d["actor/mismatch/lag0/k3"] for d in both)
 
 
+def test_the_resumed_run_bands_icepop_per_version_lag(run: dict, ring1t_run: ResumedRun) -> None:
+    """The second process sets `icepop_lag_bands` (lag 0: [0.5, 5], lag 1 and older: [0.3, 8]): its start-up log
+    names the bands and every step after the restart reports, per lag it trained, the band that lag used; the first
+    process used [0.5, 5] for every lag."""
+    assert ("policy loss icepop(alpha=0.5, beta=5.0, lag_bands={0: (0.5, 5.0), 1: (0.3, 8.0)}) on the rollout "
+            "engine's log-probs") in ring1t_run.second_log
+    bands = {0: (0.5, 5.0), 1: (0.3, 8.0)}
+    seen = set()
+    for step, d in run["steps"].items():
+        for lag in (0, 1):
+            if f"actor/mismatch/lag{lag}/band_lo" not in d:
+                continue
+            band = (d[f"actor/mismatch/lag{lag}/band_lo"], d[f"actor/mismatch/lag{lag}/band_hi"])
+            assert band == (bands[lag] if step > HALF else (0.5, 5.0)), (step, lag, band)
+            seen.add((step > HALF, lag))
+    assert {(True, 0), (True, 1)} <= seen, f"after the restart, lag 0 or lag 1 reported no band: {seen}"
+
+
+def test_the_run_ends_with_its_summary_and_figures(ring1t_run: ResumedRun) -> None:
+    """Both processes print the run's summary last (ring_ext.run_record); the resumed one's covers steps 1-5, its
+    numbers equal the logged metrics of both processes, and its figures are in the run folder (tests/report_checks.py).
+    `ring-ext report` on the folder prints the same summary."""
+    from report_checks import check_real_run
+
+    from ring_ext.report import SUMMARY_TXT
+
+    first_tail = ring1t_run.log.rstrip().splitlines()[-40:]
+    assert any("ring-ext run summary" in line and "steps 1-3" in line for line in first_tail), "\n".join(first_tail)
+    check_real_run(ring1t_run.ckpt, ring1t_run.records, ring1t_run.second_log)
+    summary = (ring1t_run.ckpt / SUMMARY_TXT).read_text()
+    assert f"steps 1-{STEPS}" in summary.splitlines()[0]
+    report = subprocess.run([sys.executable, "-m", "ring_ext.cli", "report", str(ring1t_run.ckpt)],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0 and report.stdout == summary, report.stderr[-2000:]
+
+
 def test_every_step_meets_the_budget_and_logs_the_c3po_metrics(run: dict) -> None:
     assert sorted(run["steps"]) == list(range(1, STEPS + 1))
-    assert run["second_run_steps"] == [3, 4]  # the second process resumed from the step-2 checkpoint
+    assert run["second_run_steps"] == [HALF + 1, STEPS]  # the second process resumed from the step-3 checkpoint
     for step, d in run["steps"].items():
         assert d["c3po/tokens_trained"] >= BUDGET, step
         assert d["c3po/budget_used"] == pytest.approx(d["c3po/tokens_trained"] / BUDGET)
@@ -116,12 +144,14 @@ def test_segments_account_each_token_once_and_versions_never_go_back(run: dict) 
         versions = [s[0] for s in r["segments"]]
         assert versions == sorted(versions)
         assert max(versions) <= r["step"] - 1  # nothing decoded by weights newer than the step's policy
-        assert r["step"] - 1 - min(versions) <= SIGMA + 1  # the retention bound (+1: see README, C3PO++)
+        assert r["step"] - 1 - min(versions) <= SIGMA  # the staleness bound (rules.staleness)
         tokens = sum(s[1] for s in r["segments"])
         assert 0 < tokens <= MAX_LEN
         per_step[r["step"]] += tokens
     for step, d in run["steps"].items():  # the segments add up to verl's response lengths of the batch
         assert per_step[step] == d["c3po/tokens_trained"], step
+        # every step, before and after the restart: no trained token lags more than sigma, none let through
+        assert d["c3po/version_lag/max"] <= SIGMA and d["c3po/groups_over_sigma"] == 0, step
 
 
 def uid(key: str) -> str:
@@ -143,7 +173,7 @@ def test_restart_neither_loses_nor_duplicates_a_trajectory(run: dict) -> None:
 
 
 def test_partial_trajectories_resume_token_by_token_after_the_restart(run: dict) -> None:
-    """The step-2 checkpoint holds the requests its abort cut short; after the restart they continue from their
+    """The step-3 checkpoint holds the requests its abort cut short; after the restart they continue from their
     saved tokens (decoded before the restart, under the earlier weights) instead of starting over."""
     saved = run["partials"]
     assert saved, "no request was cut short at the checkpoint: the restart restores nothing"
@@ -162,25 +192,17 @@ def test_partial_trajectories_resume_token_by_token_after_the_restart(run: dict)
 
 
 @pytest.fixture(scope="module")
-def refill(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def refill(c3po_two_hosts_run: dict) -> dict:
     """The case that used to wait forever: 4 groups in flight hold ~160 tokens, fewer than Phi, so the phase can end
     only if finished groups are replaced while the engine decodes. IcePop [0.98, 1.02] rejects some tokens. Every
-    version's HF weights and every trained request's tokens and rollout log-probs are kept for the checks below."""
-    workdir = tmp_path_factory.mktemp("c3po_refill")
-    run = run_main_ppo([
-        "+recipe=ring1t", "trainer.total_training_steps=3", "trainer.v1.c3po.pool_prompts=4",
-        "actor_rollout_ref.actor.policy_loss.icepop_alpha=0.98", "actor_rollout_ref.actor.policy_loss.icepop_beta=1.02",
-        "+trainer.v1.c3po.timeline_tokens=true", "trainer.save_freq=1",
-        "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
-        f"trainer.default_local_dir={workdir / 'ckpt'}",
-    ], workdir, name="refill", timeout=900)  # fmt: skip
-    timeline = [json.loads(line) for line in (workdir / "ckpt" / "c3po_timeline.jsonl").read_text().splitlines()]
-    return {"steps": run.steps, "timeline": timeline, "ckpt": workdir / "ckpt"}
+    version's HF weights and every trained request's tokens and rollout log-probs are kept for the checks below.
+    The run is the session's two-host one (tests/shared_runs.py): its clients decode on both nodes."""
+    return c3po_two_hosts_run
 
 
 def test_a_pool_that_finishes_under_the_budget_refills_and_a_tight_band_masks(refill: dict) -> None:
     data = [s["data"] for s in refill["steps"]]
-    assert [s["step"] for s in refill["steps"]] == [1, 2, 3]
+    assert [s["step"] for s in refill["steps"]] == list(range(1, C3PO_TWO_HOSTS_STEPS + 1))
     for d in data:
         assert d["c3po/tokens_trained"] >= BUDGET
         assert d["c3po/prompts_added"] >= 1  # replaced while decoding: the pool alone never holds Phi

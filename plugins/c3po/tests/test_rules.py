@@ -15,6 +15,7 @@ from ring_ext_c3po.rules import (
     budget_reached,
     mini_batches,
     resume_budget,
+    staleness,
     top_up,
     training_batch,
 )
@@ -101,6 +102,20 @@ def test_after_cut_ages_only_requests_holding_tokens_and_purges_above_sigma() ->
 
 
 # -- batch, mini-batches -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("oldest", "policy", "sigma", "rule"), [
+    (4, 4, 1, "any"),  # fresh: may wait a step (lag 1 then)
+    (3, 4, 1, "now"),  # lag 1 now, 2 if deferred: this step or never
+    (2, 4, 1, "purge"),  # lag 2 already
+    (4, 4, 0, "now"),  # sigma 0: nothing may wait
+    (3, 4, 0, "purge"),
+    (2, 4, 2, "now"),
+    (1, 4, 2, "purge"),
+])
+def test_staleness_says_which_groups_may_wait_a_step_and_which_lag_past_sigma_already(
+        oldest: int, policy: int, sigma: int, rule: str) -> None:
+    assert staleness(oldest, policy, sigma) == rule
+
+
 def test_training_batch_is_none_below_phi_then_the_groups_up_to_the_crossing_in_completion_order() -> None:
     finished = [("b", 2.0, 30), ("a", 1.0, 40), ("c", 3.0, 29)]  # (uid, completion order, tokens)
     assert training_batch(finished, token_budget=100) is None  # 99 < 100

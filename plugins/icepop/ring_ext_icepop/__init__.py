@@ -1,1 +1,1 @@
-"""ring-ext-icepop: IcePop, KPop and TIS policy losses for verl's registry (train/inference mismatch)."""
+"""ring-ext-icepop: train/inference-mismatch policy losses for verl's registry (IcePop, KPop, TIS, sequence-level)."""

@@ -5,6 +5,7 @@ point it here to set a knob (`<variant>_<field>`, e.g. `icepop_beta`):
 
     actor_rollout_ref.actor.policy_loss._target_=ring_ext_icepop.config.MismatchPolicyLossConfig
     +actor_rollout_ref.actor.policy_loss.icepop_beta=2.0
+    +actor_rollout_ref.actor.policy_loss.icepop_lag_bands='{0: [0.5, 5.0], 1: [0.3, 8.0]}'   # C3PO++ only
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def _config_fields() -> list[tuple[str, Any, Any]]:
         for key, name in knob_keys(kind).items():
             hint = hints[name]
             hint = str if typing.get_origin(hint) is Literal else hint  # OmegaConf has no Literal; the variant checks
+            # OmegaConf types neither `X | None` nor tuples: a mapping knob (icepop_lag_bands) arrives as the user
+            # wrote it and the variant checks and normalises it
+            hint = hint if hint in (int, float, bool, str) else Any
             out.append((key, hint, dataclasses.field(default=getattr(cls(), name))))
     return out
 

@@ -1,4 +1,5 @@
-"""verl adapter: the `icepop`/`kpop`/`tis` policy losses and the rollout log-probs they need.
+"""verl adapter: the mismatch policy losses (one per variant: `icepop`, `seq_geo`, ...) and the rollout log-probs
+they need.
 
 verl's actor loss (`verl.workers.utils.losses.ppo_loss`) selects old log-probs, advantages and masks
 from the micro-batch and drops `rollout_log_probs` before calling the registered policy loss. For
@@ -48,7 +49,7 @@ def with_rollout_log_probs(ppo_loss: Callable[..., Any]) -> Callable[..., Any]:
                 "'rollout_log_probs': keep actor_rollout_ref.rollout.calculate_log_probs=True."
             )
         extra = {"infer_logp": data.select("rollout_log_probs").to_padded_tensor()["rollout_log_probs"]}
-        if ROLLOUT_POLICY_LAG in data.keys():  # C3PO++ batches: per-token version lag, for diagnostics by lag
+        if ROLLOUT_POLICY_LAG in data.keys():  # C3PO++ batches: per-token version lag (diagnostics, bands by lag)
             extra["lag"] = data.select(ROLLOUT_POLICY_LAG).to_padded_tensor()[ROLLOUT_POLICY_LAG]
         if model_output.get("entropy", None) is not None:
             extra["entropy"] = no_padding_2_padding(model_output["entropy"], data)
@@ -98,7 +99,9 @@ def mismatch_policy_loss(
     if infer_logp.shape != old_log_prob.shape:
         raise ValueError(f"rollout log-probs {tuple(infer_logp.shape)} != old log-probs {tuple(old_log_prob.shape)}")
     mask = response_mask.bool()
-    weights = mismatch_weights(old_log_prob, infer_logp, mask, variant_from_config(kind, config.policy_loss))
+    variant = variant_from_config(kind, config.policy_loss)
+    lag = rollout["lag"].to(mask.device) if "lag" in rollout else None
+    weights = mismatch_weights(old_log_prob, infer_logp, mask, variant, lag=lag)
     # (old - old) + new - new: 0.0 where old and current log-probs are both finite (x - x == 0 exactly), nan
     # otherwise. Its sum rides along with the metrics' single device-to-host transfer, so the all-finite batch (the
     # usual one) costs no extra sync and none of the masking below.
@@ -108,8 +111,9 @@ def mismatch_policy_loss(
         weights, mask, entropy=rollout.get("entropy"), train_logp=old_log_prob, prefix=METRIC_PREFIX,
         extra={"non_finite": non_finite},
     )
-    if "lag" in rollout:
-        metrics |= metrics_by_lag(weights, mask, rollout["lag"].to(mask.device), METRIC_PREFIX)
+    if lag is not None:
+        band = variant.band if getattr(variant, "lag_bands", None) is not None else None  # type: ignore[attr-defined]
+        metrics |= metrics_by_lag(weights, mask, lag, METRIC_PREFIX, band=band)
     is_weights = weights.weight.to(log_prob.dtype)
     if host["extra:non_finite"] != 0:  # nan: some log-prob is nan or +-inf
         # A rejected token may carry a non-finite log-prob: zero it before verl's ratio so 0 * inf cannot

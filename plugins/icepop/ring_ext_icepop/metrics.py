@@ -11,18 +11,22 @@ w = weight; R = rejected valid tokens (V and not kept); K = kept tokens. Sums ar
 - masked_entropy_mean, kept_entropy_mean = mean_R entropy, mean_K entropy   (only when `entropy` is given;
   tokens with a non-finite entropy are left out)
 - masked_train_logp_mean = mean_R train_logp   (only when `train_logp` is given; non-finite entries left out)
+- seq_rejected_frac = responses a sequence variant rejected whole / responses with a token in the mask
+  (sequence variants only)
 Every value is a plain finite float, 0.0 for an empty set. `metrics_by_lag` splits the first five per policy
-version lag (C3PO++ batches): how much masking comes from stale tokens, how much from the engine.
+version lag (C3PO++ batches): how much masking comes from stale tokens, how much from the engine; with a band per
+lag it adds that lag's band (band_lo, band_hi).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 
-from ring_ext_icepop.fastops import count, flag, u8
+from ring_ext_icepop.fastops import any_per_row, count, flag, u8
 from ring_ext_icepop.weights import MismatchWeights
 
 BY_LAG = ("k1", "k3", "kept_frac", "masked_below_frac", "masked_above_frac")  # <prefix>lag<N>/<metric>
@@ -89,6 +93,8 @@ def metrics_and_host(
     for key, (values, sel) in means.items():
         if values is not None:
             parts[f"{key}:sum"], parts[f"{key}:count"] = _masked_mean_parts(values, sel)
+    if w.seq_rejected is not None:
+        parts["seq_rejected"], parts["seq_n"] = count(w.seq_rejected), count(any_per_row(mask))
     for key, value in (extra or {}).items():
         parts[f"extra:{key}"] = value.detach().to(buf.device)
     # stack promotes to float64 (the sums are float64): counts stay exact up to 2^53.
@@ -117,11 +123,15 @@ def metrics_and_host(
     for key in means:
         if f"{key}:sum" in parts:
             out[key] = ratio(host[f"{key}:sum"], host[f"{key}:count"])
+    if "seq_rejected" in host:
+        out["seq_rejected_frac"] = ratio(host["seq_rejected"], host["seq_n"])
     return {f"{prefix}{key}": float(value) for key, value in out.items()}, host
 
 
-def metrics_by_lag(w: MismatchWeights, mask: torch.Tensor, lag: torch.Tensor, prefix: str) -> dict[str, float]:
-    """`BY_LAG` per policy-version lag, as `<prefix>lag<N>/<metric>`."""
+def metrics_by_lag(w: MismatchWeights, mask: torch.Tensor, lag: torch.Tensor, prefix: str,
+                   band: Callable[[int], tuple[float, float]] | None = None) -> dict[str, float]:
+    """`BY_LAG` per policy-version lag, as `<prefix>lag<N>/<metric>`; with `band` (lag -> (lo, hi)), the band each
+    lag used as `<prefix>lag<N>/band_lo` and `band_hi`."""
     if lag.shape != mask.shape:
         raise ValueError(f"per-token version lags {tuple(lag.shape)} != response mask {tuple(mask.shape)}")
     out: dict[str, float] = {}
@@ -130,7 +140,10 @@ def metrics_by_lag(w: MismatchWeights, mask: torch.Tensor, lag: torch.Tensor, pr
         sel = mask & (lag == value)
         # the metrics sum log_ratio and weight unmasked (both are 0 outside the response): zero them outside sel too
         subset = dataclasses.replace(w, weight=w.weight * sel, log_ratio=w.log_ratio * sel, kept=w.kept & sel,
-                                     below=w.below & sel, above=w.above & sel, invalid=w.invalid & sel)
+                                     below=w.below & sel, above=w.above & sel, invalid=w.invalid & sel,
+                                     seq_rejected=None)  # a response spans lags: no per-lag response count
         metrics = mismatch_metrics(subset, sel, prefix=lag_prefix)
         out |= {f"{lag_prefix}{key}": metrics[f"{lag_prefix}{key}"] for key in BY_LAG}
+        if band is not None:
+            out[f"{lag_prefix}band_lo"], out[f"{lag_prefix}band_hi"] = (float(x) for x in band(int(value)))
     return out

@@ -26,17 +26,22 @@ class MismatchWeights:
     above: torch.Tensor  # [B, T] bool: rejected high (icepop: k > beta; kpop: rejected with k >= 1)
     invalid: torch.Tensor  # [B, T] bool: inside response_mask but non-finite train/infer log-prob (or log k)
     log_ratio: torch.Tensor  # [B, T] float32 log k, 0.0 where invalid or padding
+    seq_rejected: torch.Tensor | None = None  # [B] bool: responses a sequence variant rejected whole (else None)
 
 
 def mismatch_weights(
-    train_logp: torch.Tensor, infer_logp: torch.Tensor, response_mask: torch.Tensor, variant: Variant
+    train_logp: torch.Tensor, infer_logp: torch.Tensor, response_mask: torch.Tensor, variant: Variant,
+    lag: torch.Tensor | None = None,
 ) -> MismatchWeights:
-    """The variant's per-token weights M(k) and flags, from the trainer's and the engine's log-probs."""
+    """The variant's per-token weights M(k) and flags, from the trainer's and the engine's log-probs (and C3PO++'s
+    per-token policy-version lags, for a variant whose band depends on them)."""
     if train_logp.shape != infer_logp.shape or train_logp.shape != response_mask.shape:
         raise ValueError(
             f"shapes differ: train_logp {tuple(train_logp.shape)}, infer_logp {tuple(infer_logp.shape)}, "
             f"response_mask {tuple(response_mask.shape)}"
         )
+    if lag is not None and lag.shape != response_mask.shape:
+        raise ValueError(f"per-token version lags {tuple(lag.shape)} != response mask {tuple(response_mask.shape)}")
     dtype = torch.float64 if torch.float64 in (train_logp.dtype, infer_logp.dtype) else torch.float32
     train, infer = train_logp.detach().to(dtype), infer_logp.detach().to(dtype)
     mask = response_mask.detach().bool()
@@ -50,9 +55,8 @@ def mismatch_weights(
     # log_k = where(valid, raw, 0): nan/inf zeroed first (0 * inf would be nan), then raw * 1 == raw on valid
     # tokens and +-0.0 elsewhere; + 0.0 turns -0.0 into 0.0.
     log_k = raw.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(u8(valid)).add_(0.0)
-    kept, below, above, log_w = variant.rule(Tokens(log_k, train, infer, valid, scratch))
+    kept, below, above, log_w, rows = variant.rule(Tokens(log_k, train, infer, valid, scratch, lag))
     # where(kept, exp(log_w), 0): exp(log_w) is finite (log_w is bounded above), so a product with 0/1 is exact.
     weight = log_w.exp_().mul_(u8(kept)).to(torch.float32)
-    return MismatchWeights(
-        weight=weight, kept=kept, below=below, above=above, invalid=invalid, log_ratio=log_k.to(torch.float32)
-    )
+    return MismatchWeights(weight=weight, kept=kept, below=below, above=above, invalid=invalid,
+                           log_ratio=log_k.to(torch.float32), seq_rejected=rows)

@@ -1,30 +1,26 @@
 """End to end on CPU: `loss_mode=icepop` as one override of plain GRPO (`+recipe=ring1t ring1t_loop=grpo`),
-through verl's main_ppo and vLLM. The loss on C3PO++ partial rollouts: plugins/c3po/tests/test_c3po_e2e.py."""
+through verl's main_ppo and vLLM: the session's GRPO run (tests/shared_runs.py, also checked by
+tests/test_e2e_cpu.py). The loss on C3PO++ partial rollouts: plugins/c3po/tests/test_c3po_e2e.py."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
-
-from ring_ext.verl_run import run_main_ppo
+from shared_runs import GRPO_STEPS, Run
 
 pytestmark = pytest.mark.e2e
 
-STEPS = 2
 SCHEMA = (
     "k1", "k3", "masked_below_frac", "masked_above_frac", "invalid_frac", "kept_frac", "ess",
     "log_ratio_min", "log_ratio_max", "log_ratio_mean", "masked_train_logp_mean",
 )  # fmt: skip
 
 
-def test_icepop_run_logs_the_mismatch_schema_with_finite_values(tmp_path) -> None:
-    run = run_main_ppo(["+recipe=ring1t", "ring1t_loop=grpo", "actor_rollout_ref.actor.policy_loss.loss_mode=icepop",
-                        f"trainer.total_training_steps={STEPS}"], tmp_path)
-    assert "ring-ext: policy loss icepop(alpha=0.5, beta=5.0) on the rollout engine's log-probs" in run.log
-    steps = [s["data"] for s in run.steps]
-    assert len(steps) == STEPS
-    for data in steps:
+def test_icepop_run_logs_the_mismatch_schema_with_finite_values(grpo_run: Run) -> None:
+    assert "ring-ext: policy loss icepop(alpha=0.5, beta=5.0) on the rollout engine's log-probs" in grpo_run.log
+    assert sorted(grpo_run.steps) == list(range(1, GRPO_STEPS + 1))
+    for data in grpo_run.steps.values():
         for name in SCHEMA:
             value = data[f"actor/mismatch/{name}"]
             assert math.isfinite(value), name

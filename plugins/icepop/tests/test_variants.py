@@ -1,5 +1,6 @@
-"""Unit tests of the variants, their weights and metrics: band edges, K-Pop's binary KL, TIS, non-finite inputs,
-metrics, knobs."""
+"""Unit tests of the token variants, their weights and metrics: band edges, K-Pop's binary KL, TIS, non-finite
+inputs, metrics, knobs; and properties every variant (sequence ones too) keeps. Sequence variants:
+test_sequence_variants.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ring_ext_icepop.variants import KPOP_MAX_LOG_WEIGHT, TIS, VARIANTS, IcePop,
 from ring_ext_icepop.weights import MismatchWeights, mismatch_weights
 
 MISMATCH_KINDS = tuple(VARIANTS)
+TOKEN_KINDS = ("icepop", "kpop", "tis")
 
 INF, NAN = float("inf"), float("nan")
 F64 = torch.float64
@@ -108,7 +110,7 @@ def test_bf16_inputs_match_their_float32_upcast_and_weights_are_detached() -> No
 # --- non-finite and extreme inputs ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", MISMATCH_KINDS)
+@pytest.mark.parametrize("kind", TOKEN_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_extreme_and_non_finite_log_probs(kind: str, dtype: torch.dtype) -> None:
     train = _t([[-1e4, 0.0, -1.0, -INF, NAN, -1.0, INF, -1.0, -1.0, NAN]], dtype)
@@ -150,7 +152,8 @@ def test_all_masked_batch_metrics_are_zero() -> None:
         _assert_partition(w, mask)
         assert not (w.kept | w.below | w.above | w.invalid).any() and not w.weight.any()
         metrics = mismatch_metrics(w, mask, entropy=torch.ones(2, 2), train_logp=train, prefix="m/")
-        assert set(metrics) == {f"m/{k}" for k in _METRIC_KEYS}
+        keys = [*_METRIC_KEYS, *(["seq_rejected_frac"] if w.seq_rejected is not None else [])]
+        assert set(metrics) == {f"m/{k}" for k in keys}
         assert all(v == 0.0 for v in metrics.values()), metrics
 
 
@@ -377,9 +380,14 @@ _LOGP = st.one_of(st.floats(-30.0, 0.0), st.floats(-30.0, 0.0), st.floats(-30.0,
 def _configs(draw: st.DrawFn) -> Variant:
     kind = draw(st.sampled_from(MISMATCH_KINDS))
     alpha = draw(st.floats(1e-3, 1.0))
-    knobs = {"icepop": {"alpha": alpha, "beta": alpha + draw(st.floats(1e-3, 10.0))},
+    beta = alpha + draw(st.floats(1e-3, 10.0))
+    lo, hi = alpha * draw(st.floats(1e-3, 1.0)), beta * draw(st.floats(1.0, 1e3))
+    cap = draw(st.floats(1e-2, 10.0))
+    knobs = {"icepop": {"alpha": alpha, "beta": beta},
              "kpop": {"phi": draw(st.floats(1e-4, 5.0)), "precision": draw(st.sampled_from(["float64", "float32"]))},
-             "tis": {"cap": draw(st.floats(1e-2, 10.0))}}[kind]
+             "tis": {"cap": cap}, "seq_geo": {"alpha": alpha, "beta": beta}, "seq_max": {"lo": alpha, "hi": beta},
+             "seq_max_icepop": {"lo": lo, "hi": hi, "alpha": alpha, "beta": beta},
+             "seq_geo_tis": {"alpha": alpha, "beta": beta, "cap": cap}}[kind]
     return make_variant(kind, **knobs)
 
 
@@ -399,6 +407,9 @@ def test_property_flags_partition_the_mask(data: st.DataObject, cfg: Variant, sh
     if cfg.name == "icepop":
         k = torch.exp(w.log_ratio.double())
         assert (k[w.kept] >= cfg.alpha * (1 - 1e-6)).all() and (k[w.kept] <= cfg.beta * (1 + 1e-6)).all()
+    if w.seq_rejected is not None:  # a rejected response keeps no token; a response with none valid is never one
+        assert not (w.kept & w.seq_rejected[:, None]).any()
+        assert not (w.seq_rejected & ~(mask & finite).any(dim=-1)).any()
     _assert_metrics_finite(mismatch_metrics(w, mask, entropy=torch.rand(shape), train_logp=train))
 
 
