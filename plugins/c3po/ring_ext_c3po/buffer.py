@@ -83,6 +83,10 @@ class C3POReplayBuffer(ReplayBufferAsync):
         keys = [k for k in self.partitions[partition_id] if _uid(k) in new]
         rows = list(zip(keys, self._read_extra(partition_id, keys), strict=True))
         newly = {_uid(k) for k, extra in rows if extra.get("c3po_purged")}
+        # a group that already lags more than sigma (rules.staleness) goes whole, before it counts towards Phi; the
+        # gate does not count it either (GroupBudget applies the same rule at the completion)
+        newly |= {uid for uid, v in _oldest_versions(dict(rows)).items()
+                  if staleness(v, global_steps - 1, self.c3po.max_retention) == "purge"}
         self._purged.update({uid: uid in newly for uid in new})
         self._purged_this_step += len(newly)
         self._append_timeline(global_steps, [(k, e) for k, e in rows if _uid(k) in newly], True)

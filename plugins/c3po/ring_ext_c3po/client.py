@@ -89,12 +89,13 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
                 written = await asyncio.to_thread(self._spool.append, spool_id, self._partial(pkey, out, tracker),
                                                   written)
         await asyncio.to_thread(self._spool.drop, spool_id)
+        versions = [s.version for s in tracker.segments]
         if self._gate is not None:  # fire and forget: the gate aborts the engine when this crosses the budget
             if step is Next.FINISHED:
-                self._gate.finished.remote(pkey, len(out.token_ids))
+                self._gate.finished.remote(pkey, len(out.token_ids),
+                                           (min(versions), max(versions)) if versions else None)
             else:
                 self._gate.purged.remote(pkey)
-        versions = [s.version for s in tracker.segments]
         out.extra_fields.update(
             global_steps=versions[-1] if versions else None, min_global_steps=min(versions, default=None),
             max_global_steps=max(versions, default=None), num_cached_tokens=cached,

@@ -18,13 +18,14 @@ from ring_ext_c3po.rules import GroupBudget
 
 
 class BudgetGate:
-    def __init__(self, group_size: int, token_budget: int, servers: list[Any]) -> None:
-        self.budget = GroupBudget(group_size, token_budget)
+    def __init__(self, group_size: int, token_budget: int, servers: list[Any],
+                 max_retention: int | None = None) -> None:
+        self.budget = GroupBudget(group_size, token_budget, max_retention)
         self.servers = servers  # verl rollout server actor handles (node rank 0 of every replica)
         self.cut_at: float | None = None
 
-    async def finished(self, group: str, tokens: int) -> None:
-        if self.budget.finish(group, tokens):
+    async def finished(self, group: str, tokens: int, versions: tuple[int, int] | None = None) -> None:
+        if self.budget.finish(group, tokens, versions):
             self.cut_at = time.time()
             await asyncio.gather(*[s.abort_all_requests.remote() for s in self.servers])
 

@@ -153,27 +153,35 @@ class GroupBudget:
     seen twice in flight is counted as two groups of G). `reset()` starts a phase: C = what finished but was not
     trained; unfinished groups keep their finished samples' tokens (they count in the phase that completes them)."""
 
-    def __init__(self, group_size: int, token_budget: int) -> None:
+    def __init__(self, group_size: int, token_budget: int, max_retention: int | None = None) -> None:
         if group_size < 1 or token_budget < 1:
             raise ValueError(f"GroupBudget needs group_size >= 1 and token_budget >= 1, "
                              f"got {group_size}, {token_budget}")
-        self.group_size, self.token_budget = group_size, token_budget
+        self.group_size, self.token_budget, self.max_retention = group_size, token_budget, max_retention
         self.tokens = 0  # C
         self._partial: dict[Hashable, list[int]] = {}  # group -> tokens of each finished sample
+        self._oldest: dict[Hashable, int] = {}  # group -> oldest policy version among its finished samples' tokens
         self._crossed = False
 
     @property
     def reached(self) -> bool:
         return budget_reached(self.tokens, self.token_budget)
 
-    def finish(self, group: Hashable, tokens: int) -> bool:
-        """One sample of `group` finished with `tokens` response tokens. True exactly once per phase: at the
-        completion that brings C to Phi (the caller cuts the phase there)."""
+    def finish(self, group: Hashable, tokens: int, versions: tuple[int, int] | None = None) -> bool:
+        """One sample of `group` finished with `tokens` response tokens, decoded by policy versions
+        `versions` = (oldest, newest). True exactly once per phase: at the completion that brings C to Phi (the
+        caller cuts the phase there). With `max_retention`, a group whose oldest token already lags more than sigma
+        behind the newest (the engine's version now) is not counted: the trainer purges it (`staleness`)."""
         done = self._partial.setdefault(group, [])
         done.append(int(tokens))
+        if versions is not None:
+            self._oldest[group] = min(self._oldest.get(group, versions[0]), versions[0])
         if len(done) == self.group_size:
             del self._partial[group]
-            self.tokens += sum(done)
+            oldest = self._oldest.pop(group, None)
+            if (self.max_retention is None or oldest is None or versions is None
+                    or staleness(oldest, versions[1], self.max_retention) != "purge"):
+                self.tokens += sum(done)
         if self.reached and not self._crossed:
             self._crossed = True
             return True
@@ -182,6 +190,7 @@ class GroupBudget:
     def purge(self, group: Hashable) -> None:
         """A sample of `group` was purged: the group goes whole, its finished samples no longer count."""
         self._partial.pop(group, None)
+        self._oldest.pop(group, None)
 
     def reset(self, carried_tokens: int = 0) -> None:
         """A new phase: C = the tokens of finished groups not yet trained (they count first)."""

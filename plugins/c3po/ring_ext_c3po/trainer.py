@@ -70,7 +70,8 @@ class C3POTrainer(PPOTrainerColocateAsync):
             servers = list(self.llm_server_manager.server_handles)
             gate_cls = ray.remote(num_cpus=0)(BudgetGate)
             self._gate = gate_cls.remote(int(self.config.actor_rollout_ref.rollout.n),
-                                         self.replay_buffer.c3po.token_budget, servers)
+                                         self.replay_buffer.c3po.token_budget, servers,
+                                         self.replay_buffer.c3po.max_retention)
         return self.llm_server_manager.get_client(client_cls=C3POLLMServerClient, gate=self._gate)
 
     def on_train_begin(self) -> None:

@@ -180,6 +180,18 @@ def test_reset_starts_a_phase_keeping_partial_groups_and_rearming_the_crossing()
     assert b.tokens == 9
 
 
+def test_a_group_already_lagging_past_sigma_is_not_counted_at_its_completion() -> None:
+    """The gate's half of `staleness`: a group whose oldest token lags more than sigma behind the engine's version
+    at its last completion never counts towards Phi (the trainer purges it), so it cannot end a phase."""
+    b = GroupBudget(group_size=2, token_budget=10, max_retention=1)
+    b.finish("stale", 6, (1, 3))  # decoded by version 1 and finished while the engine holds version 3
+    assert not b.finish("stale", 6, (3, 3)) and b.tokens == 0
+    b.finish("fresh", 6, (2, 3))  # lag 1: within sigma
+    assert b.finish("fresh", 6, (3, 3)) and b.tokens == 12
+    plain = GroupBudget(group_size=1, token_budget=5)  # without sigma (the reference scheduler): versions unread
+    assert plain.finish("g", 6, (0, 9)) and plain.tokens == 6
+
+
 def test_a_key_seen_twice_in_flight_counts_as_two_groups() -> None:
     b = GroupBudget(group_size=2, token_budget=100)
     for n in (1, 2, 3, 4):
