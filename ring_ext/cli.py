@@ -92,7 +92,8 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ring_ext.report import ReportError, write_report
+    from ring_ext.report import ReportError
+    from ring_ext.report_figures import write_report
 
     try:
         report = write_report(args.run_dir, args.out, metrics=args.metrics)

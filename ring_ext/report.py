@@ -2,9 +2,10 @@
 
 Where it sits: `ring_ext.run_record` (the thin verl attachment) writes, in `trainer.default_local_dir`, every logged
 step (`ring_ext_metrics.jsonl`, the format of verl's file logger), the run's technique switches (`ring_ext_run.json`)
-and one line per AState in-place sync (`ring_ext_syncs.jsonl`); at the run's end it calls `write_report`, and so
-does `ring-ext report <run dir>` for any finished run. Every number here is a plain statistic (count, sum, mean,
-min, max) of the logged metrics named beside it. No verl import; figures are in `ring_ext.report_figures`.
+and one line per AState in-place sync (`ring_ext_syncs.jsonl`); at the run's end
+`ring_ext.report_figures.write_report` summarises and draws them, as does `ring-ext report <run dir>` for any
+finished run. Every number here is a plain statistic (count, sum, mean, min, max) of the logged metrics named
+beside it. No verl import, no figures.
 """
 
 from __future__ import annotations
@@ -343,21 +344,3 @@ def run_files(run_dir: Path, written: Sequence[str] = ()) -> list[str]:
     if ckpts:
         out.append(f"{ckpts[-1].name}/" + (f" (last of {len(ckpts)} checkpoints)" if len(ckpts) > 1 else ""))
     return out
-
-
-def write_report(run_dir: Path, out_dir: Path | None = None, *, metrics: Path | None = None) -> Report:
-    """Summarise the run in `run_dir` and draw its figures into `out_dir` (default: the run folder): writes
-    ring_ext_summary.txt/.json and the PNGs. A figure that cannot be drawn is a `problems` entry, never an error."""
-    from ring_ext.report_figures import draw_all
-
-    out_dir = out_dir or run_dir
-    steps, run, syncs = load_run(run_dir, metrics)
-    facts = summarise(steps, run, syncs, run_dir=str(out_dir.absolute()))  # refuses records without a trained step
-    out_dir.mkdir(parents=True, exist_ok=True)
-    problems = draw_all(training_steps(steps), syncs, run_dir / TIMELINE_JSONL, out_dir)
-    facts["files"] = run_files(out_dir, (SUMMARY_TXT, SUMMARY_JSON)) + ([] if out_dir == run_dir else
-                                                                      [f"(run folder: {run_dir.absolute()})"])
-    text = render(facts) + "".join(f"NOTE: {p}\n" for p in problems)
-    (out_dir / SUMMARY_JSON).write_text(json.dumps(facts, indent=1) + "\n")
-    (out_dir / SUMMARY_TXT).write_text(text)
-    return Report(text, facts, problems)

@@ -1,6 +1,7 @@
 """A finished run's figures: its main curves (`ring_ext_curves.png`) and C3PO++'s request timeline.
 
-Where it sits: `ring_ext.report.write_report` calls `draw_all` at the end of a run and from `ring-ext report`. The
+Where it sits: `write_report` (the summary of `ring_ext.report` and these figures, into the run folder) runs at the
+end of a run (`ring_ext.run_record`) and from `ring-ext report`. The
 curves are four panels of logged metrics per step: reward (`critic/score/mean`), train/infer mismatch k3 per
 policy-version lag (`actor/mismatch/lag<N>/k3`), C3PO++'s budget use (`c3po/budget_used`) and the weight sync's
 seconds (verl's `timing_s/update_weights`, and AState's own per-sync time). The timeline is ring-ext-c3po's plot
@@ -9,10 +10,12 @@ seconds (verl's `timing_s/update_weights`, and AState's own per-sync time). The 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ring_ext import report
 from ring_ext.report import MISMATCH, REWARD, lags
 
 CURVES_PNG = "ring_ext_curves.png"
@@ -99,8 +102,10 @@ def draw_curves(steps: Sequence[Mapping[str, Any]], syncs: Sequence[Mapping[str,
 
 
 def draw_timeline(jsonl: Path, out: Path) -> Path:
-    from ring_ext_c3po.timeline import load, plot
+    """ring-ext-c3po's own plot of its timeline (named, as plugins are attached: the core imports no plugin)."""
+    from ring_ext.patching import resolve
 
+    load, plot = resolve("ring_ext_c3po.timeline:load"), resolve("ring_ext_c3po.timeline:plot")
     return plot(load(jsonl), out)
 
 
@@ -123,3 +128,20 @@ def draw_all(steps: Sequence[Mapping[str, Any]], syncs: Sequence[Mapping[str, An
     elif c3po_ran:
         problems.append(f"{TIMELINE_PNG} not drawn: no {timeline} (trainer.v1.c3po.timeline=false?)")
     return problems
+
+
+def write_report(run_dir: Path, out_dir: Path | None = None, *, metrics: Path | None = None) -> report.Report:
+    """Summarise the run in `run_dir` and draw its figures into `out_dir` (default: the run folder): writes
+    ring_ext_summary.txt/.json and the PNGs. A figure that cannot be drawn is a `problems` entry, never an error."""
+    out_dir = out_dir or run_dir
+    steps, run, syncs = report.load_run(run_dir, metrics)
+    # refuses records without a trained step
+    facts = report.summarise(steps, run, syncs, run_dir=str(out_dir.absolute()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    problems = draw_all(report.training_steps(steps), syncs, run_dir / report.TIMELINE_JSONL, out_dir)
+    elsewhere = [] if out_dir == run_dir else [f"(run folder: {run_dir.absolute()})"]
+    facts["files"] = report.run_files(out_dir, (report.SUMMARY_TXT, report.SUMMARY_JSON)) + elsewhere
+    text = report.render(facts) + "".join(f"NOTE: {p}\n" for p in problems)
+    (out_dir / report.SUMMARY_JSON).write_text(json.dumps(facts, indent=1) + "\n")
+    (out_dir / report.SUMMARY_TXT).write_text(text)
+    return report.Report(text, facts, problems)

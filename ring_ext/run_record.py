@@ -6,7 +6,7 @@ ring-ext's entry point in every process; `ring_ext.verl_entry` installs these wr
   step's metrics, as verl's `file` logger writes them, to ring_ext_metrics.jsonl (verl's file logger is not always
   on). A resumed run keeps the steps up to its checkpoint; a fresh one in a used folder starts the file over.
 - `Tracking.finish`: ring_ext_summary.txt/.json and the figures (a figure that fails is a NOTE, never an error);
-- ring-ext-astate's `update_weights_in_place` (in the trainer ranks): one line per in-place sync to
+- `record_sync`, called by ring-ext-astate after each in-place sync (in the trainer ranks): one line per sync to
   ring_ext_syncs.jsonl, since verl's colocated trainers drop a sync's metrics;
 - in the driver, a start-up check: every process learns the run folder (RING_EXT_RUN_DIR, before Ray starts), and
   the driver prints the summary when it exits, after Ray has stopped, so nothing of the run's log comes after it.
@@ -23,15 +23,18 @@ import math
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ring_ext.report import METRICS, RUN, SUMMARY_JSON, SUMMARY_TXT, SYNCS, write_report
+from ring_ext.report import METRICS, RUN, SUMMARY_JSON, SUMMARY_TXT, SYNCS
+from ring_ext.report_figures import write_report
 
 logger = logging.getLogger("ring_ext")
 RUN_DIR_ENV = "RING_EXT_RUN_DIR"  # the run folder, absolute, as the driver sees it
 DRIVER_ENV = "RING_EXT_REPORT_DRIVER"  # pid of the driver that prints the summary at exit
+RUN_ID_ENV = "RING_EXT_RUN_ID"  # drawn by the driver: which process of a (resumed) run a record comes from
 _exit_report: dict[str, Any] = {}  # the driver's run folder and start time, for the atexit print
 
 
@@ -57,6 +60,11 @@ def _plain(value: Any) -> float | int | None:
 
 
 def _job() -> str | None:
+    """This process's run: the id the driver drew (every process of a local Ray cluster inherits it), else Ray's job
+    id. Ray's ids repeat across clusters ("01000000" for each fresh one), so a resumed run's two processes, or a
+    fresh run in a reused folder, would share one."""
+    if os.environ.get(RUN_ID_ENV):
+        return os.environ[RUN_ID_ENV]
     try:
         import ray
 
@@ -65,13 +73,12 @@ def _job() -> str | None:
         return None
 
 
-def _is_mismatch_loss(mode: str) -> bool | None:
-    """Whether `mode` is one of ring-ext-icepop's losses (its table of variants); None without the plugin."""
-    try:
-        from ring_ext_icepop.variants import VARIANTS
-    except ImportError:
-        return None
-    return mode in VARIANTS
+def _is_mismatch_loss(mode: str) -> bool:
+    """Whether `mode` is one of ring-ext-icepop's losses (ring_ext.known_plugins, the core's one table of them)."""
+    from ring_ext.known_plugins import provider
+
+    plugin = provider("policy_loss", mode)
+    return plugin is not None and plugin.distribution == "ring-ext-icepop"
 
 
 def resumed_step(trainer: Mapping[str, Any], run_dir: Path) -> int:
@@ -200,19 +207,12 @@ def report_on_finish(finish: Callable[..., Any]) -> Callable[..., Any]:
     return tracking_finish
 
 
-def record_syncs(update: Callable[..., Awaitable[dict]]) -> Callable[..., Awaitable[dict]]:
-    """Wraps ring-ext-astate's `adapter.update_weights_in_place` (a trainer rank's in-place sync into its rollout
-    worker): its metrics, one line per sync and worker, to ring_ext_syncs.jsonl in the run folder."""
-
-    @functools.wraps(update)
-    async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int | None = None) -> dict:
-        metrics = await update(adapter, weights, global_steps)
-        run_dir = os.environ.get(RUN_DIR_ENV)
-        if run_dir:
-            _quietly("recording a weight sync", _append_sync, Path(run_dir), adapter, metrics, global_steps)
-        return metrics
-
-    return update_weights_in_place
+def record_sync(adapter: Any, metrics: Mapping[str, Any], global_steps: int | None) -> None:
+    """Called by ring-ext-astate's `update_weights_in_place` (a trainer rank's in-place sync into its rollout worker)
+    after each sync: its metrics, one line per sync and worker, to ring_ext_syncs.jsonl in the run folder."""
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if run_dir:
+        _quietly("recording a weight sync", _append_sync, Path(run_dir), adapter, metrics, global_steps)
 
 
 def _append_sync(run_dir: Path, adapter: Any, metrics: Mapping[str, Any], global_steps: int | None) -> None:
@@ -232,6 +232,7 @@ def name_the_run_dir(config: Any) -> None:
     run_dir = Path(str(config.trainer.default_local_dir)).absolute()
     os.environ[RUN_DIR_ENV] = str(run_dir)
     os.environ[DRIVER_ENV] = str(os.getpid())
+    os.environ[RUN_ID_ENV] = uuid.uuid4().hex[:16]
     if not _exit_report:
         atexit.register(_print_summary_at_exit)
     _exit_report.update(run_dir=run_dir, since=time.time())

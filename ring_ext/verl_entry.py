@@ -7,7 +7,7 @@ from ring_ext.device import hand_device_to_every_process
 from ring_ext.discovery import load_plugins
 from ring_ext.patching import patch_after_import
 from ring_ext.resolvers import register_resolvers
-from ring_ext.run_record import name_the_run_dir, record_on_init, record_on_log, record_syncs, report_on_finish
+from ring_ext.run_record import name_the_run_dir, record_on_init, record_on_log, report_on_finish
 from ring_ext.startup import (
     add_startup_check,
     check_config_resolves,
@@ -35,5 +35,4 @@ add_startup_check("megatron_engine", check_megatron_engine)
 patch_after_import("verl.utils.tracking:Tracking.__init__", record_on_init)
 patch_after_import("verl.utils.tracking:Tracking.log", record_on_log)
 patch_after_import("verl.utils.tracking:Tracking.finish", lambda fn: report_on_finish(teardown_after_finish(fn)))
-patch_after_import("ring_ext_astate.adapter:update_weights_in_place", record_syncs)
 load_plugins()

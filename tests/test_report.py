@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ring_ext import report as rep
+from ring_ext import report_figures
 from ring_ext.cli import main as cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -311,18 +311,21 @@ def test_a_failing_figure_never_fails_the_run(tmp_path: Path, monkeypatch: pytes
 
 
 def test_each_in_place_sync_is_recorded_in_the_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ring_ext.run_record import RUN_DIR_ENV, record_syncs
+    import inspect
 
-    async def update(adapter: object, weights: object, global_steps: int | None = None) -> dict:
-        return {"astate/bytes_per_worker": 4096, "astate/seconds": 0.25, "astate/version": 3,
-                "astate/gb_per_s": 1.0, "astate/verified": 0.0, "astate/attempts": 2}
+    from ring_ext.run_record import RUN_DIR_ENV, record_sync
+    from ring_ext_astate import adapter as astate_adapter
+
+    metrics = {"astate/bytes_per_worker": 4096, "astate/seconds": 0.25, "astate/version": 3,
+               "astate/gb_per_s": 1.0, "astate/verified": 0.0, "astate/attempts": 2}
 
     class Adapter:
         replica_rank, rollout_rank = 0, 1
 
     monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
-    metrics = asyncio.run(record_syncs(update)(Adapter(), [], 2))
-    assert metrics["astate/version"] == 3  # passed through unchanged
+    record_sync(Adapter(), metrics, 2)
+    # ring-ext-astate's in-place sync calls it after every sync
+    assert "record_sync(adapter, metrics, global_steps)" in inspect.getsource(astate_adapter.update_weights_in_place)
     [line] = rep.read_jsonl(tmp_path / rep.SYNCS)
     assert {k: line[k] for k in ("rank", "version", "global_steps", "bytes", "seconds", "verified", "attempts")} \
         == {"rank": 1, "version": 3, "global_steps": 2, "bytes": 4096, "seconds": 0.25, "verified": False,
@@ -337,9 +340,29 @@ def test_the_driver_prints_the_summary_last_only_for_its_own_run(tmp_path: Path,
 
     run_dir = _write_run(tmp_path)
     monkeypatch.setattr(run_record, "_exit_report", {"run_dir": run_dir, "since": time.time() - 5})
-    rep.write_report(run_dir)
+    report_figures.write_report(run_dir)
     run_record._print_summary_at_exit()
     assert capsys.readouterr().out == "\n" + (run_dir / rep.SUMMARY_TXT).read_text()
     monkeypatch.setattr(run_record, "_exit_report", {"run_dir": run_dir, "since": time.time() + 5})
     run_record._print_summary_at_exit()  # an older run's summary in the same folder: not this driver's
     assert capsys.readouterr().out == ""
+
+
+def test_the_syncs_of_a_resumed_run_s_two_processes_stay_apart(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    """Each process's vLLM engine counts versions from 1 again and Ray gives both the same job id ("01000000"):
+    the driver's own run id keeps the two processes' syncs apart (1 worker, 4 + 3 syncs, not 2 workers and 4)."""
+    from ring_ext import run_record
+
+    class Adapter:
+        replica_rank, rollout_rank = 0, 0
+
+    metrics = {"astate/bytes_per_worker": 100, "astate/seconds": 0.1, "astate/verified": 0.0, "astate/attempts": 1}
+    monkeypatch.setenv(run_record.RUN_DIR_ENV, str(tmp_path))
+    for run_id, versions in (("first", range(1, 5)), ("second", range(1, 4))):
+        monkeypatch.setenv(run_record.RUN_ID_ENV, run_id)
+        for v in versions:
+            run_record.record_sync(Adapter(), {**metrics, "astate/version": v}, v - 1)
+    facts = rep._sync_facts(rep.read_jsonl(tmp_path / rep.SYNCS))
+    assert (facts["syncs"], facts["workers"]) == (7, 1)
+    assert facts["bytes_per_sync"]["mean"] == 100

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ring_ext.knobs import check_knobs, from_mapping, knob
+from ring_ext.run_record import record_sync
 from ring_ext_astate.control import SyncError, descriptor_path
 from ring_ext_astate.inplace import InPlaceSender
 
@@ -138,6 +139,7 @@ async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int 
     metrics = {"astate/bytes_per_worker": stats.bytes, "astate/seconds": seconds, "astate/version": version,
                "astate/gb_per_s": stats.bytes / max(seconds, 1e-9) / 1e9, "astate/verified": float(verify),
                "astate/attempts": attempt + 1}
+    record_sync(adapter, metrics, global_steps)  # the run's summary (verl's colocated trainers drop these metrics)
     logger.warning("ring-ext astate: sync %d into rollout worker %d in place: %.1f MiB in %.3fs (%.2f GB/s, "
                    "verified=%s, attempts=%d)", version, st.rank, stats.bytes / 2**20, seconds,
                    metrics["astate/gb_per_s"], verify, attempt + 1)
