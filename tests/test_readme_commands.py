@@ -147,6 +147,10 @@ def test_readme_main_command_trains_the_ring1t_loop(ring1t_run: ResumedRun) -> N
     assert all(0.0 < d["actor/mismatch/kept_frac"] <= 1.0 for d in first)
     log = ring1t_run.log
     assert "Traceback" not in log, log[log.index("Traceback") - 500:][:3000]
+    # the pool's groups still decoding after the last step are stopped before the run's actors exit (else each
+    # request dies under them with a traceback, as often as the exit races them)
+    ended = re.findall(r"rollouts ended after the last step: (\d+) prompt groups in flight", log)
+    assert len(ended) == 1 and int(ended[0]) > 0, ended
     workdir = ring1t_run.workdir
     assert not (workdir / "wandb").exists() and list((workdir / "checkpoints").glob("*/*/wandb/offline-run-*"))
 

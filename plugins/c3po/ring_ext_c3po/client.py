@@ -60,7 +60,7 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
             out.token_ids, out.log_probs = list(saved.token_ids), list(saved.log_probs or [])
             if saved.routed_experts is not None:
                 out.routed_experts = np.asarray(saved.routed_experts)
-        restored, cached, step, written = tracker.tokens, None, Next.RESUME, 0
+        restored, cached, step, written, closed = tracker.tokens, None, Next.RESUME, 0, False
         while True:
             params[key] = tracker.remaining
             start = time.time()
@@ -85,12 +85,15 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
             if self._purged_at.get(pkey, 0.0) >= start:  # a sibling cut at the same abort was purged
                 step = tracker.outcome = Next.PURGED
                 break
+            if self._gate is not None and await self._gate.is_closed.remote():  # the run ended: nothing trains it
+                step, closed = Next.PURGED, True
+                break
             if tracker.tokens:  # append-only: what was decoded since the last cut
                 written = await asyncio.to_thread(self._spool.append, spool_id, self._partial(pkey, out, tracker),
                                                   written)
         await asyncio.to_thread(self._spool.drop, spool_id)
         versions = [s.version for s in tracker.segments]
-        if self._gate is not None:  # fire and forget: the gate aborts the engine when this crosses the budget
+        if self._gate is not None and not closed:  # fire and forget: the gate cuts when this crosses the budget
             if step is Next.FINISHED:
                 self._gate.finished.remote(pkey, len(out.token_ids),
                                            (min(versions), max(versions)) if versions else None)

@@ -23,6 +23,7 @@ class BudgetGate:
         self.budget = GroupBudget(group_size, token_budget, max_retention)
         self.servers = servers  # verl rollout server actor handles (node rank 0 of every replica)
         self.cut_at: float | None = None
+        self.closed = False  # the run is over: clients end their requests at the next cut instead of resubmitting
 
     async def finished(self, group: str, tokens: int, versions: tuple[int, int] | None = None) -> None:
         if self.budget.finish(group, tokens, versions):
@@ -31,6 +32,12 @@ class BudgetGate:
 
     def purged(self, group: str) -> None:
         self.budget.purge(group)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closed(self) -> bool:
+        return self.closed
 
     def next_phase(self, carried_tokens: int = 0) -> dict[str, float]:
         """Called by the trainer before generation resumes: what this phase's gate saw, then C = the tokens of the

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Any
 
 import ray
@@ -32,6 +33,7 @@ from ring_ext_c3po.gate import BudgetGate
 from ring_ext_c3po.rules import C3POConfig, mini_batches
 
 logger = logging.getLogger(__name__)
+DRAIN_TIMEOUT_S = 60.0  # after the last step: in-flight requests end at their next cut, which the abort makes now
 
 
 def _train_prompt_tags() -> dict[str, dict]:
@@ -40,6 +42,10 @@ def _train_prompt_tags() -> dict[str, dict]:
 
     items = (tq.kv_list("train") or {}).get("train", {})
     return {uid: tag for uid, tag in items.items() if tag.get("is_prompt")}
+
+
+def _decoding() -> list[str]:
+    return [uid for uid, tag in _train_prompt_tags().items() if tag.get("status") in ("pending", "running")]
 
 
 @register_trainer(MODE)
@@ -73,6 +79,30 @@ class C3POTrainer(PPOTrainerColocateAsync):
                                          self.replay_buffer.c3po.token_budget, servers,
                                          self.replay_buffer.c3po.max_retention)
         return self.llm_server_manager.get_client(client_cls=C3POLLMServerClient, gate=self._gate)
+
+    def fit(self, agent_loop_manager: Any) -> None:
+        super().fit(agent_loop_manager)
+        self._end_rollouts()
+
+    def _end_rollouts(self) -> None:
+        """After the last step the pool still has Omega groups decoding under the last weights (verl's step end
+        resumed generation). Left alone they outlive the run: its actors exit under them and each request dies
+        with a traceback. So the gate is closed, every replica aborts and rejects what arrives behind it, each
+        client ends its request at that cut (unscored, untrained: the last checkpoint already holds the partials),
+        and the run returns once no group is decoding."""
+        if self._gate is None:
+            return
+        start, in_flight = time.monotonic(), len(_decoding())
+        ray.get(self._gate.close.remote())
+        self.checkpoint_manager.abort_replicas(reject_request=True)
+        while decoding := _decoding():
+            if time.monotonic() - start > DRAIN_TIMEOUT_S:
+                logger.warning("C3PO++: %d prompt groups still decoding %.0f s after the last step; the run ends "
+                               "under them", len(decoding), DRAIN_TIMEOUT_S)
+                return
+            time.sleep(0.05)
+        logger.warning("C3PO++: rollouts ended after the last step: %d prompt groups in flight stopped in %.2f s",
+                       in_flight, time.monotonic() - start)
 
     def on_train_begin(self) -> None:
         self.replay_buffer.top_up()  # Omega groups in flight; restored in-flight groups count towards it
