@@ -128,6 +128,10 @@ def _icepop(steps: list[dict], run: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# C3PO++'s rollout-phase metrics (ring_ext_c3po/phase_stats.py), logged per step as c3po/<name>
+PHASE_METRICS = ("engine_occupancy", "cut_s", "reprefill_tokens", "admission_latency_s")
+
+
 def _c3po(steps: list[dict], run: Mapping[str, Any]) -> dict[str, Any]:
     mode = run.get("trainer_mode")
     if not values(steps, "c3po/budget_used"):
@@ -149,6 +153,8 @@ def _c3po(steps: list[dict], run: Mapping[str, Any]) -> dict[str, Any]:
         "version_lag_max": max(values(steps, "c3po/version_lag/max"), default=0.0),
         "stale_token_fraction": stats(values(steps, "c3po/stale_token_fraction")),
         "rollout_metric": rollout, "rollout_s": stats(values(steps, rollout)) if rollout else None,
+        "phase": {k: stats(values(steps, f"c3po/{k}")) for k in PHASE_METRICS},
+        "purged_tokens": sum(values(steps, "c3po/purged_tokens")),
     }
 
 
@@ -264,6 +270,14 @@ def _c3po_lines(f: Mapping[str, Any]) -> list[str]:
     if f["rollout_s"]:
         r = f["rollout_s"]
         lines.append(f"  rollout ({f['rollout_metric']}): {_g(r['sum'])} s in all, {_range(r)} s per step")
+    phase = f.get("phase") or {}
+    if phase.get("engine_occupancy"):
+        occ, cut = phase["engine_occupancy"], phase.get("cut_s")
+        lines.append(f"  engine occupancy {_range(occ, _pct)}" + (f"; cut (crossing to engines stopped) "
+                                                                   f"{_range(cut)} s" if cut else ""))
+    if phase.get("reprefill_tokens"):
+        lines.append(f"  tokens prefilled again after cuts {phase['reprefill_tokens']['sum']:.0f}; "
+                     f"decoded then purged {f.get('purged_tokens', 0):.0f}")
     return lines
 
 

@@ -51,7 +51,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
         self.abort_fn = abort_fn  # the trainer's own cut, when the gate has not cut already
         self.timeline_path = timeline_path
         self._purged: dict[str, bool] = {}  # finished uid -> purged (finished groups never change)
-        self._purged_this_step = 0
+        self._purged_this_step = self._purged_tokens_this_step = 0
         self._added_this_step = 0
         self._deferred_uids: frozenset[str] = frozenset()  # finished after the last crossing: trained next step
         self.deferred_tokens = 0
@@ -88,6 +88,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
                   if staleness(v, global_steps - 1, self.c3po.max_retention) == "purge"}
         self._purged.update({uid: uid in newly for uid in new})
         self._purged_this_step += len(newly)
+        self._purged_tokens_this_step += sum(self._group_tokens(partition_id, newly).values())
         self._append_timeline(global_steps, [(k, e) for k, e in rows if _uid(k) in newly], True)
         return {uid for uid, purged in self._purged.items() if purged}
 
@@ -131,7 +132,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
         if partition_id == "val":
             return super().sample(global_steps, partition_id, batch_size)
         start = time.time()
-        self._purged_this_step = self._added_this_step = 0
+        self._purged_this_step = self._purged_tokens_this_step = self._added_this_step = 0
         sampleable, metrics = self.wait_for_sampleable(global_steps, partition_id, batch_size)
         if self.abort_fn is not None:
             # Cut now (a no-op pause if the gate already cut), then let requests that completed just before the cut
@@ -173,6 +174,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
         for uid in cannot_wait:  # evicted with the purged groups at the next poll
             self._purged[uid] = True
         self._purged_this_step += len(cannot_wait)
+        self._purged_tokens_this_step += sum(tokens[uid] for uid in cannot_wait)
         self._append_timeline(global_steps, [(k, e) for k, e in extras.items() if _uid(k) in cannot_wait], True)
         self._deferred_uids = frozenset(sampleable - set(uids) - cannot_wait)
         self.deferred_tokens = sum(tokens[uid] for uid in self._deferred_uids)
@@ -211,6 +213,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
             "c3po/trajectories_multi_version": multi_version,
             "c3po/groups_in_flight_at_cut": in_flight,  # carried into the next step (or purged there)
             "c3po/groups_purged": self._purged_this_step,
+            "c3po/purged_tokens": self._purged_tokens_this_step,  # decoded, then purged with their group: wasted
             "c3po/prompts_added": self._added_this_step,  # top-ups while decoding (each replaces a group)
             "c3po/groups_deferred": len(self._deferred_uids),  # finished within the abort's latency: next step
             "c3po/version_lag/mean": sum(k * v for k, v in lag.items()) / lag_tokens,

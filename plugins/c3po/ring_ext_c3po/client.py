@@ -61,6 +61,7 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
             if saved.routed_experts is not None:
                 out.routed_experts = np.asarray(saved.routed_experts)
         restored, cached, step, written, closed = tracker.tokens, None, Next.RESUME, 0, False
+        resubmitted = saved is not None  # a request carried across a restart is resubmitted with its tokens
         while True:
             params[key] = tracker.remaining
             start = time.time()
@@ -76,7 +77,13 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
             out.num_preempted += seg.num_preempted or 0
             out.stop_reason = seg.stop_reason
             cached = seg.extra_fields.get("num_cached_tokens") if cached is None else cached
-            step = tracker.record(seg.extra_fields.get("global_steps"), len(new), seg.stop_reason, start, time.time())
+            end = time.time()
+            step = tracker.record(seg.extra_fields.get("global_steps"), len(new), seg.stop_reason, start, end)
+            if self._gate is not None:  # where the phase's time goes (phase_stats.py); a resubmission re-prefills
+                held = len(out.token_ids) - len(new)  # the prompt and what it already decoded
+                self._gate.segment.remote(start, end, not resubmitted, step is Next.FINISHED,
+                                          len(prompt_ids) + held if resubmitted and held else 0)
+            resubmitted = True
             if step is Next.PURGED:
                 self._mark_purged(pkey)
             if step is not Next.RESUME:

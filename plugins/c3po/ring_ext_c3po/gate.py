@@ -6,6 +6,7 @@ group's tokens when its last sample finished, and at the crossing the gate abort
 trainer resumes generation after the weight sync). The trainer's pool poll (`buffer.py`) still decides the batch
 from TransferQueue and cuts the phase itself if the gate did not (groups restored from a checkpoint, finished in an
 earlier process, are unknown to the gate), so the gate only makes the cut tight; it never decides what is trained.
+The clients also report every segment, from which `phase_stats.PhaseStats` says where the phase's time went.
 """
 
 from __future__ import annotations
@@ -14,24 +15,42 @@ import asyncio
 import time
 from typing import Any
 
+from ring_ext_c3po.phase_stats import PhaseStats
 from ring_ext_c3po.rules import GroupBudget
 
 
 class BudgetGate:
     def __init__(self, group_size: int, token_budget: int, servers: list[Any],
-                 max_retention: int | None = None) -> None:
+                 max_retention: int | None = None, capacity: int = 1) -> None:
         self.budget = GroupBudget(group_size, token_budget, max_retention)
         self.servers = servers  # verl rollout server actor handles (node rank 0 of every replica)
+        self.capacity = capacity  # sequences the engines decode at once: max_num_seqs x replicas
+        self.stats = PhaseStats(capacity)
         self.cut_at: float | None = None
         self.closed = False  # the run is over: clients end their requests at the next cut instead of resubmitting
 
     async def finished(self, group: str, tokens: int, versions: tuple[int, int] | None = None) -> None:
         if self.budget.finish(group, tokens, versions):
             self.cut_at = time.time()
+            if self.stats.cut_at is None:  # the trainer may have cut first
+                self.stats.cut(self.cut_at)
             await asyncio.gather(*[s.abort_all_requests.remote() for s in self.servers])
 
     def purged(self, group: str) -> None:
         self.budget.purge(group)
+
+    def segment(self, start: float, end: float, fresh: bool, finished: bool, reprefill_tokens: int = 0) -> None:
+        self.stats.segment(start, end, fresh=fresh, finished=finished, reprefill_tokens=reprefill_tokens)
+
+    def open(self) -> None:
+        """Generation (re)opened: the phase's clock starts."""
+        self.stats.open(time.time())
+
+    def mark_cut(self) -> None:
+        """The trainer cuts the phase now: its end, where the gate saw no crossing (groups finished in an earlier
+        process, unknown to the gate)."""
+        if self.stats.cut_at is None:
+            self.stats.cut(time.time())
 
     def close(self) -> None:
         self.closed = True
@@ -42,7 +61,9 @@ class BudgetGate:
     def next_phase(self, carried_tokens: int = 0) -> dict[str, float]:
         """Called by the trainer before generation resumes: what this phase's gate saw, then C = the tokens of the
         finished groups the trainer left for the next step (they count first)."""
-        seen = {"c3po/gate_tokens": float(self.budget.tokens), "c3po/gate_cut": float(self.cut_at is not None)}
+        seen = {"c3po/gate_tokens": float(self.budget.tokens), "c3po/gate_cut": float(self.cut_at is not None),
+                **self.stats.summary()}
         self.budget.reset(carried_tokens)
         self.cut_at = None
+        self.stats = PhaseStats(self.capacity)
         return seen

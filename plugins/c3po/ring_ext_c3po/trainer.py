@@ -69,15 +69,22 @@ class C3POTrainer(PPOTrainerColocateAsync):
             max_off_policy_threshold=None, max_off_policy_strategy="drop",
             sampler_kwargs=self.config.trainer.v1.sampler.sampler_kwargs, poll_interval=c3po.poll_interval_s,
             refill_fn=self._add_prompts_to_generate, c3po=c3po, timeline_path=timeline,
-            abort_fn=lambda: self.checkpoint_manager.abort_replicas())
+            abort_fn=self._cut_phase)
+
+    def _cut_phase(self) -> None:
+        """The trainer's own cut, once the pool holds Phi (a no-op pause where the gate already cut)."""
+        if self._gate is not None:
+            ray.get(self._gate.mark_cut.remote())
+        self.checkpoint_manager.abort_replicas()
 
     def get_llm_client(self) -> C3POLLMServerClient:
         if self._gate is None:
             servers = list(self.llm_server_manager.server_handles)
             gate_cls = ray.remote(num_cpus=0)(BudgetGate)
-            self._gate = gate_cls.remote(int(self.config.actor_rollout_ref.rollout.n),
-                                         self.replay_buffer.c3po.token_budget, servers,
-                                         self.replay_buffer.c3po.max_retention)
+            rollout = self.config.actor_rollout_ref.rollout
+            self._gate = gate_cls.remote(int(rollout.n), self.replay_buffer.c3po.token_budget, servers,
+                                         self.replay_buffer.c3po.max_retention,
+                                         int(rollout.max_num_seqs) * len(servers))
         return self.llm_server_manager.get_client(client_cls=C3POLLMServerClient, gate=self._gate)
 
     def fit(self, agent_loop_manager: Any) -> None:
@@ -105,6 +112,8 @@ class C3POTrainer(PPOTrainerColocateAsync):
                        in_flight, time.monotonic() - start)
 
     def on_train_begin(self) -> None:
+        if self._gate is not None:
+            ray.get(self._gate.open.remote())
         self.replay_buffer.top_up()  # Omega groups in flight; restored in-flight groups count towards it
 
     def prepare_step(self) -> dict:
@@ -117,11 +126,14 @@ class C3POTrainer(PPOTrainerColocateAsync):
             seen = ray.get(self._gate.next_phase.remote(self.replay_buffer.deferred_tokens))
             self._pending_sync_metrics = {**(getattr(self, "_pending_sync_metrics", None) or {}), **seen}
         super().on_step_end()
+        if self._gate is not None:  # generation resumed: the next phase's clock starts
+            ray.get(self._gate.open.remote())
 
     def on_validate_end(self) -> None:
         super().on_validate_end()
         if self._gate is not None:  # validation requests went through the same clients: not this budget's
             ray.get(self._gate.next_phase.remote(self.replay_buffer.deferred_tokens))
+            ray.get(self._gate.open.remote())
 
     # a variable batch in whole mini-batches
     def _balance_batch(self, batch: Any, metrics: dict, *args: Any, **kwargs: Any) -> Any:
