@@ -71,8 +71,9 @@ from ring_ext.verl_run import run_main_ppo  # noqa: E402
 
 RESULTS = HERE / "results"
 SAMPLER = Path(__file__).resolve().parent / "fast_poll_sampler.py"
-MODES = ("sync", "colocate_async", "c3po")
-BASELINES = ("sync", "colocate_async")  # each compared with c3po
+MODES = ("sync", "colocate_async", "c3po", "c3po_keep")
+BASELINES = ("sync", "colocate_async")  # each compared with c3po (carry: abort) and c3po_keep (carry: keep)
+C3PO_MODES = {"c3po": "abort", "c3po_keep": "keep"}  # the trainer mode c3po, by its carry knob
 PROMPT_MAX = 64  # the recipe's data.max_prompt_length
 MODEL_POSITIONS = 512  # the tiny model's max_position_embeddings (ring_ext/tiny/model.py): prompt + response
 LOOP_NAME = "lognormal_length"
@@ -126,6 +127,8 @@ def mode_overrides(mode: str, setup: Setup, sigma: float, run_dir: Path, loop_co
         f"actor_rollout_ref.rollout.n={setup.n}", f"actor_rollout_ref.rollout.max_num_seqs={setup.engine_seqs}",
         f"actor_rollout_ref.rollout.agent.agent_loop_config_path={loop_config}",
         f"actor_rollout_ref.rollout.agent.default_agent_loop={LOOP_NAME}",
+        # carry: keep needs it off (keep.py); off for every mode, so all run the same engine
+        "actor_rollout_ref.rollout.enable_prefix_caching=false",
     ]  # fmt: skip
     if setup.positions > MODEL_POSITIONS:  # the same weights with a longer context (built once per workdir)
         common.append(f"actor_rollout_ref.model.path={run_dir.parent.parent / f'model_{setup.positions}'}")
@@ -140,8 +143,8 @@ def mode_overrides(mode: str, setup: Setup, sigma: float, run_dir: Path, loop_co
                 f"trainer.v1.colocate_async.num_warmup_batches={setup.async_prefetch}",
                 f"trainer.v1.sampler.max_off_policy_threshold={setup.retention + 1}",
                 "trainer.v1.sampler.max_off_policy_strategy=drop"]
-    if mode == "c3po":
-        return [*common, "trainer.v1.trainer_mode=c3po", f"trainer.v1.c3po.token_budget={token_budget(setup, sigma)}",
+    if mode in C3PO_MODES:
+        return [*common, "trainer.v1.trainer_mode=c3po", f"trainer.v1.c3po.carry={C3PO_MODES[mode]}", f"trainer.v1.c3po.token_budget={token_budget(setup, sigma)}",
                 f"trainer.v1.c3po.pool_prompts={setup.omega}", f"trainer.v1.c3po.max_retention={setup.retention}"]
     raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
 
@@ -152,7 +155,8 @@ def concurrency(mode: str, overrides: list[str]) -> dict[str, int]:
     Omega; colocate_async: B fresh + the floor(w x B) carried across the last update)."""
     kv = dict(o.split("=", 1) for o in overrides if "=" in o)
     batch = int(kv["data.train_batch_size"])
-    groups = {"sync": batch, "c3po": int(kv.get("trainer.v1.c3po.pool_prompts", 0)),
+    omega = int(kv.get("trainer.v1.c3po.pool_prompts", 0))
+    groups = {"sync": batch, "c3po": omega, "c3po_keep": omega,
               "colocate_async": batch + math.floor(float(kv.get("trainer.v1.colocate_async.num_warmup_batches", 0))
                                                    * batch)}
     return {"engine_seqs": int(kv["actor_rollout_ref.rollout.max_num_seqs"]), "groups_in_flight": groups[mode]}
@@ -171,7 +175,7 @@ def _metric(step: dict, key: str, mode: str) -> float:
 
 
 def trained_tokens(mode: str, step: dict, setup: Setup) -> float:
-    if mode == "c3po":
+    if mode in C3PO_MODES:
         return _metric(step, "c3po/tokens_trained", mode)
     return _metric(step, "response_length/mean", mode) * setup.batch * setup.n  # B groups of n, no padding at dp 1
 
@@ -202,7 +206,7 @@ def summarize(mode: str, steps: list[dict], setup: Setup, warmup: int) -> dict[s
     out["verl_evicted_stale_groups"] = evicted
     if mode == "colocate_async":
         out["verl_drop_rate"] = evicted / (evicted + setup.batch * len(kept))  # dropped / (dropped + trained) groups
-    if mode == "c3po":
+    if mode in C3PO_MODES:
         used = [_metric(s, "c3po/budget_used", mode) for s in kept]
         purged = sum(_metric(s, "c3po/groups_purged", mode) for s in kept)
         trained = sum(_metric(s, "c3po/groups_trained", mode) for s in kept)
@@ -219,13 +223,11 @@ def summarize(mode: str, steps: list[dict], setup: Setup, warmup: int) -> dict[s
 
 
 def ratios(summaries: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """baseline / c3po seconds per trained token, rollout phase and whole step (> 1: c3po faster)."""
-    c3po = summaries.get("c3po")
-    if c3po is None:
-        return {}
-    return {f"{m}/c3po": {"rollout": summaries[m]["gen_s_per_1k_tokens"] / c3po["gen_s_per_1k_tokens"],
-                          "step": summaries[m]["step_s_per_1k_tokens"] / c3po["step_s_per_1k_tokens"]}
-            for m in BASELINES if m in summaries}
+    """baseline / C3PO++ seconds per trained token, rollout phase and whole step (> 1: C3PO++ faster), for each
+    C3PO++ carry mode run: keys `<baseline>/c3po` and `<baseline>/c3po_keep`."""
+    return {f"{m}/{c}": {"rollout": summaries[m]["gen_s_per_1k_tokens"] / summaries[c]["gen_s_per_1k_tokens"],
+                         "step": summaries[m]["step_s_per_1k_tokens"] / summaries[c]["step_s_per_1k_tokens"]}
+            for c in C3PO_MODES if c in summaries for m in BASELINES if m in summaries}
 
 
 def long_context_model(workdir: Path, positions: int) -> Path:
@@ -292,13 +294,15 @@ def table(result: dict) -> str:
              f"{'/c3po roll':>10s} {'/c3po step':>10s}  notes"]
     for dist, res in result["dists"].items():
         for mode in res["modes"]:
+            if mode not in res["summary"] and mode not in res["errors"]:
+                continue  # not run
             if mode in res["errors"]:
                 lines.append(f"{dist:6s} {mode:15s} FAILED: {res['errors'][mode].splitlines()[0][:150]}")
                 continue
             s, r = res["summary"][mode], res["ratios"].get(f"{mode}/c3po", {})
             note = (f"budget_used med {s['budget_used_median']:.2f} max {s['budget_used_max']:.2f}, lag mean "
                     f"{s['version_lag_mean']:.2f} max {s['version_lag_max']:.0f}, purged {s['purge_rate']:.1%}"
-                    if mode == "c3po" else "")
+                    if mode in C3PO_MODES else "")
             if mode == "colocate_async":
                 note = f"dropped stale {s['verl_drop_rate']:.1%} of groups"
             if "verl_staleness_worst_max" in s:
@@ -306,6 +310,9 @@ def table(result: dict) -> str:
             rel = [f"{r[k]:10.2f}" if k in r else f"{'-':>10s}" for k in ("rollout", "step")]
             lines.append(f"{dist:6s} {mode:15s} {s['gen_s_per_1k_tokens']:15.3f} {s['step_s_per_1k_tokens']:13.3f} "
                          f"{s['tokens_per_step_mean']:9.0f} {rel[0]} {rel[1]}  {note}")
+        for key, r in res["ratios"].items():
+            if key.endswith("/c3po_keep"):  # the table's columns are over c3po (carry: abort)
+                lines.append(f"{dist:6s} {key:15s} rollout {r['rollout']:.2f}x, step {r['step']:.2f}x")
         for key, parts in res.get("spread", {}).items():
             if parts["rollout"]["rounds"] > 1:
                 lines.append(f"{dist:6s} {key:15s} over {parts['rollout']['rounds']} rounds: " + "; ".join(
@@ -367,11 +374,12 @@ def spread(rounds: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def regime(result: dict) -> dict[str, Any]:
-    """The issue's layout: ratios.<tail>.<baseline>_over_<carry>.{rollout,step}.{median,min,max} (C3PO++'s only
-    carry mode here is `abort`), and per mode the rollout-phase metrics C3PO++ logs (null where a mode has none)."""
+    """The issue's layout: ratios.<tail>.<baseline>_over_<carry>.{rollout,step}.{median,min,max} (carry: abort for
+    the c3po mode, keep for c3po_keep), and per mode the rollout-phase metrics C3PO++ logs (null where none)."""
     out: dict[str, Any] = {"command": result["command"], "setup": result["setup"], "ratios": {}, "modes": {}}
     for dist, res in result["dists"].items():
-        out["ratios"][dist] = {f"{k.split('/')[0]}_over_abort": v for k, v in res.get("spread", {}).items()}
+        out["ratios"][dist] = {f"{k.split('/')[0]}_over_{C3PO_MODES[k.split('/')[1]]}": v
+                               for k, v in res.get("spread", {}).items()}
         out["modes"][dist] = {m: {k: res["summary"][m].get(k) for k in PHASE_METRICS} for m in res["summary"]}
     return out
 

@@ -109,8 +109,11 @@ def test_modes_differ_only_in_their_own_knobs() -> None:
     # verl's own buffers with C3PO++'s poll interval (verl hard-wires 2 s), through verl's custom-sampler hook
     assert "trainer.v1.sampler.custom_sampler.name=FastPollReplayBuffer" in sets["sync"]
     assert "trainer.v1.sampler.custom_sampler.name=FastPollReplayBufferAsync" in sets["colocate_async"]
-    assert own["c3po"] == {"trainer.v1.trainer_mode", "trainer.v1.c3po.token_budget", "trainer.v1.c3po.pool_prompts",
-                           "trainer.v1.c3po.max_retention"}
+    assert own["c3po"] == own["c3po_keep"] == {
+        "trainer.v1.trainer_mode", "trainer.v1.c3po.token_budget", "trainer.v1.c3po.pool_prompts",
+        "trainer.v1.c3po.max_retention", "trainer.v1.c3po.carry"}
+    assert "trainer.v1.c3po.carry=keep" in sets["c3po_keep"] and "trainer.v1.c3po.carry=abort" in sets["c3po"]
+    assert "actor_rollout_ref.rollout.enable_prefix_caching=false" in shared  # keep needs it: the same for all
 
 
 def test_the_fast_poll_samplers_are_verls_buffers_polling_as_often_as_c3po() -> None:
@@ -144,7 +147,7 @@ def test_overrides_compose_with_verl_config_and_no_unknown_key() -> None:
     for mode in bench.MODES:
         cfg = compose_verl(_overrides(mode))
         assert unknown_keys(cfg) == [], mode
-        assert cfg.trainer.v1.trainer_mode == mode
+        assert cfg.trainer.v1.trainer_mode == ("c3po" if mode in bench.C3PO_MODES else mode)
         assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == "vanilla"
         assert cfg.actor_rollout_ref.actor.use_dynamic_bsz is True
         # the same rollout work: engine log-probs on and verl's in-process weight push in every colocated mode

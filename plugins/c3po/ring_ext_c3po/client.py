@@ -22,6 +22,7 @@ from verl.utils import normalize_token_ids
 from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient, LLMServerClient
 from verl.workers.rollout.replica import TokenOutput
 
+from ring_ext_c3po.keep import SWITCHES, split_at_switches
 from ring_ext_c3po.partials import Partial, PartialSpool, prompt_key
 from ring_ext_c3po.resume import Next, ResumeTracker
 from ring_ext_c3po.rules import C3POConfig
@@ -68,6 +69,7 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
             seg = await LLMServerClient.generate(self, request_id=request_id, prompt_ids=prompt_ids + out.token_ids,
                                                  sampling_params=params, **kwargs)
             new = list(seg.token_ids)
+            held = len(out.token_ids)  # what the request was (re)submitted with beyond its prompt
             out.token_ids.extend(new)
             if seg.log_probs is not None:
                 out.log_probs.extend(seg.log_probs)
@@ -78,9 +80,17 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
             out.stop_reason = seg.stop_reason
             cached = seg.extra_fields.get("num_cached_tokens") if cached is None else cached
             end = time.time()
-            step = tracker.record(seg.extra_fields.get("global_steps"), len(new), seg.stop_reason, start, end)
+            # carry: keep -- the engine kept this request across syncs: a piece per version (keep.py)
+            pieces = split_at_switches(len(new), seg.extra_fields.get("global_steps"), seg.extra_fields.get(SWITCHES),
+                                       start, end)
+            for version, tokens, a, b in pieces[:-1]:
+                step = tracker.record(version, tokens, "abort", a, b)  # a sync it was kept across counts as a cut
+                if step is not Next.RESUME:
+                    del out.token_ids[tracker.tokens:], out.log_probs[tracker.tokens:]  # past the bound: dropped
+                    break
+            else:
+                step = tracker.record(pieces[-1][0], pieces[-1][1], seg.stop_reason, pieces[-1][2], end)
             if self._gate is not None:  # where the phase's time goes (phase_stats.py); a resubmission re-prefills
-                held = len(out.token_ids) - len(new)  # the prompt and what it already decoded
                 self._gate.segment.remote(start, end, not resubmitted, step is Next.FINISHED,
                                           len(prompt_ids) + held if resubmitted and held else 0)
             resubmitted = True

@@ -1,9 +1,9 @@
 """The budget gate: a small Ray actor that cuts the rollout phase at the completion that crosses Phi.
 
 Where it sits: every C3PO++ client reports each finished (or purged) request here; `rules.GroupBudget` counts a
-group's tokens when its last sample finished, and at the crossing the gate aborts every rollout server at once
+group's tokens when its last sample finished, and at the crossing the gate stops every rollout server at once
 (verl's `abort_all_requests`: in-flight requests return their partial tokens, new ones are parked until the
-trainer resumes generation after the weight sync). The trainer's pool poll (`buffer.py`) still decides the batch
+trainer resumes generation after the weight sync; with `carry: keep` the engines pause keeping them, keep.py). The trainer's pool poll (`buffer.py`) still decides the batch
 from TransferQueue and cuts the phase itself if the gate did not (groups restored from a checkpoint, finished in an
 earlier process, are unknown to the gate), so the gate only makes the cut tight; it never decides what is trained.
 The clients also report every segment, from which `phase_stats.PhaseStats` says where the phase's time went.
@@ -21,10 +21,11 @@ from ring_ext_c3po.rules import GroupBudget
 
 class BudgetGate:
     def __init__(self, group_size: int, token_budget: int, servers: list[Any],
-                 max_retention: int | None = None, capacity: int = 1) -> None:
+                 max_retention: int | None = None, capacity: int = 1, carry: str = "abort") -> None:
         self.budget = GroupBudget(group_size, token_budget, max_retention)
         self.servers = servers  # verl rollout server actor handles (node rank 0 of every replica)
         self.capacity = capacity  # sequences the engines decode at once: max_num_seqs x replicas
+        self.carry, self.max_retention = carry, max_retention  # keep: the cut pauses keeping requests (keep.py)
         self.stats = PhaseStats(capacity)
         self.cut_at: float | None = None
         self.closed = False  # the run is over: clients end their requests at the next cut instead of resubmitting
@@ -34,7 +35,8 @@ class BudgetGate:
             self.cut_at = time.time()
             if self.stats.cut_at is None:  # the trainer may have cut first
                 self.stats.cut(self.cut_at)
-            await asyncio.gather(*[s.abort_all_requests.remote() for s in self.servers])
+            await asyncio.gather(*[s.abort_all_requests.remote(carry=self.carry, max_retention=self.max_retention)
+                                   for s in self.servers])
 
     def purged(self, group: str) -> None:
         self.budget.purge(group)

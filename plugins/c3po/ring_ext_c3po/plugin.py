@@ -36,6 +36,17 @@ def check_c3po_config(config: Any) -> None:
             f"trainer.v1.trainer_mode=c3po on {config.trainer.nnodes} nodes: the rollout clients spool partial "
             f"trajectories under trainer.default_local_dir={config.trainer.default_local_dir!r}, a relative path each "
             "node resolves on its own disk; give an absolute path on a file system every node mounts")
+    if c3po.carry == "keep":
+        if rollout.enable_prefix_caching:
+            raise ValueError(
+                "trainer.v1.c3po.carry=keep reuses the kept requests' KV cache across weight updates; with the prefix "
+                "cache on, new requests would also reuse blocks the old weights computed, and vLLM cannot reset it "
+                "while the kept requests hold blocks: set actor_rollout_ref.rollout.enable_prefix_caching=false")
+        if rollout.free_cache_engine:
+            raise ValueError(
+                "trainer.v1.c3po.carry=keep holds the requests and their KV cache in the engine while the trainer "
+                "trains; sleeping the engine (rollout.free_cache_engine=true) would discard them: set "
+                "actor_rollout_ref.rollout.free_cache_engine=false, or use carry=abort")
     logger.warning("ring-ext: C3PO++ partial rollouts on: %s, rollout.n=%s, max_response_length=%s",
                    c3po.describe(), rollout.n, rollout.response_length)
 
@@ -52,6 +63,18 @@ def ring_ext_register(registrar: Registrar) -> None:
         "purged_samples_not_scored",
         "verl/experimental/agent_loop/agent_loop.py AgentLoopWorker._compute_score scores every sample; a C3PO++ "
         "sample purged at a cut (its group is evicted unread) gets reward 0 without the reward call")
+    server = "verl.workers.rollout.vllm_rollout.vllm_async_server:vLLMHttpServer"
+    for method, wrap, name, why in (
+            ("abort_all_requests", "pause_keeping_requests", "cut_keeps_requests",
+             "a cut under trainer.v1.c3po.carry=keep pauses the engine keeping its requests and KV cache instead of "
+             "verl's abort (without carry=keep: verl's abort, unchanged)"),
+            ("set_global_steps", "record_switches", "weight_version_switch_points",
+             "with carry=keep a request spans weight versions inside the engine: each sync records how many tokens "
+             "every kept request decoded under the old version"),
+            ("generate", "report_switches", "switch_points_returned",
+             "the switch points go back with the request, so its tokens get their versions")):
+        registrar.patch(f"{server}.{method}", f"ring_ext_c3po.keep:{wrap}", name,
+                        f"verl/workers/rollout/vllm_rollout/vllm_async_server.py vLLMHttpServer.{method}: {why}")
     registrar.patch(
         "verl.trainer.ppo.padding_utils:construct_minimal_padding_template",
         "ring_ext_c3po.padding:lag_cut_to_the_padding_row",

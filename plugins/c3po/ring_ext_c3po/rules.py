@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 from ring_ext.knobs import check_knobs, from_mapping, knob
 
@@ -45,6 +45,7 @@ class C3POConfig:
     pool_prompts: int = knob(8, ge=1)  # Omega: prompt groups in flight (each is rollout.n requests)
     poll_interval_s: float = knob(0.05, gt=0)  # how often the trainer reads the pools while the engine decodes
     stall_timeout_s: float = knob(600.0, gt=0)  # no request finished for this long, budget unmet: an error
+    carry: Literal["abort", "keep"] = "abort"  # at a cut: abort and resubmit, or pause keeping requests (keep.py)
     timeline: bool = True  # append each trained/purged request's segments to <default_local_dir>/c3po_timeline.jsonl
     timeline_tokens: bool = False  # the timeline also holds each trained request's token ids and rollout log-probs
 
@@ -78,7 +79,7 @@ class C3POConfig:
 
     def describe(self) -> str:
         return (f"token_budget(Phi)={self.token_budget} pool_prompts(Omega)={self.pool_prompts} "
-                f"max_retention(sigma)={self.max_retention}")
+                f"max_retention(sigma)={self.max_retention} carry={self.carry}")
 
 
 def budget_reached(tokens: int, token_budget: int) -> bool:

@@ -75,7 +75,21 @@ class C3POTrainer(PPOTrainerColocateAsync):
         """The trainer's own cut, once the pool holds Phi (a no-op pause where the gate already cut)."""
         if self._gate is not None:
             ray.get(self._gate.mark_cut.remote())
-        self.checkpoint_manager.abort_replicas()
+        c3po = self.replay_buffer.c3po
+        if c3po.carry == "keep":  # pause keeping requests and KV cache (keep.py), on every replica
+            ray.get([s.abort_all_requests.remote(carry="keep", max_retention=c3po.max_retention)
+                     for s in self.llm_server_manager.server_handles])
+        else:
+            self.checkpoint_manager.abort_replicas()
+
+    def on_sample_end(self) -> None:
+        """carry: keep -- the engines stay paused with their requests through training and the in-place sync;
+        verl's abort and sleep (which would drop the requests and wait for them to drain) are not run."""
+        if self.replay_buffer.c3po.carry != "keep":
+            return super().on_sample_end()
+        self._cut_phase()
+        if self.curr_step_profile:
+            self._stop_rollout_profiling()
 
     def get_llm_client(self) -> C3POLLMServerClient:
         if self._gate is None:
@@ -84,7 +98,7 @@ class C3POTrainer(PPOTrainerColocateAsync):
             rollout = self.config.actor_rollout_ref.rollout
             self._gate = gate_cls.remote(int(rollout.n), self.replay_buffer.c3po.token_budget, servers,
                                          self.replay_buffer.c3po.max_retention,
-                                         int(rollout.max_num_seqs) * len(servers))
+                                         int(rollout.max_num_seqs) * len(servers), self.replay_buffer.c3po.carry)
         return self.llm_server_manager.get_client(client_cls=C3POLLMServerClient, gate=self._gate)
 
     def fit(self, agent_loop_manager: Any) -> None:

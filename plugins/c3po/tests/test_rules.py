@@ -26,7 +26,9 @@ def test_config_defaults_and_describe() -> None:
     c = C3POConfig.from_mapping({"token_budget": 512})
     assert (c.token_budget, c.max_retention, c.pool_prompts) == (512, 1, 8)
     assert (c.poll_interval_s, c.stall_timeout_s, c.timeline) == (0.05, 600.0, True)
-    assert c.describe() == "token_budget(Phi)=512 pool_prompts(Omega)=8 max_retention(sigma)=1"
+    assert c.describe() == "token_budget(Phi)=512 pool_prompts(Omega)=8 max_retention(sigma)=1 carry=abort"
+    with pytest.raises(ValueError, match="carry"):
+        C3POConfig.from_mapping({"token_budget": 4, "carry": "drop"})  # abort or keep only
     assert C3POConfig.from_mapping({"token_budget": 4, "max_retention": 0, "pool_prompts": 1}).max_retention == 0
 
 
