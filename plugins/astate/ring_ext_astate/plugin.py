@@ -14,21 +14,32 @@ from ring_ext.hookspecs import hookimpl
 from ring_ext.registrar import Registrar
 
 logger = logging.getLogger("ring_ext")
+SETTING = "actor_rollout_ref.rollout.engine_kwargs.vllm.weight_transfer_config"
 
 
 def check_inplace_config(config: Any) -> None:
-    """In the driver: the in-place options parse, and the start-up log says which sync runs."""
+    """In the driver: the in-place options parse, astate is not asked for where it cannot run, and the start-up
+    log says which sync runs, and why when it is verl's copy."""
+    from ring_ext.device import training_device
     from ring_ext_astate.adapter import InPlaceOptions, in_place
+    from ring_ext_astate.support import unavailable
 
     rollout = config.actor_rollout_ref.rollout
     options = InPlaceOptions.from_rollout_config(rollout)
+    why_not = unavailable(training_device()) if rollout.name == "vllm" else f"rollout.name={rollout.name}"
     if not in_place(rollout):
         if rollout.checkpoint_engine.get("engine_kwargs", {}).get("astate_inplace"):
             logger.warning("ring-ext: checkpoint_engine.engine_kwargs.astate_inplace is set but vLLM's "
                            "weight_transfer_config.backend is not astate: the in-place options are not used")
+        logger.warning("ring-ext: weight sync = verl's copy (ServerAdapter.update_weights: buckets into the vLLM "
+                       "worker's load_weights), not astate in place: %s", why_not or (
+                           f"{SETTING} is not {{backend: astate}}, as set (astate can run here)"))
         return
     if rollout.name != "vllm":
         raise ValueError(f"astate's in-place sync writes into vLLM's parameters; rollout.name={rollout.name}")
+    if why_not is not None:
+        raise ValueError(f"{SETTING}.backend=astate, but astate's in-place sync cannot run here: {why_not}. "
+                         f"Set {SETTING}=null (verl's copy)")
     logger.warning("ring-ext: weight sync in place through astate into every vLLM worker's parameters: %s", options)
 
 
