@@ -20,6 +20,7 @@ block the old weights computed, and vLLM cannot reset the cache while the kept r
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
@@ -54,6 +55,9 @@ def pause_keeping_requests(original: Any) -> Any:
             await self.engine.abort(over, internal=True)
         return {"aborted_count": len(over), "request_ids": over, "kept": len(states) - len(over)}
 
+    # its own signature, not the wrapped one's (which `__wrapped__` would give): Ray checks a call's arguments
+    # against it, and `carry` / `max_retention` are new
+    abort_all_requests.__signature__ = inspect.signature(abort_all_requests)  # type: ignore[attr-defined]
     return abort_all_requests
 
 

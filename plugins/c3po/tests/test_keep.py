@@ -34,3 +34,22 @@ def test_the_client_records_kept_pieces_as_cuts_and_purges_past_sigma() -> None:
     over = ResumeTracker(max_response_length=64, max_retention=1)
     kept_twice = split_at_switches(9, 5, [[3, 2, 10.0], [4, 5, 12.0]], 1.0, 20.0)
     assert [over.record(v, n, "abort", a, b) for v, n, a, b in kept_twice[:-1]] == [Next.RESUME, Next.PURGED]
+
+
+def test_the_patched_abort_shows_ray_its_new_arguments() -> None:
+    """Ray validates an actor call against the method's signature, which inspect takes from `__wrapped__` unless the
+    wrapper states its own: verl's abort_all_requests with carry/max_retention must pass, with the patch applied as
+    the plugin applies it."""
+    import inspect
+
+    from ring_ext.patching import patch_once
+    from ring_ext_c3po.keep import pause_keeping_requests
+
+    class Server:
+        async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False) -> dict:
+            return {}
+
+    patch_once(Server, "abort_all_requests", pause_keeping_requests)
+    sig = inspect.signature(Server.abort_all_requests)
+    sig.bind(Server(), carry="keep", max_retention=1)  # raises TypeError without the wrapper's own signature
+    assert inspect.unwrap(Server.abort_all_requests).__name__ == "abort_all_requests"  # still traceable
