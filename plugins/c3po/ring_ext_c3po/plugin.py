@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from ring_ext.hookspecs import hookimpl
+from ring_ext.patching import after_import, resolve
 from ring_ext.registrar import Registrar
 
 logger = logging.getLogger("ring_ext")
@@ -63,18 +64,19 @@ def ring_ext_register(registrar: Registrar) -> None:
         "purged_samples_not_scored",
         "verl/experimental/agent_loop/agent_loop.py AgentLoopWorker._compute_score scores every sample; a C3PO++ "
         "sample purged at a cut (its group is evicted unread) gets reward 0 without the reward call")
-    server = "verl.workers.rollout.vllm_rollout.vllm_async_server:vLLMHttpServer"
+    module = "verl.workers.rollout.vllm_rollout.vllm_async_server"
+    after_import(module, resolve("ring_ext_c3po.keep:install"))
+    registrar.workaround("cut_keeps_requests", f"{module.replace('.', '/')}.py vLLMHttpServer gains "
+                         "pause_keeping_requests: the cut under trainer.v1.c3po.carry=keep pauses the engine keeping "
+                         "its requests and KV cache instead of verl's abort_all_requests")
     for method, wrap, name, why in (
-            ("abort_all_requests", "pause_keeping_requests", "cut_keeps_requests",
-             "a cut under trainer.v1.c3po.carry=keep pauses the engine keeping its requests and KV cache instead of "
-             "verl's abort (without carry=keep: verl's abort, unchanged)"),
             ("set_global_steps", "record_switches", "weight_version_switch_points",
              "with carry=keep a request spans weight versions inside the engine: each sync records how many tokens "
              "every kept request decoded under the old version"),
             ("generate", "report_switches", "switch_points_returned",
              "the switch points go back with the request, so its tokens get their versions")):
-        registrar.patch(f"{server}.{method}", f"ring_ext_c3po.keep:{wrap}", name,
-                        f"verl/workers/rollout/vllm_rollout/vllm_async_server.py vLLMHttpServer.{method}: {why}")
+        registrar.patch(f"{module}:vLLMHttpServer.{method}", f"ring_ext_c3po.keep:{wrap}", name,
+                        f"{module.replace('.', '/')}.py vLLMHttpServer.{method}: {why}")
     registrar.patch(
         "verl.trainer.ppo.padding_utils:construct_minimal_padding_template",
         "ring_ext_c3po.padding:lag_cut_to_the_padding_row",

@@ -77,7 +77,7 @@ class C3POTrainer(PPOTrainerColocateAsync):
             ray.get(self._gate.mark_cut.remote())
         c3po = self.replay_buffer.c3po
         if c3po.carry == "keep":  # pause keeping requests and KV cache (keep.py), on every replica
-            ray.get([s.abort_all_requests.remote(carry="keep", max_retention=c3po.max_retention)
+            ray.get([s.pause_keeping_requests.remote(c3po.max_retention)
                      for s in self.llm_server_manager.server_handles])
         else:
             self.checkpoint_manager.abort_replicas()

@@ -36,20 +36,14 @@ def test_the_client_records_kept_pieces_as_cuts_and_purges_past_sigma() -> None:
     assert [over.record(v, n, "abort", a, b) for v, n, a, b in kept_twice[:-1]] == [Next.RESUME, Next.PURGED]
 
 
-def test_the_patched_abort_shows_ray_its_new_arguments() -> None:
-    """Ray validates an actor call against the method's signature, which inspect takes from `__wrapped__` unless the
-    wrapper states its own: verl's abort_all_requests with carry/max_retention must pass, with the patch applied as
-    the plugin applies it."""
+def test_the_keep_cut_is_a_method_of_verls_server_with_its_own_signature() -> None:
+    """Ray reads an actor method's signature through inspect.unwrap, so a wrapper with new arguments would be
+    called with the original's: the keep cut is a method of its own on verl's real server class."""
     import inspect
 
-    from ring_ext.patching import patch_once
-    from ring_ext_c3po.keep import pause_keeping_requests
+    import verl  # noqa: F401  (loads the plugins)
+    from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer
 
-    class Server:
-        async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False) -> dict:
-            return {}
-
-    patch_once(Server, "abort_all_requests", pause_keeping_requests)
-    sig = inspect.signature(Server.abort_all_requests)
-    sig.bind(Server(), carry="keep", max_retention=1)  # raises TypeError without the wrapper's own signature
-    assert inspect.unwrap(Server.abort_all_requests).__name__ == "abort_all_requests"  # still traceable
+    method = inspect.unwrap(vLLMHttpServer.pause_keeping_requests)
+    assert list(inspect.signature(method).parameters) == ["self", "max_retention"]
+    assert "carry" not in inspect.signature(inspect.unwrap(vLLMHttpServer.abort_all_requests)).parameters
