@@ -8,7 +8,8 @@ What it runs: verl's unchanged `python -m verl.trainer.main_ppo` once per (lengt
                   trainer.v1.colocate_async.num_warmup_batches=--async-prefetch (1), and
                   trainer.v1.sampler.max_off_policy_threshold=--retention + 1 (2) with strategy drop
   c3po            the recipe's loop, trainer.v1.trainer_mode=c3po: Omega = B groups in flight, topped up while the
-                  engine decodes, cut at the token budget Phi, sigma = --retention (1)
+                  engine decodes, cut at the token budget Phi, sigma = --retention (1); carry=abort
+  c3po_keep       the same with carry=keep: the cut pauses the engine keeping its requests (no re-prefill)
 Every request decodes exactly L tokens (benchmarks/c3po_length_loop.py: ignore_eos, max_tokens=L), L log-normal
 with median --median, sigma 1.0 (`heavy`) or 0.25 (`light`), clipped to [1, --max-len], L a hash of
 (--seed, dataset row, sample index in the group): a row decodes the same lengths in every mode.
@@ -44,7 +45,9 @@ Measured (skipping --warmup leading steps): rollout seconds (verl's timing_s/gen
 per step of each mode, c3po's budget use (median, max), version lag (mean, max) and purge rate, verl's off-policy
 metrics (trajectory staleness, evicted groups). Writes <--out>.json and <--out>.png, prints a table.
 
-    python benchmarks/bench_c3po_vllm.py                  # 3 modes x 2 distributions: ~35-45 min on 2 cores
+    python benchmarks/bench_c3po_vllm.py                  # 4 modes x 2 distributions: ~45-60 min on 2 cores
+    python benchmarks/bench_c3po_vllm.py --median 32 --max-len 1024 --heavy-sigma 1.75 --batch 16 --steps 10 \
+        --rounds 3 --regime-out benchmarks/results/c3po_regime.json   # the paper-like regime, interleaved repeats
     python benchmarks/bench_c3po_vllm.py --dist heavy --modes sync c3po --steps 5 --warmup 1   # ~12 min
 Each run spends ~2.5 min starting Ray, TransferQueue and vLLM; logs stay in --workdir (a fresh /tmp folder).
 """
@@ -414,9 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         res["ratios"], res["spread"] = ratios(res["summary"]), spread(res["rounds"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
-    if args.regime_out:
-        args.regime_out.write_text(json.dumps(regime(result), indent=2))
     plot(result, args.out.with_suffix(".png"))
+    if args.regime_out:  # the summary layout, with the same figure beside it
+        args.regime_out.write_text(json.dumps(regime(result), indent=2))
+        plot(result, args.regime_out.with_suffix(".png"))
     print(table(result))
     print(f"wrote {args.out.with_suffix('.json')} and .png")
     return 1 if any(r["errors"] for r in result["dists"].values()) else 0
