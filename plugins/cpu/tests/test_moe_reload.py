@@ -123,9 +123,15 @@ def test_moe_in_place_syncs_equal_a_fresh_engine(moe: dict, tmp_path: Path) -> N
     sender.close()
 
 
+def _expert_addresses(worker) -> list[int]:
+    return [p.data_ptr() for n, p in worker.model_runner.get_model().named_parameters() if ".experts." in n]
+
+
 def test_moe_log_probs_after_verls_push_equal_a_fresh_engines(moe: dict) -> None:
     llm = moe["llm"]
+    addresses = llm.collective_rpc(_expert_addresses)
     _verl_push(llm, moe["a"])  # the first checkpoint's weights: a fresh engine's outputs on them
     assert _greedy(llm) == moe["same"]
     _verl_push(llm, moe["moved"])
     assert _greedy(llm) == moe["reference"]  # tokens and log-probs, bit for bit
+    assert llm.collective_rpc(_expert_addresses) == addresses  # the repacked stacks stay in their parameters
