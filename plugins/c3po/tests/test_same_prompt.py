@@ -34,7 +34,6 @@ from ring_ext_c3po.gate import BudgetGate  # noqa: E402
 from ring_ext_c3po.partials import prompt_key  # noqa: E402
 
 PROMPT, G = [5, 6, 7], 2  # one prompt, two samples per group
-KEYED_BY_PROMPT = pytest.mark.xfail(strict=True, reason="the gate, purge marks and spool key a group by its prompt")
 
 
 class Remote:
@@ -190,7 +189,6 @@ def test_the_plugin_wraps_verl_s_agent_loop_runner_and_ray_can_ship_it():
     ray.cloudpickle.dumps(agent_loop_tq.AgentLoopWorkerTQ.__ray_metadata__.modified_class)
 
 
-@KEYED_BY_PROMPT
 def test_two_groups_of_one_prompt_count_towards_the_budget_apart(tmp_path, _no_transfer_queue):
     """Phi = 8, G = 2. One sample of each group finishes (5 tokens each): neither group is whole, C stays 0 and the
     gate does not cut (keyed by prompt they made one "group" of 10 tokens and cut the phase). Group A's second
@@ -218,7 +216,6 @@ def test_two_groups_of_one_prompt_count_towards_the_budget_apart(tmp_path, _no_t
                                           ("uid-b", "finished"), ("uid-b", "running")]
 
 
-@KEYED_BY_PROMPT
 def test_a_purge_in_one_group_leaves_the_other_group_of_the_prompt_decoding(tmp_path):
     """sigma = 0. All four samples in flight, the abort cuts them: A's session 0 held 3 tokens and is purged, the
     others held none and resume. A's session 1 stops with its group; B's two samples decode on and finish, and the
@@ -244,7 +241,6 @@ def test_a_purge_in_one_group_leaves_the_other_group_of_the_prompt_decoding(tmp_
     asyncio.run(scenario())
 
 
-@KEYED_BY_PROMPT
 def test_after_a_restart_each_request_resumes_its_own_partial(tmp_path):
     """Groups A and B of one prompt are cut mid-decode: A's session 0 holds 5 tokens, B's session 1 holds 2, the
     others none. The trainer's checkpoint snapshots the spool and the process stops. On resume verl re-issues both
@@ -288,7 +284,6 @@ def test_after_a_restart_each_request_resumes_its_own_partial(tmp_path):
     assert spool_for(config).unclaimed() == 0
 
 
-@KEYED_BY_PROMPT
 def test_outside_verl_s_agent_loop_the_client_keys_by_prompt_and_warns_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(identity, "_warned", False)
     config = _config(tmp_path, 1, 100)
