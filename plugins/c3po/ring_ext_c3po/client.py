@@ -4,7 +4,8 @@ Where it sits: verl's agent loop calls `generate()` per sample; a weight sync ab
 this client resubmits prompt + tokens so far under the new weights, asking for the remaining budget only
 (`rules.resume_budget`), recording the weight version of every segment (`extra_fields["c3po_segments"]`:
 [version, tokens, start_s, end_s]) and purging a request carried more than sigma updates (`rules.after_cut`).
-A purged sample's siblings stop at their next resume: a group is trained whole or not at all.
+A purged sample's siblings stop at their next resume: a group is trained whole or not at all. A group is verl's uid
+(`identity.py`), as in the trainer's pool: two groups of one prompt in flight never share counts, purges or partials.
 Each finished request is reported to the budget gate (`gate.py`), which cuts the phase at the crossing completion.
 Each request cut short is spooled (`partials.PartialSpool`) so a checkpoint can carry it across a restart.
 """
@@ -22,6 +23,7 @@ from verl.utils import normalize_token_ids
 from verl.workers.rollout.llm_server import FullyAsyncLLMServerClient, LLMServerClient
 from verl.workers.rollout.replica import TokenOutput
 
+from ring_ext_c3po.identity import request_identity
 from ring_ext_c3po.keep import SWITCHES, split_at_switches
 from ring_ext_c3po.partials import Partial, PartialSpool, prompt_key
 from ring_ext_c3po.resume import Next, ResumeTracker
@@ -41,7 +43,7 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
         super().__init__(*args, **kwargs)
         self._gate = gate  # gate.BudgetGate actor handle; None: the trainer's poll alone cuts the phase
         self._c3po, self._spool = C3POConfig.from_trainer_config(self.config), spool_for(self.config)
-        self._purged_at: dict[str, float] = {}  # prompt key -> wall clock of the cut that purged one of its samples
+        self._purged_at: dict[str, float] = {}  # group -> wall clock of the cut that purged one of its samples
 
     async def generate(self, request_id, *, prompt_ids, sampling_params: dict[str, Any], **kwargs: Any) -> TokenOutput:
         prompt_ids = normalize_token_ids(prompt_ids)
@@ -51,10 +53,12 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
         if limit is None:
             raise ValueError("C3PO++ needs a response budget: set actor_rollout_ref.rollout.response_length")
         limit, sigma, pkey = int(limit), self._c3po.max_retention, prompt_key(prompt_ids)
+        group, session = request_identity(pkey)  # verl's uid and session id (the prompt key outside the agent loop)
+        ident = (group, session, pkey)  # what the spool keys this request's partial by
         spool_id = uuid.uuid4().hex  # request ids repeat under rollout.full_determinism ("det-<priority>")
         tracker = ResumeTracker(limit, sigma)
         out = TokenOutput(token_ids=[], log_probs=[], num_preempted=0)
-        saved = self._spool.claim(pkey)  # a partial of this prompt carried across a restart
+        saved = self._spool.claim(group, session, pkey)  # this request's partial carried across a restart
         if saved is not None:
             saved.check(limit, sigma)
             tracker = ResumeTracker.resumed(limit, sigma, saved.segments, saved.retention)
@@ -95,27 +99,27 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
                                           len(prompt_ids) + held if resubmitted and held else 0)
             resubmitted = True
             if step is Next.PURGED:
-                self._mark_purged(pkey)
+                self._mark_purged(group)
             if step is not Next.RESUME:
                 break
             await asyncio.sleep(RESUME_WAIT_S)
-            if self._purged_at.get(pkey, 0.0) >= start:  # a sibling cut at the same abort was purged
+            if self._purged_at.get(group, 0.0) >= start:  # a sibling cut at the same abort was purged
                 step = tracker.outcome = Next.PURGED
                 break
             if self._gate is not None and await self._gate.is_closed.remote():  # the run ended: nothing trains it
                 step, closed = Next.PURGED, True
                 break
             if tracker.tokens:  # append-only: what was decoded since the last cut
-                written = await asyncio.to_thread(self._spool.append, spool_id, self._partial(pkey, out, tracker),
+                written = await asyncio.to_thread(self._spool.append, spool_id, self._partial(ident, out, tracker),
                                                   written)
         await asyncio.to_thread(self._spool.drop, spool_id)
         versions = [s.version for s in tracker.segments]
         if self._gate is not None and not closed:  # fire and forget: the gate cuts when this crosses the budget
             if step is Next.FINISHED:
-                self._gate.finished.remote(pkey, len(out.token_ids),
+                self._gate.finished.remote(group, len(out.token_ids),
                                            (min(versions), max(versions)) if versions else None)
             else:
-                self._gate.purged.remote(pkey)
+                self._gate.purged.remote(group)
         out.extra_fields.update(
             global_steps=versions[-1] if versions else None, min_global_steps=min(versions, default=None),
             max_global_steps=max(versions, default=None), num_cached_tokens=cached,
@@ -125,18 +129,18 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
             out.stop_reason = "length"
         return out
 
-    def _mark_purged(self, pkey: str) -> None:
+    def _mark_purged(self, group: str) -> None:
         now = time.time()
         self._purged_at = {k: t for k, t in self._purged_at.items() if now - t < PURGE_MEMORY_S}
-        self._purged_at[pkey] = now
+        self._purged_at[group] = now
 
     @staticmethod
-    def _partial(pkey: str, out: TokenOutput, tracker: ResumeTracker) -> Partial:
+    def _partial(identity: tuple[str, str | None, str], out: TokenOutput, tracker: ResumeTracker) -> Partial:
         log_probs = [float(x) for x in out.log_probs] if len(out.log_probs) == len(out.token_ids) else None
         routed = None if out.routed_experts is None else np.asarray(out.routed_experts).tolist()
         routed = routed if routed is not None and len(routed) == len(out.token_ids) else None  # misaligned: none
-        return Partial(pkey, [int(t) for t in out.token_ids], log_probs, [s.to_list() for s in tracker.segments],
-                       tracker.retention, routed)
+        return Partial(*identity, [int(t) for t in out.token_ids], log_probs,
+                       [s.to_list() for s in tracker.segments], tracker.retention, routed)
 
 
 def skip_scoring_purged(original: Any) -> Any:

@@ -1,10 +1,11 @@
 """The budget gate: a small Ray actor that cuts the rollout phase at the completion that crosses Phi.
 
-Where it sits: every C3PO++ client reports each finished (or purged) request here; `rules.GroupBudget` counts a
-group's tokens when its last sample finished, and at the crossing the gate stops every rollout server at once
-(verl's `abort_all_requests`: in-flight requests return their partial tokens, new ones are parked until the
-trainer resumes generation after the weight sync; with `carry: keep` the engines pause keeping them, keep.py). The trainer's pool poll (`buffer.py`) still decides the batch
-from TransferQueue and cuts the phase itself if the gate did not (groups restored from a checkpoint, finished in an
+Where it sits: every C3PO++ client reports each finished (or purged) request here by its group (verl's uid,
+`identity.py`); `rules.GroupBudget` counts a group's tokens when its last sample finished, and at the crossing the
+gate stops every rollout server at once (verl's `abort_all_requests`: in-flight requests return their partial
+tokens, new ones are parked until the trainer resumes generation after the weight sync; with `carry: keep` the
+engines pause keeping them, keep.py). The trainer's pool poll (`buffer.py`) still decides the batch from
+TransferQueue and cuts the phase itself if the gate did not (groups restored from a checkpoint, finished in an
 earlier process, are unknown to the gate), so the gate only makes the cut tight; it never decides what is trained.
 The clients also report every segment, from which `phase_stats.PhaseStats` says where the phase's time went.
 """

@@ -78,6 +78,13 @@ def ring_ext_register(registrar: Registrar) -> None:
         registrar.patch(f"{module}:vLLMHttpServer.{method}", f"ring_ext_c3po.keep:{wrap}", name,
                         f"{module.replace('.', '/')}.py vLLMHttpServer.{method}: {why}")
     registrar.patch(
+        "verl.experimental.agent_loop.agent_loop:AgentLoopWorker._run_agent_loop",
+        "ring_ext_c3po.identity:identify_requests",
+        "rollout_request_knows_its_uid",
+        "verl/experimental/agent_loop/agent_loop.py AgentLoopWorker._run_agent_loop gets the sample's uid and "
+        "session id but the LLM client's generate() does not; C3PO++ keys a group by its uid (two groups of one "
+        "prompt can be in flight), so the wrapper puts them in a context variable the client reads")
+    registrar.patch(
         "verl.trainer.ppo.padding_utils:construct_minimal_padding_template",
         "ring_ext_c3po.padding:lag_cut_to_the_padding_row",
         "padding_row_lag_cut_to_one_token",

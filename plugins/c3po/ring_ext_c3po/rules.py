@@ -150,9 +150,10 @@ def mini_batches(groups: int, mini_batch_groups: int) -> int:
 class GroupBudget:
     """C of Algorithm 1, counted at completion events: a group's tokens count once its last sample finished.
 
-    Groups are keyed by any hashable (the scheduler's stream position; the verl gate's prompt key, where a key
-    seen twice in flight is counted as two groups of G). `reset()` starts a phase: C = what finished but was not
-    trained; unfinished groups keep their finished samples' tokens (they count in the phase that completes them)."""
+    Groups are keyed by any hashable that names one group of G (the scheduler's stream position; in verl, the
+    prompt's uid: a key shared by two groups in flight would merge their counts and purges). `reset()` starts a
+    phase: C = what finished but was not trained; unfinished groups keep their finished samples' tokens (they count
+    in the phase that completes them)."""
 
     def __init__(self, group_size: int, token_budget: int, max_retention: int | None = None) -> None:
         if group_size < 1 or token_budget < 1:

@@ -179,9 +179,13 @@ def test_partial_trajectories_resume_token_by_token_after_the_restart(run: dict)
     saved = run["partials"]
     assert saved, "no request was cut short at the checkpoint: the restart restores nothing"
     assert all(0 < len(p["token_ids"]) < MAX_LEN and 1 <= p["retention"] <= SIGMA for p in saved)
+    # keyed by verl's uid and session (the client got them inside verl's agent-loop workers), never the prompt hash
+    assert all(p["session"] is not None and p["group"] in run["pools"][HALF]["groups"] for p in saved)
     resumed = [r for r in run["timeline"] if r["step"] > HALF and r["restored_tokens"]]
     assert resumed, "no trajectory after the restart continued from a saved partial"
-    assert Counter(r["restored_tokens"] for r in resumed) <= Counter(len(p["token_ids"]) for p in saved)
+    own = {(p["group"], p["session"]): len(p["token_ids"]) for p in saved}
+    for r in resumed:  # each resumed its own request's partial: {uid}_{session}_{index}
+        assert own[tuple(r["key"].split("_")[:2])] == r["restored_tokens"], r["key"]
     for r in resumed:  # its first tokens were decoded by the first process, the rest after the restart
         before = [s for s in r["segments"] if s[2] < run["restart_s"]]
         after = [s for s in r["segments"] if s[2] >= run["restart_s"]]

@@ -1,0 +1,58 @@
+"""Which group and sample a rollout request belongs to: verl's uid and session id, carried to the client.
+
+Where it sits: the gate counts a group's tokens (`rules.GroupBudget`), the client's purge marks stop a purged
+sample's siblings, and the spool hands a restarted request its own partial (`partials.py`); all three key a group
+the way the trainer's pool does, by verl's uid. The client's `generate()` is not given the uid, but verl's v1 worker
+runs each sample as `AgentLoopWorker._run_agent_loop(..., session_id=i, **prompt)` (agent_loop_tq `_run_prompt`;
+the prompt's fields hold `uid`) in its own asyncio task, and the agent loop awaits `generate()` inside it. So a
+wrapper of `_run_agent_loop` (the plugin's patch) sets a context variable that `generate()` reads in the same task.
+A client called outside verl's agent loop has no uid: it falls back to the prompt's hash (two groups of one prompt
+in flight then share a key), with a warning once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextvars import ContextVar
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# (uid, session id) of the sample whose agent loop runs in this asyncio task; None outside verl's agent loop
+_REQUEST: ContextVar[tuple[str, str | None] | None] = ContextVar("ring_ext_c3po_request", default=None)
+_warned = False
+
+
+def request_identity(prompt_key: str) -> tuple[str, str | None]:
+    """(group, session) of the request being generated: verl's (uid, session id), else (prompt key, None)."""
+    global _warned
+    current = _REQUEST.get()
+    if current is not None:
+        return current
+    if not _warned:
+        _warned = True
+        logger.warning("C3PO++ client called outside verl's agent loop (no uid in context): groups are keyed by "
+                       "their prompt, so two groups of one prompt in flight share budget counts, purges and "
+                       "partials")
+    return prompt_key, None
+
+
+def identify_requests(original: Any) -> Any:
+    """Wraps `verl.experimental.agent_loop.agent_loop.AgentLoopWorker._run_agent_loop` (the plugin's patch): the
+    sample's uid and session id are visible to the client's `generate()` while its agent loop runs."""
+
+    async def _run_agent_loop(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return await _run_identified(original, self, *args, **kwargs)
+
+    return _run_agent_loop
+
+
+async def _run_identified(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
+    # A module-level function: Ray pickles verl's worker class by value, this wrapper's closure with it, and a
+    # context variable cannot be pickled; a module's function travels by name.
+    uid, session = kwargs.get("uid"), kwargs.get("session_id")
+    token = _REQUEST.set(None if uid is None else (str(uid), None if session is None else str(session)))
+    try:
+        return await original(self, *args, **kwargs)
+    finally:
+        _REQUEST.reset(token)
