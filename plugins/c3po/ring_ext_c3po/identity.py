@@ -37,22 +37,28 @@ def request_identity(prompt_key: str) -> tuple[str, str | None]:
     return prompt_key, None
 
 
+_original_run: Any = None  # verl's AgentLoopWorker._run_agent_loop in this process, set by the patch
+
+
 def identify_requests(original: Any) -> Any:
-    """Wraps `verl.experimental.agent_loop.agent_loop.AgentLoopWorker._run_agent_loop` (the plugin's patch): the
-    sample's uid and session id are visible to the client's `generate()` while its agent loop runs."""
+    """The plugin's patch of `verl.experimental.agent_loop.agent_loop.AgentLoopWorker._run_agent_loop`: the sample's
+    uid and session id are visible to the client's `generate()` while its agent loop runs.
 
-    async def _run_agent_loop(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return await _run_identified(original, self, *args, **kwargs)
+    The wrapper is a module-level function and finds verl's original through a module global, never a closure:
+    Ray pickles verl's worker class by value to start its actors, and a function it reaches through a closure is
+    pickled by value too, with a copy of verl's module globals, so the worker registered its agent loops
+    (`_agent_loop_registry`) in one dict and the original looked them up in another ("Agent loop ... not
+    registered" for every loop outside verl's own). A module's function travels by name; in the actor's process the
+    same patch has set `_original_run` to that process's original."""
+    global _original_run
+    _original_run = original
+    return run_agent_loop_identified
 
-    return _run_agent_loop
 
-
-async def _run_identified(original: Any, self: Any, *args: Any, **kwargs: Any) -> Any:
-    # A module-level function: Ray pickles verl's worker class by value, this wrapper's closure with it, and a
-    # context variable cannot be pickled; a module's function travels by name.
+async def run_agent_loop_identified(self: Any, *args: Any, **kwargs: Any) -> Any:
     uid, session = kwargs.get("uid"), kwargs.get("session_id")
     token = _REQUEST.set(None if uid is None else (str(uid), None if session is None else str(session)))
     try:
-        return await original(self, *args, **kwargs)
+        return await _original_run(self, *args, **kwargs)
     finally:
         _REQUEST.reset(token)

@@ -184,9 +184,19 @@ def test_the_plugin_wraps_verl_s_agent_loop_runner_and_ray_can_ship_it():
     pickle (a context variable cannot)."""
     import ray.cloudpickle
 
+    from verl.experimental.agent_loop import agent_loop
+
     assert getattr(AgentLoopWorker._run_agent_loop, PATCHED, False)
     assert inspect.unwrap(AgentLoopWorker._run_agent_loop).__qualname__ == "AgentLoopWorker._run_agent_loop"
-    ray.cloudpickle.dumps(agent_loop_tq.AgentLoopWorkerTQ.__ray_metadata__.modified_class)
+    shipped = ray.cloudpickle.loads(ray.cloudpickle.dumps(agent_loop_tq.AgentLoopWorkerTQ.__ray_metadata__.modified_class))
+    # the wrapper travels by name, so verl's original runs with verl's module globals, where the worker registers
+    # its agent loops (pickled by value through a closure, it looked them up in a copy: custom loops "not registered")
+    chain, fn = [], shipped._run_agent_loop  # Ray's tracing wrapper, then ring-ext's, then verl's
+    while fn is not None:
+        chain.append(fn)
+        fn = getattr(fn, "__wrapped__", None)
+    assert AgentLoopWorker._run_agent_loop in chain  # ring-ext's wrapper came through by name, not copied
+    assert chain[-1].__globals__ is agent_loop.__dict__
 
 
 def test_two_groups_of_one_prompt_count_towards_the_budget_apart(tmp_path, _no_transfer_queue):
