@@ -84,10 +84,10 @@ class C3POTrainer(PPOTrainerColocateAsync):
 
     def on_sample_end(self) -> None:
         """carry: keep -- the engines stay paused with their requests through training and the in-place sync;
-        verl's abort and sleep (which would drop the requests and wait for them to drain) are not run."""
+        verl's abort and sleep (which would drop the requests and wait for them to drain) are not run, and the
+        buffer's sample() already paused them (`_cut_phase`, its abort_fn, runs on every sample)."""
         if self.replay_buffer.c3po.carry != "keep":
             return super().on_sample_end()
-        self._cut_phase()
         if self.curr_step_profile:
             self._stop_rollout_profiling()
 
