@@ -28,6 +28,10 @@ GRPO_STEPS = 6
 RING1T_FIRST, RING1T_STEPS = 3, 5  # README's command trains 3 steps (the recipe's total); the resume goes on to 5
 RING1T_OVERRIDES = ("+recipe=ring1t",)  # README's set-up command 1: `python -m verl.trainer.main_ppo +recipe=ring1t`
 C3PO_TWO_HOSTS_STEPS = 3
+# Phi and Omega of the two-host run: 8 groups (~400 tokens, at most 1024) rarely hold Phi, and with 16 requests in
+# flight a cut nearly always finds some mid-decode (with 4 groups the engine was empty at some cuts: CI's run kept
+# nothing across a sync)
+C3PO_TWO_HOSTS_BUDGET, C3PO_TWO_HOSTS_POOL = 768, 8
 LAG_BANDS = "{0: [0.5, 5.0], 1: [0.3, 8.0]}"  # the resumed process's IcePop band per version lag
 ROOT = os.geteuid() == 0  # a disk of one node's own needs a mount namespace (root); the rest runs without
 
@@ -98,9 +102,10 @@ def _c3po_two_hosts_main_ppo(cluster, workdir: Path, ckpt: Path):
     return run_main_ppo([
         "+recipe=ring1t", f"trainer.total_training_steps={C3PO_TWO_HOSTS_STEPS}", f"trainer.default_local_dir={ckpt}",
         "actor_rollout_ref.rollout.agent.num_workers=2",
-        # the pool that finishes under the budget (4 groups hold ~160 tokens < Phi), a band that masks, and what the
+        # the pool that finishes under the budget (8 groups hold ~400 tokens < Phi), a band that masks, and what the
         # per-segment check reads: every version's HF weights, every trained request's tokens and log-probs
-        "trainer.v1.c3po.pool_prompts=4", "+trainer.v1.c3po.timeline_tokens=true",
+        f"trainer.v1.c3po.token_budget={C3PO_TWO_HOSTS_BUDGET}", f"trainer.v1.c3po.pool_prompts={C3PO_TWO_HOSTS_POOL}",
+        "+trainer.v1.c3po.timeline_tokens=true",
         "actor_rollout_ref.actor.policy_loss.icepop_alpha=0.98", "actor_rollout_ref.actor.policy_loss.icepop_beta=1.02",
         "trainer.save_freq=1", "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
         # the cut that keeps requests in the engine (README's run checks carry=abort, the recipe's default)

@@ -19,14 +19,13 @@ import re
 
 import pytest
 
+from shared_runs import C3PO_TWO_HOSTS_BUDGET as BUDGET
 from shared_runs import C3PO_TWO_HOSTS_STEPS as STEPS
 from shared_runs import ROOT
 
 from ring_ext.local_cluster import HEAD_IP, WORKER_IP
 
 pytestmark = pytest.mark.e2e
-
-BUDGET = 256
 
 
 @pytest.fixture(scope="module")
