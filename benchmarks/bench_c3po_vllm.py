@@ -74,16 +74,18 @@ from ring_ext.verl_run import run_main_ppo  # noqa: E402
 
 RESULTS = HERE / "results"
 SAMPLER = Path(__file__).resolve().parent / "fast_poll_sampler.py"
-MODES = ("sync", "colocate_async", "c3po", "c3po_keep")
-BASELINES = ("sync", "colocate_async")  # each compared with c3po (carry: abort) and c3po_keep (carry: keep)
-C3PO_MODES = {"c3po": "abort", "c3po_keep": "keep"}  # the trainer mode c3po, by its carry knob
+MODES = ("sync", "colocate_async", "c3po", "c3po_keep", "c3po_adaptive")
+BASELINES = ("sync", "colocate_async")  # each compared with every c3po variant
+# the trainer mode c3po, by its carry knob (and adaptive_cut=true: "_adaptive")
+C3PO_MODES = {"c3po": "abort", "c3po_keep": "keep", "c3po_adaptive": "abort_adaptive"}
 PROMPT_MAX = 64  # the recipe's data.max_prompt_length
 MODEL_POSITIONS = 512  # the tiny model's max_position_embeddings (ring_ext/tiny/model.py): prompt + response
 LOOP_NAME = "lognormal_length"
 LOOP_YAML = f"- name: {LOOP_NAME}\n  _target_: c3po_length_loop.LogNormalLengthAgentLoop\n"
 GEN, STEP = "timing_s/gen", "timing_s/step"
 # C3PO++'s per-step rollout-phase metrics, averaged over the kept steps (the trainer logs them as c3po/<name>)
-PHASE_METRICS = ("engine_occupancy", "cut_s", "reprefill_tokens", "purged_tokens", "admission_latency_s")
+PHASE_METRICS = ("engine_occupancy", "cut_s", "reprefill_tokens", "purged_tokens", "admission_latency_s",
+                 "cut_skipped")
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,11 @@ def mode_overrides(mode: str, setup: Setup, sigma: float, run_dir: Path, loop_co
                 f"trainer.v1.sampler.max_off_policy_threshold={setup.retention + 1}",
                 "trainer.v1.sampler.max_off_policy_strategy=drop"]
     if mode in C3PO_MODES:
-        return [*common, "trainer.v1.trainer_mode=c3po", f"trainer.v1.c3po.carry={C3PO_MODES[mode]}", f"trainer.v1.c3po.token_budget={token_budget(setup, sigma)}",
-                f"trainer.v1.c3po.pool_prompts={setup.omega}", f"trainer.v1.c3po.max_retention={setup.retention}"]
+        carry, _, adaptive = C3PO_MODES[mode].partition("_")
+        return [*common, "trainer.v1.trainer_mode=c3po", f"trainer.v1.c3po.carry={carry}",
+                f"trainer.v1.c3po.token_budget={token_budget(setup, sigma)}",
+                f"trainer.v1.c3po.pool_prompts={setup.omega}", f"trainer.v1.c3po.max_retention={setup.retention}",
+                *(["trainer.v1.c3po.adaptive_cut=true"] if adaptive else [])]
     raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
 
 
@@ -159,7 +164,7 @@ def concurrency(mode: str, overrides: list[str]) -> dict[str, int]:
     kv = dict(o.split("=", 1) for o in overrides if "=" in o)
     batch = int(kv["data.train_batch_size"])
     omega = int(kv.get("trainer.v1.c3po.pool_prompts", 0))
-    groups = {"sync": batch, "c3po": omega, "c3po_keep": omega,
+    groups = {"sync": batch, **{mode: omega for mode in C3PO_MODES},
               "colocate_async": batch + math.floor(float(kv.get("trainer.v1.colocate_async.num_warmup_batches", 0))
                                                    * batch)}
     return {"engine_seqs": int(kv["actor_rollout_ref.rollout.max_num_seqs"]), "groups_in_flight": groups[mode]}

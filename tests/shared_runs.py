@@ -110,6 +110,7 @@ def _c3po_two_hosts_main_ppo(cluster, workdir: Path, ckpt: Path):
         "trainer.save_freq=1", "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
         # the cut that keeps requests in the engine (README's run checks carry=abort, the recipe's default)
         "trainer.v1.c3po.carry=keep", "actor_rollout_ref.rollout.enable_prefix_caching=false",
+        "trainer.v1.c3po.adaptive_cut=true",  # at each crossing the gate decides to cut or let the requests finish
         # the TaskRunner runs on a node of the cluster: what it reads from the environment travels with the job
         f"++ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH={workdir / f'{ckpt.name}.jsonl'}",
     ], workdir, name=ckpt.name, timeout=900, env={**cluster.client_env(), "VERL_LOGGING_LEVEL": "WARN"})  # fmt: skip

