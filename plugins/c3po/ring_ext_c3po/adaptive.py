@@ -9,13 +9,14 @@ gate cuts then: a wrong guess costs at most one cut's time.
 
 The expectation: a request that decoded `t` of at most `cap` tokens needs E[min(L, cap) - t | L > t] more, with L
 drawn from the lengths of the requests that finished so far in the run (no such length: `cap - t`, the most it can
-take); the slowest request decides, at the run's measured seconds per decoded token.
+take); the slowest request that holds tokens decides (one that holds none loses nothing to a cut: it is resubmitted
+or kept as it is), at the engines' decode rate read at the crossing (two reads of their progress, 20 ms apart).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,19 +36,31 @@ def expected_remaining(decoded: int, cap: int, finished: Iterable[int]) -> float
 def wait_s(progress: Sequence[tuple[int, int]], finished: Iterable[int], token_s: float | None,
            cut_s: float | None) -> float | None:
     """Seconds to let the in-flight requests (`progress`: (decoded, cap) each) finish instead of cutting now, or None
-    to cut now: no measured cut cost or token time yet, or the slowest request is expected to take as long as a cut."""
-    if not progress:
-        return 0.0  # nothing in flight: nothing to cut
+    to cut now: no measured cut cost or token time yet, or the slowest request holding tokens is expected to take as
+    long as a cut."""
+    holding = [(t, cap) for t, cap in progress if t > 0]
+    if not holding:
+        return 0.0  # nothing a cut would stop mid-way
     if token_s is None or cut_s is None or cut_s <= 0:
         return None
     lengths = list(finished)
-    expected = max(expected_remaining(t, cap, lengths) for t, cap in progress) * token_s
+    expected = max(expected_remaining(t, cap, lengths) for t, cap in holding) * token_s
     return expected if expected < cut_s else None
+
+
+def decode_token_s(before: Mapping[str, tuple[int, int]], after: Mapping[str, tuple[int, int]],
+                   seconds: float) -> float | None:
+    """Seconds per token of a decoding request, from two reads of the engines' progress `seconds` apart (request id
+    -> (decoded, cap)): the median over requests that decoded in between (None: none did)."""
+    rates = sorted((after[r][0] - before[r][0]) / seconds for r in before.keys() & after.keys()
+                   if after[r][0] > before[r][0])
+    return 1.0 / rates[len(rates) // 2] if rates and seconds > 0 else None
 
 
 @dataclass
 class CutCosts:
-    """What the gate has measured so far: finished lengths, seconds per decoded token, seconds per cut (means)."""
+    """What the gate has measured so far: finished lengths, seconds per decoded token of requests never cut (the
+    fallback where the engines' rate cannot be read), seconds per cut (means)."""
 
     lengths: deque[int] = field(default_factory=lambda: deque(maxlen=LENGTHS_KEPT))
     _token_s: list[float] = field(default_factory=lambda: [0.0, 0.0])  # seconds, tokens
@@ -70,9 +83,6 @@ class CutCosts:
     @property
     def cut_s(self) -> float | None:
         return self._cut_s[0] / self._cut_s[1] if self._cut_s[1] else None
-
-    def wait_s(self, progress: Sequence[tuple[int, int]]) -> float | None:
-        return wait_s(progress, self.lengths, self.token_s, self.cut_s)
 
 
 async def in_flight_progress(self: Any) -> list[list[Any]]:

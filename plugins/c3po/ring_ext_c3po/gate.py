@@ -18,9 +18,12 @@ import asyncio
 import time
 from typing import Any
 
-from ring_ext_c3po.adaptive import CutCosts
+from ring_ext_c3po.adaptive import CutCosts, decode_token_s, wait_s
 from ring_ext_c3po.phase_stats import PhaseStats
 from ring_ext_c3po.rules import GroupBudget
+
+
+RATE_READ_S = 0.02  # adaptive: the engines' progress is read twice this far apart (their decode rate)
 
 
 class BudgetGate:
@@ -65,9 +68,13 @@ class BudgetGate:
         cut; cut when it is not, or when they outlast what the cut would have cost. Either way the cut follows (it
         stops what reached an engine after the crossing); skipped means it stopped none of the crossing's requests."""
         start, cut_s, wait = time.time(), self.costs.cut_s, None
-        if cut_s and self.costs.token_s:  # else nothing measured yet, or a free cut: no Ray round trip to delay it
+        if cut_s:  # else nothing measured yet, or a free cut: no Ray round trip to delay it
+            first, read_at = await self._progress(), time.time()
+            await asyncio.sleep(RATE_READ_S)
             crossing = await self._progress()
-            wait = self.costs.wait_s(list(crossing.values()))
+            token_s = decode_token_s(first, crossing, time.time() - read_at) or self.costs.token_s
+            crossing = {r: p for r, p in crossing.items() if p[0] > 0}  # a cut stops these mid-way
+            wait = wait_s(list(crossing.values()), self.costs.lengths, token_s, cut_s)
         while wait is not None and cut_s is not None and time.time() - start < cut_s:
             if not crossing.keys() & (await self._progress()).keys():
                 self._skipped = 1.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ring_ext_c3po.adaptive import CutCosts, expected_remaining, wait_s
+from ring_ext_c3po.adaptive import CutCosts, decode_token_s, expected_remaining, wait_s
 from ring_ext_c3po.rules import training_batch
 
 
@@ -22,17 +22,20 @@ def test_waits_only_when_the_slowest_request_is_expected_sooner_than_a_cut() -> 
     finished = [30] * 50 + [34] * 50  # a light tail: every request ends near 32 tokens
     near_done = [(28, 256), (31, 256)]  # expected 4 and 1 more tokens
     assert wait_s(near_done, finished, token_s=0.01, cut_s=0.3) == pytest.approx(0.04)
-    just_admitted = [*near_done, (0, 256)]  # 32 more tokens, 0.32 s > 0.3 s: the cut is cheaper
+    just_admitted = [*near_done, (1, 256)]  # 31 more tokens, 0.31 s > 0.3 s: the cut is cheaper
     assert wait_s(just_admitted, finished, token_s=0.01, cut_s=0.3) is None
     assert wait_s(near_done, finished, token_s=0.01, cut_s=0.03) is None  # a cheap cut (carry=keep): cut
     assert wait_s([], finished, token_s=0.01, cut_s=0.3) == 0.0  # nothing in flight
+    # a request that holds no token yet loses nothing to a cut (resubmitted or kept as it is): it does not count
+    assert wait_s([*near_done, (0, 256)], finished, token_s=0.01, cut_s=0.3) == pytest.approx(0.04)
+    assert wait_s([(0, 256)], finished, token_s=None, cut_s=None) == 0.0
     assert wait_s(near_done, finished, token_s=None, cut_s=0.3) is None  # nothing measured yet: cut
     assert wait_s(near_done, finished, token_s=0.01, cut_s=None) is None
 
 
 def test_costs_average_what_was_measured_and_skip_cut_requests_decode_time() -> None:
     costs = CutCosts()
-    assert costs.wait_s([(28, 256)]) is None  # no cut measured yet
+    assert costs.cut_s is None and costs.token_s is None  # nothing measured yet: the gate cuts at once
     costs.finished(30, 0.3)
     costs.finished(34, None)  # a request that was cut: its time spans the training, not counted
     costs.finished(10, 0.1)
@@ -40,7 +43,13 @@ def test_costs_average_what_was_measured_and_skip_cut_requests_decode_time() -> 
     costs.cut(0.4)
     assert costs.token_s == pytest.approx(0.4 / 40) and costs.cut_s == pytest.approx(0.3)
     assert list(costs.lengths) == [30, 34, 10]
-    assert costs.wait_s([(28, 256)]) == pytest.approx((32 - 28) * 0.01)
+
+
+def test_the_decode_rate_is_read_from_two_progress_reads() -> None:
+    before = {"a": (10, 256), "b": (3, 256), "c": (0, 256), "gone": (5, 256)}
+    after = {"a": (14, 256), "b": (5, 256), "c": (0, 256), "new": (1, 256)}  # c queued, gone finished, new arrived
+    assert decode_token_s(before, after, 0.02) == pytest.approx(0.02 / 4)  # median of 100 and 200 tokens/s: 200
+    assert decode_token_s(before, {"c": (0, 256)}, 0.02) is None  # nothing decoded in between
 
 
 def test_a_skipped_cut_trains_every_finished_group() -> None:
@@ -97,8 +106,8 @@ def test_the_gate_lets_nearly_done_requests_finish_and_cuts_far_ones() -> None:
     skipped, seen, server = _crossing({"a": (28, 256), "b": (30, 256)}, done_after=3)  # done within a few polls
     assert skipped and seen["c3po/cut_skipped"] == 1.0 and 0 < seen["c3po/cut_wait_s"] < 0.3
     assert server.stopped == [["late"]]  # the cut then stops only what arrived after the crossing
-    skipped, seen, server = _crossing({"a": (28, 256), "b": (0, 256)}, done_after=3)  # b: 0.32 s expected
-    assert not skipped and seen["c3po/cut_skipped"] == 0.0 and seen["c3po/cut_wait_s"] < 0.05
+    skipped, seen, server = _crossing({"a": (28, 256), "b": (1, 256)}, done_after=3)  # b: 0.31 s expected
+    assert not skipped and seen["c3po/cut_skipped"] == 0.0 and seen["c3po/cut_wait_s"] < 0.1  # 2 reads, 20 ms apart
     assert server.stopped == [["a", "b"]]  # cut at once
 
 
