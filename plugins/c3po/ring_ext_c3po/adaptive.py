@@ -7,6 +7,9 @@ admitted once the budget is met) and cuts when they are done, which stops only r
 after the crossing (holding a few tokens at most). If they are not done by the time the cut would have cost, the
 gate cuts then: a wrong guess costs at most one cut's time.
 
+Admission stops once the groups in flight are expected to reach Phi (`budget_in_sight`): a crossing then finds the
+last groups admitted well under way, not just begun, and a wait can outlast them.
+
 The expectation: a request that decoded `t` of at most `cap` tokens needs E[min(L, cap) - t | L > t] more, with L
 drawn from the lengths of the requests that finished so far in the run (no such length: `cap - t`, the most it can
 take); the slowest request that holds tokens decides (one that holds none loses nothing to a cut: it is resubmitted
@@ -55,6 +58,13 @@ def decode_token_s(before: Mapping[str, tuple[int, int]], after: Mapping[str, tu
     rates = sorted((after[r][0] - before[r][0]) / seconds for r in before.keys() & after.keys()
                    if after[r][0] > before[r][0])
     return 1.0 / rates[len(rates) // 2] if rates and seconds > 0 else None
+
+
+def budget_in_sight(finished_tokens: int, in_flight_groups: int, group_tokens: float | None, budget: int) -> bool:
+    """The groups in flight are expected to bring the finished ones to Phi (`group_tokens`: a group's mean response
+    tokens so far; None: not known yet): admitting more would only add requests that the crossing finds just begun,
+    which a cut would stop and a wait would have to outlast. So under the adaptive cut no group is admitted then."""
+    return group_tokens is not None and finished_tokens + in_flight_groups * group_tokens >= budget
 
 
 @dataclass

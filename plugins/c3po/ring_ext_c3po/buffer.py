@@ -21,6 +21,7 @@ from verl.trainer.ppo.v1.replay_buffer import ReplayBufferAsync, _accumulate_evi
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
 from ring_ext.batch_fields import ROLLOUT_POLICY_LAG
+from ring_ext_c3po.adaptive import budget_in_sight
 from ring_ext_c3po.resume import token_lags, version_lag_counts
 from ring_ext_c3po.rules import C3POConfig, StallGuard, budget_reached, staleness, top_up, training_batch
 
@@ -56,6 +57,8 @@ class C3POReplayBuffer(ReplayBufferAsync):
         self._deferred_uids: frozenset[str] = frozenset()  # finished after the last crossing: trained next step
         self.deferred_tokens = 0
         self.cut_skipped = False  # adaptive_cut: this phase ended without a cut (set by the trainer's cut)
+        self._group_tokens_mean: float | None = None  # response tokens per trained group, over the run
+        self._trained = [0, 0]  # tokens, groups
         # groups that finished before this process existed came back from a checkpoint: they were deferred there
         self._created_at = time.time()
 
@@ -120,7 +123,10 @@ class C3POReplayBuffer(ReplayBufferAsync):
             tokens = sum(self._group_tokens(partition_id, sampleable).values())
             if budget_reached(tokens, self.c3po.token_budget):
                 return sampleable, metrics
-            if self.top_up(partition_id):
+            # adaptive_cut: no admission once the groups in flight are expected to reach Phi (adaptive.py)
+            in_sight = self.c3po.adaptive_cut and budget_in_sight(
+                tokens, self._in_flight(partition_id), self._group_tokens_mean, self.c3po.token_budget)
+            if self.top_up(partition_id, reached=in_sight):
                 continue  # re-read: the new groups are pending now
             in_flight = self._in_flight(partition_id)
             progress = (len(self.partitions[partition_id]), len(self.finished_keys[partition_id]),
@@ -147,6 +153,9 @@ class C3POReplayBuffer(ReplayBufferAsync):
         batch = self._materialize_batch(partition_id, uids, dict(self.partitions[partition_id]))
         extras = [extras[k] for k in batch.keys]
         metrics.update(self._step_metrics(global_steps, batch, extras, in_flight, time.time() - start))
+        self._trained[0] += int(metrics["c3po/tokens_trained"])
+        self._trained[1] += int(metrics["c3po/groups_trained"])
+        self._group_tokens_mean = self._trained[0] / self._trained[1] if self._trained[1] else None
         self._put_token_lags(global_steps, batch, extras)
         tokens = self._read_tokens(batch) if self.c3po.timeline_tokens and self.timeline_path else None
         self._append_timeline(global_steps, list(zip(batch.keys, extras, strict=True)), False, batch.tags, tokens)

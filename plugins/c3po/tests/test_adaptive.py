@@ -125,3 +125,11 @@ def test_the_progress_read_is_a_method_of_verls_server() -> None:
     from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer
 
     assert list(inspect.signature(inspect.unwrap(vLLMHttpServer.in_flight_progress)).parameters) == ["self"]
+
+
+def test_admission_stops_once_the_groups_in_flight_should_reach_the_budget() -> None:
+    from ring_ext_c3po.adaptive import budget_in_sight
+
+    assert not budget_in_sight(600, 3, 100.0, 1000)  # 900 expected: admit
+    assert budget_in_sight(600, 4, 100.0, 1000)  # 1000 expected: no more groups
+    assert not budget_in_sight(600, 40, None, 1000)  # the first phase: a group's size is not known yet
