@@ -7,8 +7,8 @@ admitted once the budget is met) and cuts when they are done, which stops only r
 after the crossing (holding a few tokens at most). If they are not done by the time the cut would have cost, the
 gate cuts then: a wrong guess costs at most one cut's time.
 
-Admission stops once the groups in flight are expected to reach Phi (`budget_in_sight`): a crossing then finds the
-last groups admitted well under way, not just begun, and a wait can outlast them.
+Admission stops at what the budget needs (`groups_to_admit`): a crossing then finds the last groups admitted under
+way, not queued behind the engine and just begun, and a wait can outlast them.
 
 The expectation: a request that decoded `t` of at most `cap` tokens needs E[min(L, cap) - t | L > t] more, with L
 drawn from the lengths of the requests that finished so far in the run (no such length: `cap - t`, the most it can
@@ -18,6 +18,7 @@ or kept as it is), at the engines' decode rate read at the crossing (two reads o
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,11 +61,17 @@ def decode_token_s(before: Mapping[str, tuple[int, int]], after: Mapping[str, tu
     return 1.0 / rates[len(rates) // 2] if rates and seconds > 0 else None
 
 
-def budget_in_sight(finished_tokens: int, in_flight_groups: int, group_tokens: float | None, budget: int) -> bool:
-    """The groups in flight are expected to bring the finished ones to Phi (`group_tokens`: a group's mean response
-    tokens so far; None: not known yet): admitting more would only add requests that the crossing finds just begun,
-    which a cut would stop and a wait would have to outlast. So under the adaptive cut no group is admitted then."""
-    return group_tokens is not None and finished_tokens + in_flight_groups * group_tokens >= budget
+def groups_to_admit(finished_tokens: int, in_flight_groups: int, group_tokens: float | None, budget: int,
+                    pool: int) -> int:
+    """New groups to admit under the adaptive cut: back to Omega as always, but no more than the groups the budget
+    still needs (at a group's mean response tokens so far) plus one spare, counting those in flight. More would
+    only queue behind the engine and start late, so that every crossing found requests just begun, which a cut
+    stops and a wait would have to outlast. `group_tokens` None (nothing trained yet): Omega."""
+    room = max(0, pool - in_flight_groups)
+    if group_tokens is None or group_tokens <= 0:
+        return room
+    needed = max(0, math.ceil((budget - finished_tokens) / group_tokens)) + 1  # one spare: a purge, a short group
+    return min(room, max(0, needed - in_flight_groups))
 
 
 @dataclass

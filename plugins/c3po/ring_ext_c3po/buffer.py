@@ -21,7 +21,7 @@ from verl.trainer.ppo.v1.replay_buffer import ReplayBufferAsync, _accumulate_evi
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
 from ring_ext.batch_fields import ROLLOUT_POLICY_LAG
-from ring_ext_c3po.adaptive import budget_in_sight
+from ring_ext_c3po.adaptive import groups_to_admit
 from ring_ext_c3po.resume import token_lags, version_lag_counts
 from ring_ext_c3po.rules import C3POConfig, StallGuard, budget_reached, staleness, top_up, training_batch
 
@@ -100,10 +100,15 @@ class C3POReplayBuffer(ReplayBufferAsync):
         """Prompt groups pending or running, on the last poll's snapshot."""
         return len(self.pending_keys[partition_id]) + len(self.running_keys[partition_id])
 
-    def top_up(self, partition_id: str = "train", reached: bool = False) -> int:
-        """Admit new prompt groups until Omega are pending or running (on the last poll's snapshot)."""
+    def top_up(self, partition_id: str = "train", reached: bool = False, finished_tokens: int | None = None) -> int:
+        """Admit new prompt groups until Omega are pending or running (on the last poll's snapshot); under the
+        adaptive cut, only as many as the budget still needs and one (`adaptive.groups_to_admit`)."""
         in_flight = self._in_flight(partition_id)
         missing = top_up(in_flight, self.c3po.pool_prompts, reached=reached)
+        if self.c3po.adaptive_cut:  # the step start counts what finished after the last crossing
+            finished = self.deferred_tokens if finished_tokens is None else finished_tokens
+            missing = min(missing, groups_to_admit(finished, in_flight, self._group_tokens_mean,
+                                                   self.c3po.token_budget, self.c3po.pool_prompts))
         if missing:
             self.refill_fn(missing)
             self._added_this_step += missing
@@ -123,10 +128,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
             tokens = sum(self._group_tokens(partition_id, sampleable).values())
             if budget_reached(tokens, self.c3po.token_budget):
                 return sampleable, metrics
-            # adaptive_cut: no admission once the groups in flight are expected to reach Phi (adaptive.py)
-            in_sight = self.c3po.adaptive_cut and budget_in_sight(
-                tokens, self._in_flight(partition_id), self._group_tokens_mean, self.c3po.token_budget)
-            if self.top_up(partition_id, reached=in_sight):
+            if self.top_up(partition_id, finished_tokens=tokens):
                 continue  # re-read: the new groups are pending now
             in_flight = self._in_flight(partition_id)
             progress = (len(self.partitions[partition_id]), len(self.finished_keys[partition_id]),

@@ -127,9 +127,13 @@ def test_the_progress_read_is_a_method_of_verls_server() -> None:
     assert list(inspect.signature(inspect.unwrap(vLLMHttpServer.in_flight_progress)).parameters) == ["self"]
 
 
-def test_admission_stops_once_the_groups_in_flight_should_reach_the_budget() -> None:
-    from ring_ext_c3po.adaptive import budget_in_sight
+def test_admission_stops_at_what_the_budget_needs_and_one() -> None:
+    from ring_ext_c3po.adaptive import groups_to_admit
 
-    assert not budget_in_sight(600, 3, 100.0, 1000)  # 900 expected: admit
-    assert budget_in_sight(600, 4, 100.0, 1000)  # 1000 expected: no more groups
-    assert not budget_in_sight(600, 40, None, 1000)  # the first phase: a group's size is not known yet
+    # 400 tokens to go at 100 a group: 4 groups and a spare, 2 already in flight -> 3, within Omega's room of 30
+    assert groups_to_admit(600, 2, 100.0, 1000, pool=32) == 3
+    assert groups_to_admit(600, 5, 100.0, 1000, pool=32) == 0  # in flight already enough
+    assert groups_to_admit(600, 30, 100.0, 1000, pool=32) == 0
+    assert groups_to_admit(1200, 0, 100.0, 1000, pool=32) == 1  # the budget met: the spare only (never stuck)
+    assert groups_to_admit(0, 0, 100.0, 5000, pool=8) == 8  # Omega still caps it
+    assert groups_to_admit(0, 3, None, 1000, pool=8) == 5  # the first phase: a group's size is not known yet
