@@ -39,7 +39,7 @@ class BudgetGate:
         self.closed = False  # the run is over: clients end their requests at the next cut instead of resubmitting
         self.adaptive, self.costs = adaptive, CutCosts()
         self._decision: asyncio.Task | None = None  # adaptive: the crossing's wait-or-cut, awaited by `settle`
-        self._skipped: float | None = None  # adaptive: 1.0 the phase ended without a cut, 0.0 it was cut
+        self._skipped: float | None = None  # adaptive: 1.0 the crossing's requests finished uncut, 0.0 they were cut
         self._waited_s = 0.0
 
     async def finished(self, group: str, tokens: int, versions: tuple[int, int] | None = None,
