@@ -46,7 +46,7 @@ class C3POConfig:
     poll_interval_s: float = knob(0.05, gt=0)  # how often the trainer reads the pools while the engine decodes
     stall_timeout_s: float = knob(600.0, gt=0)  # no request finished for this long, budget unmet: an error
     carry: Literal["abort", "keep"] = "abort"  # at a cut: abort and resubmit, or pause keeping requests (keep.py)
-    adaptive_cut: bool = False  # at the crossing, let in-flight requests finish when a cut would cost more (adaptive.py)
+    adaptive_cut: bool = False  # let the crossing's requests finish when a cut would cost more (adaptive.py)
     timeline: bool = True  # append each trained/purged request's segments to <default_local_dir>/c3po_timeline.jsonl
     timeline_tokens: bool = False  # the timeline also holds each trained request's token ids and rollout log-probs
 
