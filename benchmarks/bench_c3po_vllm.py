@@ -160,7 +160,8 @@ def mode_overrides(mode: str, setup: Setup, sigma: float, run_dir: Path, loop_co
 def concurrency(mode: str, overrides: list[str]) -> dict[str, int]:
     """Read back from the overrides: sequences the engine decodes at once (the concurrency, equal for all), and the
     prompt groups admitted at a step start, decoding or queued behind the engine batch (sync: its batch B; c3po:
-    Omega; colocate_async: B fresh + the floor(w x B) carried across the last update)."""
+    Omega, an upper bound under adaptive_cut, which admits only what the budget still needs and one; colocate_async:
+    B fresh + the floor(w x B) carried across the last update)."""
     kv = dict(o.split("=", 1) for o in overrides if "=" in o)
     batch = int(kv["data.train_batch_size"])
     omega = int(kv.get("trainer.v1.c3po.pool_prompts", 0))

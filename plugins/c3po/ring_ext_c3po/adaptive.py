@@ -56,9 +56,11 @@ def decode_token_s(before: Mapping[str, tuple[int, int]], after: Mapping[str, tu
                    seconds: float) -> float | None:
     """Seconds per token of a decoding request, from two reads of the engines' progress `seconds` apart (request id
     -> (decoded, cap)): the median over requests that decoded in between (None: none did)."""
+    if seconds <= 0:
+        return None
     rates = sorted((after[r][0] - before[r][0]) / seconds for r in before.keys() & after.keys()
                    if after[r][0] > before[r][0])
-    return 1.0 / rates[len(rates) // 2] if rates and seconds > 0 else None
+    return 1.0 / rates[len(rates) // 2] if rates else None
 
 
 def groups_to_admit(finished_tokens: int, in_flight_groups: int, group_tokens: float | None, budget: int,

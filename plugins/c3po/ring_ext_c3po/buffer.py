@@ -57,8 +57,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
         self._deferred_uids: frozenset[str] = frozenset()  # finished after the last crossing: trained next step
         self.deferred_tokens = 0
         self.cut_skipped = False  # adaptive_cut: this phase ended without a cut (set by the trainer's cut)
-        self._group_tokens_mean: float | None = None  # response tokens per trained group, over the run
-        self._trained = [0, 0]  # tokens, groups
+        self._trained = [0, 0]  # response tokens, groups trained over the run
         # groups that finished before this process existed came back from a checkpoint: they were deferred there
         self._created_at = time.time()
 
@@ -95,6 +94,11 @@ class C3POReplayBuffer(ReplayBufferAsync):
         self._purged_tokens_this_step += sum(self._group_tokens(partition_id, newly).values())
         self._append_timeline(global_steps, [(k, e) for k, e in rows if _uid(k) in newly], True)
         return {uid for uid, purged in self._purged.items() if purged}
+
+    @property
+    def _group_tokens_mean(self) -> float | None:
+        """Response tokens per trained group over the run (None before the first batch)."""
+        return self._trained[0] / self._trained[1] if self._trained[1] else None
 
     def _in_flight(self, partition_id: str) -> int:
         """Prompt groups pending or running, on the last poll's snapshot."""
@@ -157,7 +161,6 @@ class C3POReplayBuffer(ReplayBufferAsync):
         metrics.update(self._step_metrics(global_steps, batch, extras, in_flight, time.time() - start))
         self._trained[0] += int(metrics["c3po/tokens_trained"])
         self._trained[1] += int(metrics["c3po/groups_trained"])
-        self._group_tokens_mean = self._trained[0] / self._trained[1] if self._trained[1] else None
         self._put_token_lags(global_steps, batch, extras)
         tokens = self._read_tokens(batch) if self.c3po.timeline_tokens and self.timeline_path else None
         self._append_timeline(global_steps, list(zip(batch.keys, extras, strict=True)), False, batch.tags, tokens)

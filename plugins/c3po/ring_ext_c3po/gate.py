@@ -75,7 +75,7 @@ class BudgetGate:
             token_s = decode_token_s(first, crossing, time.time() - read_at) or self.costs.token_s
             crossing = {r: p for r, p in crossing.items() if p[0] > 0}  # a cut stops these mid-way
             wait = wait_s(list(crossing.values()), self.costs.lengths, token_s, cut_s)
-        while wait is not None and cut_s is not None and time.time() - start < cut_s:
+        while wait is not None and time.time() - start < cut_s:  # a wait implies a measured cut_s
             if not crossing.keys() & (await self._progress()).keys():
                 self._skipped = 1.0
                 break
