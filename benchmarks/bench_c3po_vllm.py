@@ -74,10 +74,11 @@ from ring_ext.verl_run import run_main_ppo  # noqa: E402
 
 RESULTS = HERE / "results"
 SAMPLER = Path(__file__).resolve().parent / "fast_poll_sampler.py"
-MODES = ("sync", "colocate_async", "c3po", "c3po_keep", "c3po_adaptive")
+MODES = ("sync", "colocate_async", "c3po", "c3po_keep", "c3po_adaptive", "c3po_admit")
 BASELINES = ("sync", "colocate_async")  # each compared with every c3po variant
-# the trainer mode c3po, by its carry knob (and adaptive_cut=true: "_adaptive")
-C3PO_MODES = {"c3po": "abort", "c3po_keep": "keep", "c3po_adaptive": "abort_adaptive"}
+# the trainer mode c3po, by its carry knob (and adaptive_cut=true: "_adaptive"; admission=completion: "_admit")
+C3PO_MODES = {"c3po": "abort", "c3po_keep": "keep", "c3po_adaptive": "abort_adaptive",
+              "c3po_admit": "abort_adaptive_admit"}
 PROMPT_MAX = 64  # the recipe's data.max_prompt_length
 MODEL_POSITIONS = 512  # the tiny model's max_position_embeddings (ring_ext/tiny/model.py): prompt + response
 LOOP_NAME = "lognormal_length"
@@ -149,18 +150,20 @@ def mode_overrides(mode: str, setup: Setup, sigma: float, run_dir: Path, loop_co
                 f"trainer.v1.sampler.max_off_policy_threshold={setup.retention + 1}",
                 "trainer.v1.sampler.max_off_policy_strategy=drop"]
     if mode in C3PO_MODES:
-        carry, _, adaptive = C3PO_MODES[mode].partition("_")
+        carry, *extras = C3PO_MODES[mode].split("_")
         return [*common, "trainer.v1.trainer_mode=c3po", f"trainer.v1.c3po.carry={carry}",
                 f"trainer.v1.c3po.token_budget={token_budget(setup, sigma)}",
                 f"trainer.v1.c3po.pool_prompts={setup.omega}", f"trainer.v1.c3po.max_retention={setup.retention}",
-                *(["trainer.v1.c3po.adaptive_cut=true"] if adaptive else [])]
+                *(["trainer.v1.c3po.adaptive_cut=true"] if "adaptive" in extras else []),
+                *(["trainer.v1.c3po.admission=completion"] if "admit" in extras else [])]
     raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
 
 
 def concurrency(mode: str, overrides: list[str]) -> dict[str, int]:
     """Read back from the overrides: sequences the engine decodes at once (the concurrency, equal for all), and the
     prompt groups admitted at a step start, decoding or queued behind the engine batch (sync: its batch B; c3po:
-    Omega, an upper bound under adaptive_cut, which admits only what the budget still needs and one; colocate_async:
+    Omega, an upper bound under adaptive_cut, which admits only what the budget still needs and one, and under
+    admission=completion those beyond the engine batch wait at the gate, not in the engine's queue; colocate_async:
     B fresh + the floor(w x B) carried across the last update)."""
     kv = dict(o.split("=", 1) for o in overrides if "=" in o)
     batch = int(kv["data.train_batch_size"])

@@ -106,10 +106,11 @@ class C3POReplayBuffer(ReplayBufferAsync):
 
     def top_up(self, partition_id: str = "train", reached: bool = False, finished_tokens: int | None = None) -> int:
         """Admit new prompt groups until Omega are pending or running (on the last poll's snapshot); under the
-        adaptive cut, only as many as the budget still needs and one (`adaptive.groups_to_admit`)."""
+        adaptive cut, only as many as the budget still needs and one (`adaptive.groups_to_admit`), unless the gate
+        admits at each completion (`admission: completion`, which applies that limit itself)."""
         in_flight = self._in_flight(partition_id)
         missing = top_up(in_flight, self.c3po.pool_prompts, reached=reached)
-        if self.c3po.adaptive_cut:  # the step start counts what finished after the last crossing
+        if self.c3po.adaptive_cut and self.c3po.admission == "poll":  # the step start counts the carried tokens
             finished = self.deferred_tokens if finished_tokens is None else finished_tokens
             missing = min(missing, groups_to_admit(finished, in_flight, self._group_tokens_mean,
                                                    self.c3po.token_budget, self.c3po.pool_prompts))

@@ -9,7 +9,9 @@ TransferQueue and cuts the phase itself if the gate did not (groups restored fro
 earlier process, are unknown to the gate), so the gate only makes the cut tight; it never decides what is trained.
 The clients also report every segment, from which `phase_stats.PhaseStats` says where the phase's time went.
 With `adaptive_cut` the crossing may let the requests in flight finish instead of cutting them (`adaptive.py`); the
-trainer's own cut waits for that decision (`settle`).
+trainer's own cut waits for that decision (`settle`). With `admission: completion` a request enters an engine only
+when the gate admits its group (`admit`, `leave`; `admission.py`): at once when a slot frees, closed from the crossing
+until generation resumes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import asyncio
 import time
 from typing import Any
 
-from ring_ext_c3po.adaptive import CutCosts, decode_token_s, wait_s
+from ring_ext_c3po.adaptive import CutCosts, decode_token_s, groups_to_admit, wait_s
+from ring_ext_c3po.admission import Admission
 from ring_ext_c3po.phase_stats import PhaseStats
 from ring_ext_c3po.rules import GroupBudget
 
@@ -29,7 +32,7 @@ RATE_READ_S = 0.02  # adaptive: the engines' progress is read twice this far apa
 class BudgetGate:
     def __init__(self, group_size: int, token_budget: int, servers: list[Any],
                  max_retention: int | None = None, capacity: int = 1, carry: str = "abort",
-                 adaptive: bool = False) -> None:
+                 adaptive: bool = False, admission: str = "poll") -> None:
         self.budget = GroupBudget(group_size, token_budget, max_retention)
         self.servers = servers  # verl rollout server actor handles (node rank 0 of every replica)
         self.capacity = capacity  # sequences the engines decode at once: max_num_seqs x replicas
@@ -41,12 +44,16 @@ class BudgetGate:
         self._decision: asyncio.Task | None = None  # adaptive: the crossing's wait-or-cut, awaited by `settle`
         self._skipped: float | None = None  # adaptive: 1.0 the crossing's requests finished uncut, 0.0 they were cut
         self._waited_s = 0.0
+        # admission: completion -- requests wait here for an engine slot (admission.py); None: verl admits them
+        self.admission = Admission(capacity) if admission == "completion" else None
+        self._waiters: dict[str, list[asyncio.Future]] = {}  # group -> its requests waiting for admission
 
     async def finished(self, group: str, tokens: int, versions: tuple[int, int] | None = None,
                        decode_s: float | None = None) -> None:
         self.costs.finished(tokens, decode_s)
         if self.budget.finish(group, tokens, versions):
             self.cut_at = time.time()
+            self._close_admission()  # what entered now would only be cut
             if self.stats.cut_at is None:  # the trainer may have cut first
                 self.stats.cut(self.cut_at)
             if self.adaptive:
@@ -97,21 +104,61 @@ class BudgetGate:
     def purged(self, group: str) -> None:
         self.budget.purge(group)
 
+    async def admit(self, group: str) -> bool:
+        """admission: completion -- a request of `group` waits here until its group may enter an engine (True), or
+        until the run ends (False: the request ends without decoding)."""
+        if self.admission is None or self.admission.arrive(group):
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(group, []).append(waiter)
+        self._admit()
+        return await waiter
+
+    def leave(self, group: str) -> None:
+        """A request of `group` left the engines, however it ended: its slot goes to the next waiting group now."""
+        if self.admission is not None:
+            self.admission.leave(group)
+            self._admit()
+
+    def _admit(self) -> None:
+        limit = None
+        if self.adaptive:  # no more groups than the budget still needs and one, counting those inside
+            inside = self.admission.groups_inside
+            limit = inside + groups_to_admit(self.budget.tokens, inside, self.budget.group_tokens_mean,
+                                             self.budget.token_budget, inside + self.admission.groups_waiting)
+        for group in self.admission.admit(limit):
+            for waiter in self._waiters.pop(group, []):
+                waiter.set_result(True)
+
+    def _close_admission(self) -> None:
+        if self.admission is not None:
+            self.admission.open = False
+
     def segment(self, start: float, end: float, fresh: bool, finished: bool, reprefill_tokens: int = 0) -> None:
         self.stats.segment(start, end, fresh=fresh, finished=finished, reprefill_tokens=reprefill_tokens)
 
     def open(self) -> None:
-        """Generation (re)opened: the phase's clock starts."""
+        """Generation (re)opened: the phase's clock starts, waiting groups enter."""
         self.stats.open(time.time())
+        if self.admission is not None:
+            self.admission.open = True
+            self._admit()
 
     def mark_cut(self) -> None:
         """The trainer cuts the phase now: its end, where the gate saw no crossing (groups finished in an earlier
         process, unknown to the gate)."""
         if self.stats.cut_at is None:
             self.stats.cut(time.time())
+        self._close_admission()
 
     def close(self) -> None:
+        """The run is over: requests still waiting for admission end without decoding."""
         self.closed = True
+        self._close_admission()
+        if self.admission is not None:
+            for group in self.admission.drop_waiting():
+                for waiter in self._waiters.pop(group, []):
+                    waiter.set_result(False)
 
     def is_closed(self) -> bool:
         return self.closed
@@ -121,6 +168,8 @@ class BudgetGate:
         finished groups the trainer left for the next step (they count first)."""
         seen = {"c3po/gate_tokens": float(self.budget.tokens), "c3po/gate_cut": float(self.cut_at is not None),
                 **self.stats.summary()}
+        if self.admission is not None:  # groups submitted that waited for an engine slot when the phase ended
+            seen["c3po/groups_waiting_at_cut"] = float(self.admission.groups_waiting)
         if self.adaptive and self._skipped is not None:
             seen.update({"c3po/cut_skipped": self._skipped, "c3po/cut_wait_s": self._waited_s})
         if self.cut_at is not None and self._skipped != 1.0 and "c3po/cut_s" in seen:

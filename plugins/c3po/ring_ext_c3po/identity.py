@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 # (uid, session id) of the sample whose agent loop runs in this asyncio task; None outside verl's agent loop
 _REQUEST: ContextVar[tuple[str, str | None] | None] = ContextVar("ring_ext_c3po_request", default=None)
+# the sample is a validation one (verl's trajectory["validate"]): no budget, no admission wait
+_VALIDATE: ContextVar[bool] = ContextVar("ring_ext_c3po_validate", default=False)
 _warned = False
 
 
@@ -35,6 +37,11 @@ def request_identity(prompt_key: str) -> tuple[str, str | None]:
                        "their prompt, so two groups of one prompt in flight share budget counts, purges and "
                        "partials")
     return prompt_key, None
+
+
+def is_validation() -> bool:
+    """The request being generated is a validation sample's (False outside verl's agent loop)."""
+    return _VALIDATE.get()
 
 
 _original_run: Any = None  # verl's AgentLoopWorker._run_agent_loop in this process, set by the patch
@@ -58,7 +65,10 @@ def identify_requests(original: Any) -> Any:
 async def run_agent_loop_identified(self: Any, *args: Any, **kwargs: Any) -> Any:
     uid, session = kwargs.get("uid"), kwargs.get("session_id")
     token = _REQUEST.set(None if uid is None else (str(uid), None if session is None else str(session)))
+    trajectory = kwargs.get("trajectory", args[1] if len(args) > 1 else None)  # (sampling_params, trajectory, ...)
+    validate = _VALIDATE.set(bool((trajectory or {}).get("validate", False)))
     try:
         return await _original_run(self, *args, **kwargs)
     finally:
         _REQUEST.reset(token)
+        _VALIDATE.reset(validate)

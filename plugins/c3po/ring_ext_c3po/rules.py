@@ -47,6 +47,8 @@ class C3POConfig:
     stall_timeout_s: float = knob(600.0, gt=0)  # no request finished for this long, budget unmet: an error
     carry: Literal["abort", "keep"] = "abort"  # at a cut: abort and resubmit, or pause keeping requests (keep.py)
     adaptive_cut: bool = False  # let the crossing's requests finish when a cut would cost more (adaptive.py)
+    # a finished request's slot goes to the next group at the trainer's poll, or at once from the gate (admission.py)
+    admission: Literal["poll", "completion"] = "poll"
     timeline: bool = True  # append each trained/purged request's segments to <default_local_dir>/c3po_timeline.jsonl
     timeline_tokens: bool = False  # the timeline also holds each trained request's token ids and rollout log-probs
 
@@ -81,7 +83,8 @@ class C3POConfig:
     def describe(self) -> str:
         return (f"token_budget(Phi)={self.token_budget} pool_prompts(Omega)={self.pool_prompts} "
                 f"max_retention(sigma)={self.max_retention} carry={self.carry}"
-                f"{' adaptive_cut=true' if self.adaptive_cut else ''}")
+                f"{' adaptive_cut=true' if self.adaptive_cut else ''}"
+                f"{' admission=completion' if self.admission == 'completion' else ''}")
 
 
 def budget_reached(tokens: int, token_budget: int) -> bool:
@@ -166,6 +169,12 @@ class GroupBudget:
         self._partial: dict[Hashable, list[int]] = {}  # group -> tokens of each finished sample
         self._oldest: dict[Hashable, int] = {}  # group -> oldest policy version among its finished samples' tokens
         self._crossed = False
+        self._completed = [0, 0]  # response tokens, groups of every group that completed in the run
+
+    @property
+    def group_tokens_mean(self) -> float | None:
+        """Response tokens per completed group over the run (None before the first)."""
+        return self._completed[0] / self._completed[1] if self._completed[1] else None
 
     @property
     def reached(self) -> bool:
@@ -183,6 +192,8 @@ class GroupBudget:
         if len(done) == self.group_size:
             del self._partial[group]
             oldest = self._oldest.pop(group, None)
+            self._completed[0] += sum(done)
+            self._completed[1] += 1
             if (self.max_retention is None or oldest is None or versions is None
                     or staleness(oldest, versions[1], self.max_retention) != "purge"):
                 self.tokens += sum(done)

@@ -101,7 +101,7 @@ class C3POTrainer(PPOTrainerColocateAsync):
             self._gate = gate_cls.remote(int(rollout.n), self.replay_buffer.c3po.token_budget, servers,
                                          self.replay_buffer.c3po.max_retention,
                                          int(rollout.max_num_seqs) * len(servers), self.replay_buffer.c3po.carry,
-                                         self.replay_buffer.c3po.adaptive_cut)
+                                         self.replay_buffer.c3po.adaptive_cut, self.replay_buffer.c3po.admission)
         return self.llm_server_manager.get_client(client_cls=C3POLLMServerClient, gate=self._gate)
 
     def fit(self, agent_loop_manager: Any) -> None:

@@ -29,6 +29,10 @@ def test_config_defaults_and_describe() -> None:
     assert c.describe() == "token_budget(Phi)=512 pool_prompts(Omega)=8 max_retention(sigma)=1 carry=abort"
     with pytest.raises(ValueError, match="carry"):
         C3POConfig.from_mapping({"token_budget": 4, "carry": "drop"})  # abort or keep only
+    with pytest.raises(ValueError, match="admission"):
+        C3POConfig.from_mapping({"token_budget": 4, "admission": "eager"})  # poll or completion only
+    assert C3POConfig.from_mapping({"token_budget": 4, "admission": "completion"}).describe().endswith(
+        "carry=abort admission=completion")
     assert C3POConfig.from_mapping({"token_budget": 4, "max_retention": 0, "pool_prompts": 1}).max_retention == 0
 
 
