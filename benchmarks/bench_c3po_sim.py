@@ -41,6 +41,8 @@ HELP = {
     "step_fixed_s": "a in t_step = a + b*batch (s)",
     "step_per_seq_s": "b in t_step = a + b*batch (s)", "prefill_per_token_s": "c, prefill s per token",
     "step_per_context_token_s": "k, decode s per step per token of context held (KV reads)",
+    "cut_s": "C3PO++: seconds each phase's cut costs (measured: c3po/cut_s)",
+    "admission_latency_s": "C3PO++: a completion to its replacement in the engine (s; c3po/admission_latency_s)",
     "train_fixed_s": "d in t_train = d + e*tokens (s)", "train_per_token_s": "e in t_train = d + e*tokens (s)",
     "sync_s": "s, weight sync (s)", "token_quantum": "q, token unit of the simulation (0: max_len // 512)",
     "seed": "length sampling seed",

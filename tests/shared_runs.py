@@ -32,6 +32,8 @@ C3PO_TWO_HOSTS_STEPS = 3
 # flight a cut nearly always finds some mid-decode (with 4 groups the engine was empty at some cuts: CI's run kept
 # nothing across a sync)
 C3PO_TWO_HOSTS_BUDGET, C3PO_TWO_HOSTS_POOL = 768, 8
+# its engine batch, below Omega's 16 requests: under admission=completion the gate holds 2 groups back
+C3PO_TWO_HOSTS_SEQS = 12
 LAG_BANDS = "{0: [0.5, 5.0], 1: [0.3, 8.0]}"  # the resumed process's IcePop band per version lag
 ROOT = os.geteuid() == 0  # a disk of one node's own needs a mount namespace (root); the rest runs without
 
@@ -111,6 +113,8 @@ def _c3po_two_hosts_main_ppo(cluster, workdir: Path, ckpt: Path):
         # the cut that keeps requests in the engine (README's run checks carry=abort, the recipe's default)
         "trainer.v1.c3po.carry=keep", "actor_rollout_ref.rollout.enable_prefix_caching=false",
         "trainer.v1.c3po.adaptive_cut=true",  # at each crossing the gate decides to cut or let the requests finish
+        # a freed engine slot goes to the next group at once; more groups submitted than the engine decodes at once
+        "trainer.v1.c3po.admission=completion", f"actor_rollout_ref.rollout.max_num_seqs={C3PO_TWO_HOSTS_SEQS}",
         # the TaskRunner runs on a node of the cluster: what it reads from the environment travels with the job
         f"++ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH={workdir / f'{ckpt.name}.jsonl'}",
     ], workdir, name=ckpt.name, timeout=900, env={**cluster.client_env(), "VERL_LOGGING_LEVEL": "WARN"})  # fmt: skip

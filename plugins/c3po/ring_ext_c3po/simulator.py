@@ -11,6 +11,11 @@ Model and assumptions (every number is an input of `SimConfig`; defaults are ill
   in all (prompt + prefix + generated: attention reads each one's KV cache every step). k defaults to 0.
 - Prefill: admitting a request stalls the engine for c * (prompt_length + prefix) seconds. A resumed request
   re-prefills its prompt AND the tokens it already generated (no KV cache survives a weight update).
+- Cut and admission (C3PO++ only, both measured on the real loop: `c3po/cut_s`, `c3po/admission_latency_s`): each
+  phase pays `cut_s` seconds at its cut; a request admitted during a phase (a top-up after a group completed)
+  reaches the engine `admission_latency_s` after that completion, the engine decoding what it holds meanwhile.
+  Both default to 0 (the instant cut and admission of Algorithm 1). The phase start's submission is not charged:
+  the synchronous batch pays the same.
 - Training: t_train(T) = d + e*T for T trained response tokens; then a weight sync of s seconds. Rollout, training
   and sync run one after the other (colocated, as verl's hybrid engine): whole step = rollout + train + sync.
 - Lengths: sample i of prompt j has response length min(max_len, max(1, round(median * exp(sigma_len * Z)))),
@@ -66,6 +71,8 @@ class SimConfig:
     step_per_seq_s: float = 1e-5  # b
     prefill_per_token_s: float = 2e-6  # c
     step_per_context_token_s: float = 0.0  # k: KV-cache read per token of context, per decode step
+    cut_s: float = 0.0  # C3PO++: seconds each phase's cut costs
+    admission_latency_s: float = 0.0  # C3PO++: a completion to its replacement reaching the engine
     train_fixed_s: float = 30.0  # d
     train_per_token_s: float = 2e-5  # e
     sync_s: float = 10.0  # s
@@ -112,27 +119,28 @@ class Lengths:
 
 
 class Engine:
-    """Continuous batching in units of q tokens; advance() jumps to the next completion."""
+    """Continuous batching in units of q tokens; advance() jumps to the next completion (or to the moment a queued
+    request becomes ready for a free slot)."""
 
     def __init__(self, cfg: SimConfig) -> None:
         self.cfg, self.q = cfg, cfg.quantum
         self.clock = self.idle_s = self.prefill_s = 0.0
         self.step, self.decoded = 0, 0  # decode steps (units) so far; real tokens decoded
-        self.queue: deque[tuple[Hashable, int, int]] = deque()  # (uid, prefix units, units to generate)
+        self.queue: deque[tuple[Hashable, int, int, float]] = deque()  # (uid, prefix units, units to go, ready at)
         self.start: dict[Hashable, int] = {}  # running uid -> step it started decoding
         self.heap: list[tuple[int, int, Hashable]] = []  # (finish step, tie-break, uid)
         self._tie = itertools.count()
         self.base: dict[Hashable, int] = {}  # running uid -> its context (real tokens) minus step * q
         self.base_sum = 0
 
-    def submit(self, uid: Hashable, prefix: int, remaining: int) -> None:
+    def submit(self, uid: Hashable, prefix: int, remaining: int, ready_at: float = 0.0) -> None:
         assert remaining >= 1, (uid, remaining)
-        self.queue.append((uid, prefix, remaining))
+        self.queue.append((uid, prefix, remaining, ready_at))
 
     def fill(self) -> None:
         c = self.cfg
-        while self.queue and len(self.start) < c.batch:
-            uid, prefix, remaining = self.queue.popleft()
+        while self.queue and len(self.start) < c.batch and self.queue[0][3] <= self.clock:
+            uid, prefix, remaining, _ = self.queue.popleft()
             dt = c.prefill_per_token_s * (c.prompt_length + prefix * self.q)
             self.clock, self.prefill_s = self.clock + dt, self.prefill_s + dt
             self.start[uid] = self.step
@@ -141,9 +149,19 @@ class Engine:
             heapq.heappush(self.heap, (self.step + remaining, next(self._tie), uid))
 
     def advance(self) -> list[Hashable]:
-        """Decode until the next completion; returns every uid that finishes at that step."""
+        """Decode until the next completion; returns every uid that finishes at that step. With a free slot and a
+        queued request not ready yet, decode (or idle, when nothing runs) only until it is ready: returns []."""
         c, n = self.cfg, len(self.start)
+        ready = self.queue[0][3] if self.queue and n < c.batch and self.queue[0][3] > self.clock else None
+        if n == 0:
+            assert ready is not None, "advance() on an empty engine with nothing to wait for"
+            self.idle_s, self.clock = self.idle_s + ready - self.clock, ready
+            return []
         finish = self.heap[0][0]
+        if ready is not None:  # whole decode steps (units) at the current step time until it is ready
+            t_unit = self.q * (c.step_fixed_s + c.step_per_seq_s * n)
+            units = max(1, math.ceil((ready - self.clock) / t_unit)) if t_unit > 0 else 1
+            finish = min(finish, self.step + units)
         steps = (finish - self.step) * self.q  # real decode steps; every context grows by one per step
         context_steps = steps * (self.base_sum + n * self.step * self.q) + n * steps * (steps - 1) // 2
         dt = steps * (c.step_fixed_s + c.step_per_seq_s * n) + c.step_per_context_token_s * context_steps
@@ -224,10 +242,11 @@ def run_sync(cfg: SimConfig, lengths: Lengths | None = None) -> PolicyStats:
     return stats
 
 
-def _submit_pending(sched: C3POScheduler, eng: Engine, lengths: Lengths, prefix: dict[str, int]) -> None:
+def _submit_pending(sched: C3POScheduler, eng: Engine, lengths: Lengths, prefix: dict[str, int],
+                    ready_at: float = 0.0) -> None:
     for r in sched.pending_requests():  # oldest group first: carried (resumed) requests lead the queue
         prefix[r.uid] = len(r.prefix_tokens)
-        eng.submit(r.uid, prefix[r.uid], lengths(int(r.prompt_id))[r.sample_index] - prefix[r.uid])
+        eng.submit(r.uid, prefix[r.uid], lengths(int(r.prompt_id))[r.sample_index] - prefix[r.uid], ready_at)
 
 
 def run_c3po(cfg: SimConfig, target_tokens: int, budget_tokens: int, lengths: Lengths | None = None,
@@ -243,7 +262,7 @@ def run_c3po(cfg: SimConfig, target_tokens: int, budget_tokens: int, lengths: Le
         eng, prefix = Engine(cfg), dict[str, int]()  # uid -> prefix units of its request in this phase
         _submit_pending(sched, eng, lengths, prefix)
         eng.fill()
-        while eng.start and not sched.budget_reached:
+        while (eng.start or eng.queue) and not sched.budget_reached:
             group_left = False
             for uid in eng.advance():
                 prompt_id, _, i = uid.partition("/")  # scheduler uids are "seq/sample"
@@ -252,13 +271,14 @@ def run_c3po(cfg: SimConfig, target_tokens: int, budget_tokens: int, lengths: Le
                 done_count[prompt_id] += 1
                 group_left |= done_count[prompt_id] == cfg.group_size
             if group_left and not sched.budget_reached:  # top the pool up; only a completed group frees room
-                _submit_pending(sched, eng, lengths, prefix)
+                _submit_pending(sched, eng, lengths, prefix, eng.clock + cfg.admission_latency_s)
             if not sched.budget_reached:
                 eng.fill()
         for uid, n in eng.abort().items():
             if n:
                 sched.record(uid, [0] * n, [0.0] * n, finished=False)
         sched.abort_in_flight()
+        eng.clock += cfg.cut_s  # the crossing to the engines stopped, and their resumption
         res = sched.end_iteration()
         for group in res.batch:
             del done_count[group[0].prompt_id]

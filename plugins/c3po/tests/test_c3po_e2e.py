@@ -12,6 +12,7 @@ keeps requests in the engine (`carry=keep`): its tokens are checked against ever
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from shared_runs import C3PO_TWO_HOSTS_BUDGET, C3PO_TWO_HOSTS_STEPS, RING1T_FIRST, RING1T_STEPS, ResumedRun
+from shared_runs import (C3PO_TWO_HOSTS_BUDGET, C3PO_TWO_HOSTS_SEQS, C3PO_TWO_HOSTS_STEPS, RING1T_FIRST, RING1T_STEPS,
+                         ResumedRun)
 
 
 if TYPE_CHECKING:
@@ -231,6 +233,18 @@ def test_the_adaptive_cut_decides_at_every_crossing_and_a_skipped_cut_trains_eve
         assert d["c3po/cut_skipped"] in (0.0, 1.0) and 0.0 <= d["c3po/cut_wait_s"] < 0.5, s["step"]
         if d["c3po/cut_skipped"] == 1.0:
             assert d["c3po/groups_deferred"] == 0, s["step"]
+
+
+def test_admission_at_completion_holds_the_engine_to_its_batch(refill: dict) -> None:
+    """admission=completion (the two-host run: an engine batch of 12 sequences, Omega 8 groups of 2 submitted): at
+    no moment do more requests decode than the batch and the rest of one group (a group enters whole), where verl's
+    admission sends all 16 to the engine; the groups held back wait at the gate when the phase ends."""
+    assert "admission=completion" in refill["log"]  # the start-up line names it
+    spans = [(r["segments"][0][2], r["segments"][-1][3]) for r in refill["timeline"] if r["segments"]]
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])  # at a tie the end comes first
+    most = max(itertools.accumulate(step for _, step in events))
+    assert C3PO_TWO_HOSTS_SEQS // 2 <= most <= C3PO_TWO_HOSTS_SEQS + 1, most  # rollout.n = 2
+    assert max(s["data"]["c3po/groups_waiting_at_cut"] for s in refill["steps"]) >= 1
 
 
 def _policy(ckpt: Path, version: int):

@@ -41,6 +41,34 @@ def test_engine_context_cost_closed_form():
     assert eng.advance() == ["z"] and eng.clock == pytest.approx(16.8 + 0.25 * 7 + 2 * 1.5 + 0.1 * (7 + 8))
 
 
+def test_engine_decodes_until_a_queued_request_is_ready_then_admits_it():
+    """x (2 tokens) decodes alone; y reaches the engine at t = 2 (an admission latency): one step at n = 1 (1.5 s,
+    t = 2.5), y's prefill (1 s), one step at n = 2 finishes x, one at n = 1 finishes y. z arrives at t = 10 on an empty
+    engine: the engine idles until then."""
+    cfg = SimConfig(prompts_per_step=1, group_size=2, max_response_length=8, **UNIT)
+    eng = Engine(cfg)
+    eng.submit("x", 0, 2), eng.fill()  # prefill 1 s
+    eng.submit("y", 0, 2, ready_at=2.0), eng.fill()
+    assert eng.queue and eng.advance() == [] and eng.clock == pytest.approx(2.5)
+    eng.fill()
+    assert not eng.queue and eng.advance() == ["x"] and eng.clock == pytest.approx(3.5 + 2.0)
+    assert eng.advance() == ["y"] and eng.clock == pytest.approx(7.0)
+    eng.submit("z", 0, 1, ready_at=10.0)
+    assert eng.advance() == [] and eng.clock == 10.0 and eng.idle_s == pytest.approx(1.5 / 2 + 0.75 + 3.0)
+
+
+@pytest.mark.parametrize("latency, cut", [(0.0, 0.0), (0.5, 0.0), (0.0, 0.3), (0.5, 0.3)])
+def test_cut_cost_and_admission_latency_are_charged_to_each_phase(latency, cut):
+    """G = 1, P = 2, batch 2, Omega 2, every length 10, Phi 40, 1 s per decode step, no prefill: each phase decodes
+    two requests (10 s), waits `latency` for their replacements, decodes those (10 s), crosses Phi and pays `cut`."""
+    cfg = SimConfig(prompts_per_step=2, group_size=1, steps=2, max_response_length=16, max_batch=2, pool_prompts=2,
+                    **{**UNIT, "step_per_seq_s": 0.0, "prefill_per_token_s": 0.0}, admission_latency_s=latency,
+                    cut_s=cut)
+    c3po, _ = run_c3po(cfg, 80, 40, Lengths.fixed(cfg, [[10]] * 8))
+    assert c3po.steps == 2 and c3po.rollout_s == pytest.approx(2 * (20 + latency + cut))
+    assert c3po.idle_s == pytest.approx(2 * latency)  # the engine was empty while the replacements were on their way
+
+
 def test_hand_computed_run_both_policies():
     """Every prompt has lengths (2, 6); P=1, G=2, batch 2, Omega 2 groups, Phi 8. See the step-by-step in the comments:
     sync step = 2 (prefill) + 2*2 + 4*1.5 = 12 s. C3PO++ iteration 1: prefills 0/0, 0/1, then 1/0 at step 2, 1/1 at
