@@ -74,11 +74,11 @@ from ring_ext.verl_run import run_main_ppo  # noqa: E402
 
 RESULTS = HERE / "results"
 SAMPLER = Path(__file__).resolve().parent / "fast_poll_sampler.py"
-MODES = ("sync", "colocate_async", "c3po", "c3po_keep", "c3po_adaptive", "c3po_admit")
+MODES = ("sync", "colocate_async", "c3po", "c3po_keep", "c3po_adaptive", "c3po_admit", "c3po_complete")
 BASELINES = ("sync", "colocate_async")  # each compared with every c3po variant
 # the trainer mode c3po, by its carry knob (and adaptive_cut=true: "_adaptive"; admission=completion: "_admit")
 C3PO_MODES = {"c3po": "abort", "c3po_keep": "keep", "c3po_adaptive": "abort_adaptive",
-              "c3po_admit": "abort_adaptive_admit"}
+              "c3po_admit": "abort_adaptive_admit", "c3po_complete": "abort_admit"}
 PROMPT_MAX = 64  # the recipe's data.max_prompt_length
 MODEL_POSITIONS = 512  # the tiny model's max_position_embeddings (ring_ext/tiny/model.py): prompt + response
 LOOP_NAME = "lognormal_length"

@@ -113,6 +113,9 @@ def test_modes_differ_only_in_their_own_knobs() -> None:
         "trainer.v1.trainer_mode", "trainer.v1.c3po.token_budget", "trainer.v1.c3po.pool_prompts",
         "trainer.v1.c3po.max_retention", "trainer.v1.c3po.carry"}
     assert own["c3po_adaptive"] == own["c3po"] | {"trainer.v1.c3po.adaptive_cut"}
+    assert own["c3po_admit"] == own["c3po_adaptive"] | {"trainer.v1.c3po.admission"}
+    assert own["c3po_complete"] == own["c3po"] | {"trainer.v1.c3po.admission"}
+    assert "trainer.v1.c3po.admission=completion" in sets["c3po_admit"] & sets["c3po_complete"]
     assert "trainer.v1.c3po.carry=keep" in sets["c3po_keep"] and "trainer.v1.c3po.carry=abort" in sets["c3po"]
     assert {"trainer.v1.c3po.carry=abort", "trainer.v1.c3po.adaptive_cut=true"} <= sets["c3po_adaptive"]
     assert "actor_rollout_ref.rollout.enable_prefix_caching=false" in shared  # keep needs it: the same for all

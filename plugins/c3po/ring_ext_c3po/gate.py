@@ -127,8 +127,12 @@ class BudgetGate:
             limit = inside + groups_to_admit(self.budget.tokens, inside, self.budget.group_tokens_mean,
                                              self.budget.token_budget, inside + self.admission.groups_waiting)
         for group in self.admission.admit(limit):
-            for waiter in self._waiters.pop(group, []):
-                waiter.set_result(True)
+            self._answer(group, True)
+
+    def _answer(self, group: str, admitted: bool) -> None:
+        for waiter in self._waiters.pop(group, []):
+            if not waiter.done():  # a caller Ray cancelled has its future cancelled
+                waiter.set_result(admitted)
 
     def _close_admission(self) -> None:
         if self.admission is not None:
@@ -157,8 +161,7 @@ class BudgetGate:
         self._close_admission()
         if self.admission is not None:
             for group in self.admission.drop_waiting():
-                for waiter in self._waiters.pop(group, []):
-                    waiter.set_result(False)
+                self._answer(group, False)
 
     def is_closed(self) -> bool:
         return self.closed
