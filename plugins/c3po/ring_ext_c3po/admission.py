@@ -18,33 +18,40 @@ from collections.abc import Hashable
 
 
 class Admission:
-    """Which groups' requests may enter the engines. A group is admitted whole: its requests that arrive while it
-    waits are admitted with it, and one that arrives after it was admitted enters at once."""
+    """Which groups' requests may enter the engines. A group is admitted whole: it takes `group_size` slots when it
+    enters, its requests that arrive after it entered go in at once on the slots kept for them."""
 
-    def __init__(self, slots: int) -> None:
-        if slots < 1:
-            raise ValueError(f"Admission needs slots >= 1 (max_num_seqs x replicas), got {slots}")
-        self.slots = slots  # sequences the engines decode at once
+    def __init__(self, slots: int, group_size: int) -> None:
+        if slots < 1 or group_size < 1:
+            raise ValueError(f"Admission needs slots >= 1 (max_num_seqs x replicas) and group_size >= 1, "
+                             f"got {slots}, {group_size}")
+        self.slots, self.group_size = slots, group_size  # sequences the engines decode at once; rollout.n
         self.open = True  # closed from the budget crossing until generation resumes
         self._inside: dict[Hashable, int] = {}  # group -> its requests in the engines
+        self._kept: dict[Hashable, int] = {}  # admitted group -> slots kept for its requests not arrived yet
         self._waiting: dict[Hashable, int] = {}  # group -> its requests waiting, in arrival order
 
     @property
     def requests_inside(self) -> int:
-        return sum(self._inside.values())
+        """Slots taken: requests in the engines and slots kept for admitted groups' late requests."""
+        return sum(self._inside.values()) + sum(self._kept.values())
 
     @property
     def groups_inside(self) -> int:
-        return len(self._inside)
+        return len(self._inside.keys() | self._kept.keys())
 
     @property
     def groups_waiting(self) -> int:
         return len(self._waiting)
 
     def arrive(self, group: Hashable) -> bool:
-        """A request of `group` asks to enter: True if it may at once (its group is inside), else it waits."""
-        if group in self._inside:
-            self._inside[group] += 1
+        """A request of `group` asks to enter: True if it may at once (its group was admitted), else it waits."""
+        if group in self._inside or group in self._kept:
+            if self._kept.get(group, 0) > 0:
+                self._kept[group] -= 1
+                if not self._kept[group]:
+                    del self._kept[group]
+            self._inside[group] = self._inside.get(group, 0) + 1
             return True
         self._waiting[group] = self._waiting.get(group, 0) + 1
         return False
@@ -66,9 +73,17 @@ class Admission:
         while self.open and self._waiting and self.requests_inside < self.slots and (
                 max_groups_inside is None or self.groups_inside < max_groups_inside):
             group = next(iter(self._waiting))
-            self._inside[group] = self._inside.get(group, 0) + self._waiting.pop(group)
+            arrived = self._waiting.pop(group)
+            self._inside[group] = self._inside.get(group, 0) + arrived
+            if arrived < self.group_size:
+                self._kept[group] = self.group_size - arrived
             admitted.append(group)
         return admitted
+
+    def expire(self) -> None:
+        """The phase ended: slots kept for a group none of whose requests is inside are freed (a request that never
+        came, its agent loop failed before it; one that still comes waits again)."""
+        self._kept = {g: n for g, n in self._kept.items() if g in self._inside}
 
     def drop_waiting(self) -> list[Hashable]:
         """The run ended: every waiting group goes (its requests end without reaching an engine)."""

@@ -148,6 +148,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
         start = time.time()
         self._purged_this_step = self._purged_tokens_this_step = self._added_this_step = 0
         sampleable, metrics = self.wait_for_sampleable(global_steps, partition_id, batch_size)
+        reached = time.time()
         if self.abort_fn is not None:
             # Cut now (a no-op pause if the gate already cut), then let requests that completed just before the cut
             # land: they belong to this batch.
@@ -155,6 +156,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
             time.sleep(self.poll_interval)
             sampleable, late = self.wait_for_sampleable(global_steps, partition_id, batch_size)
             _accumulate_eviction_metrics(metrics, late, late.get("training/off_policy/evicted_samples", 0))
+        cut = time.time()
         uids, extras = self._batch_uids(global_steps, partition_id, sampleable)
         in_flight = self._in_flight(partition_id)
         batch = self._materialize_batch(partition_id, uids, dict(self.partitions[partition_id]))
@@ -165,6 +167,9 @@ class C3POReplayBuffer(ReplayBufferAsync):
         self._put_token_lags(global_steps, batch, extras)
         tokens = self._read_tokens(batch) if self.c3po.timeline_tokens and self.timeline_path else None
         self._append_timeline(global_steps, list(zip(batch.keys, extras, strict=True)), False, batch.tags, tokens)
+        # where sample()'s time went: the budget met in TransferQueue, the trainer's cut, the batch built
+        metrics.update({"c3po/sample/budget_s": reached - start, "c3po/sample/cut_s": cut - reached,
+                        "c3po/sample/batch_s": time.time() - cut})
         return batch, metrics
 
     def _batch_uids(self, global_steps: int, partition_id: str,

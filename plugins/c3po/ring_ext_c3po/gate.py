@@ -45,7 +45,7 @@ class BudgetGate:
         self._skipped: float | None = None  # adaptive: 1.0 the crossing's requests finished uncut, 0.0 they were cut
         self._waited_s = 0.0
         # admission: completion -- requests wait here for an engine slot (admission.py); None: verl admits them
-        self.admission = Admission(capacity) if admission == "completion" else None
+        self.admission = Admission(capacity, group_size) if admission == "completion" else None
         self._waiters: dict[str, list[asyncio.Future]] = {}  # group -> its requests waiting for admission
 
     async def finished(self, group: str, tokens: int, versions: tuple[int, int] | None = None,
@@ -178,6 +178,8 @@ class BudgetGate:
         if self.cut_at is not None and self._skipped != 1.0 and "c3po/cut_s" in seen:
             self.costs.cut(seen["c3po/cut_s"])  # what a cut costs, for the next crossings' decisions
         self.budget.reset(carried_tokens)
+        if self.admission is not None:
+            self.admission.expire()
         self.cut_at, self._decision, self._skipped, self._waited_s = None, None, None, 0.0
         self.stats = PhaseStats(self.capacity)
         return seen

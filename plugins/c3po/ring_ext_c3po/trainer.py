@@ -25,6 +25,7 @@ from typing import Any
 import ray
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_colocate_async import PPOTrainerColocateAsync
+from verl.utils.debug import marked_timer
 
 from ring_ext.shared_dir import require_shared
 from ring_ext_c3po.buffer import C3POReplayBuffer
@@ -89,7 +90,8 @@ class C3POTrainer(PPOTrainerColocateAsync):
         verl's abort and sleep (which would drop the requests and wait for them to drain) are not run, and the
         buffer's sample() already paused them (`_cut_phase`, its abort_fn, runs on every sample)."""
         if self.replay_buffer.c3po.carry != "keep":
-            return super().on_sample_end()
+            with marked_timer("sample_end", self.timing_raw):  # verl's abort (a no-op after the cut) and sleep
+                return super().on_sample_end()
         if self.curr_step_profile:
             self._stop_rollout_profiling()
 

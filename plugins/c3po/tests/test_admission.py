@@ -11,20 +11,37 @@ from ring_ext_c3po.gate import BudgetGate
 
 
 def test_a_group_enters_whole_when_a_slot_frees_oldest_first() -> None:
-    adm = Admission(slots=4)
+    adm = Admission(slots=4, group_size=2)
     for group in ("a", "a", "b", "b", "c", "c"):
         assert not adm.arrive(group)  # nothing enters before admit() looks at the slots
     assert adm.admit() == ["a", "b"] and adm.requests_inside == 4 and adm.groups_waiting == 1
     assert adm.admit() == []  # full: c waits
     adm.leave("a")  # one request of a finished: its slot goes to c at once, with both of c's requests
     assert adm.admit() == ["c"] and adm.requests_inside == 5  # c's second request queues in the engine briefly
-    assert adm.arrive("b")  # a late sibling of a group inside enters at once
     adm.leave("a")
-    assert adm.groups_inside == 2 and adm.requests_inside == 5
+    assert adm.groups_inside == 2 and adm.requests_inside == 4
+
+
+def test_a_group_admitted_before_all_its_requests_arrived_keeps_their_slots() -> None:
+    adm = Admission(slots=4, group_size=2)
+    adm.arrive("a"), adm.arrive("a"), adm.arrive("b")  # b's second request is still on its way
+    assert adm.admit() == ["a", "b"] and adm.requests_inside == 4  # b's late request has its slot kept
+    adm.arrive("c")
+    assert adm.admit() == []  # so c does not take it: the engine never holds more than its batch
+    assert adm.arrive("b") and adm.requests_inside == 4  # the late request goes in at once, on its slot
+    adm.arrive("d")
+    adm.leave("a"), adm.leave("a")
+    assert adm.admit() == ["c"] and adm.requests_inside == 4  # c enters whole: one in, one slot kept
+    adm.leave("b")
+    assert adm.admit() == ["d"] and adm.requests_inside == 5
+    adm.leave("c")  # c's only request that came finished; its second never comes (its agent loop failed)
+    assert adm.requests_inside == 4
+    adm.expire()  # at the phase's end the slot kept for it is freed; d's is kept (d has a request inside)
+    assert adm.requests_inside == 3 and adm.groups_inside == 2
 
 
 def test_closed_admission_holds_every_group_and_a_limit_caps_groups_inside() -> None:
-    adm = Admission(slots=8)
+    adm = Admission(slots=8, group_size=1)
     for group in "abcd":
         adm.arrive(group)
     adm.open = False  # from the crossing until generation resumes
@@ -37,8 +54,8 @@ def test_closed_admission_holds_every_group_and_a_limit_caps_groups_inside() -> 
 
 def test_bad_accounting_is_an_error_not_a_leaked_slot() -> None:
     with pytest.raises(ValueError, match="slots >= 1"):
-        Admission(slots=0)
-    adm = Admission(slots=2)
+        Admission(slots=0, group_size=2)
+    adm = Admission(slots=2, group_size=2)
     with pytest.raises(ValueError, match="none of its requests was inside"):
         adm.leave("never-admitted")
 
