@@ -7,7 +7,7 @@ its own (a tmpfs in that raylet's mount namespace over the same path) is refused
 the node that does not see it. The loop's own checks (budget, restart, per-lag IcePop) run on one node:
 test_c3po_e2e.py; across two nodes the cut is looser (docs/c3po.md).
 The trained run is also the case that used to hang (plugins/c3po/tests/test_c3po_e2e.py checks it from here): a pool
-of 4 groups holds fewer than Phi tokens, so a phase ends only if finished groups are replaced while the engine
+of 8 groups holds fewer than Phi tokens, so a phase ends only if finished groups are replaced while the engine
 decodes; an IcePop band of [0.98, 1.02] rejects tokens; every version's HF weights and every trained request's
 tokens and rollout log-probs are kept, so each segment is checked against the weights that decoded it.
 Not stood in for: network latency, and a network file system (both nodes see this machine's disk).
