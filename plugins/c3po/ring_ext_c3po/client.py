@@ -46,13 +46,28 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
         self._purged_at: dict[str, float] = {}  # group -> wall clock of the cut that purged one of its samples
 
     async def generate(self, request_id, *, prompt_ids, sampling_params: dict[str, Any], **kwargs: Any) -> TokenOutput:
+        """`admission: completion` first: the request waits at the gate until its group may enter an engine, and
+        however it ends hands its slot on after its finished report (so a crossing closes admission before the slot
+        goes on; admission.py). Then `_generate`."""
         prompt_ids = normalize_token_ids(prompt_ids)
+        pkey = prompt_key(prompt_ids)
+        group = request_identity(pkey)[0]
+        gated = self._gate is not None and self._c3po.admission == "completion" and not is_validation()
+        admitted = not gated or await self._gate.admit.remote(group)
+        try:
+            return await self._generate(request_id, prompt_ids, pkey, sampling_params, admitted, **kwargs)
+        finally:
+            if gated and admitted:
+                self._gate.leave.remote(group)
+
+    async def _generate(self, request_id, prompt_ids: list[int], pkey: str, sampling_params: dict[str, Any],
+                        admitted: bool, **kwargs: Any) -> TokenOutput:
         params = dict(sampling_params)  # rewritten per segment: never touch the caller's dict
         key = "max_new_tokens" if "max_new_tokens" in params else "max_tokens"
         limit = params.get(key) or self._configured_response_length()
         if limit is None:
             raise ValueError("C3PO++ needs a response budget: set actor_rollout_ref.rollout.response_length")
-        limit, sigma, pkey = int(limit), self._c3po.max_retention, prompt_key(prompt_ids)
+        limit, sigma = int(limit), self._c3po.max_retention
         group, session = request_identity(pkey)  # verl's uid and session id (the prompt key outside the agent loop)
         ident = (group, session, pkey)  # what the spool keys this request's partial by
         spool_id = uuid.uuid4().hex  # request ids repeat under rollout.full_determinism ("det-<priority>")
@@ -65,72 +80,65 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
             out.token_ids, out.log_probs = list(saved.token_ids), list(saved.log_probs or [])
             if saved.routed_experts is not None:
                 out.routed_experts = np.asarray(saved.routed_experts)
-        restored, cached, step, written, closed = tracker.tokens, None, Next.RESUME, 0, False
+        restored, cached, written = tracker.tokens, None, 0
+        # not admitted: the run ended while the request waited for admission; it never reaches an engine
+        step, closed = (Next.RESUME, False) if admitted else (Next.PURGED, True)
         resubmitted = saved is not None  # a request carried across a restart is resubmitted with its tokens
-        gated = self._gate is not None and self._c3po.admission == "completion" and not is_validation()
-        admitted = not gated or await self._gate.admit.remote(group)  # admission.py: wait for an engine slot
-        if not admitted:
-            step, closed = Next.PURGED, True
-        try:
-            while not closed:  # closed before it starts: the run ended while it waited for admission
-                params[key] = tracker.remaining
-                start = time.time()
-                seg = await LLMServerClient.generate(self, request_id=request_id, prompt_ids=prompt_ids + out.token_ids,
-                                                     sampling_params=params, **kwargs)
-                new = list(seg.token_ids)
-                held = len(out.token_ids)  # what the request was (re)submitted with beyond its prompt
-                out.token_ids.extend(new)
-                if seg.log_probs is not None:
-                    out.log_probs.extend(seg.log_probs)
-                if seg.routed_experts is not None and new:  # keep earlier routing, append the new tokens' routing
-                    tail = seg.routed_experts[-len(new):]
-                    out.routed_experts = (tail if out.routed_experts is None
-                                          else np.concatenate([out.routed_experts, tail]))
-                out.num_preempted += seg.num_preempted or 0
-                out.stop_reason = seg.stop_reason
-                cached = seg.extra_fields.get("num_cached_tokens") if cached is None else cached
-                end = time.time()
-                # carry: keep -- the engine kept this request across syncs: a piece per version (keep.py)
-                pieces = split_at_switches(len(new), seg.extra_fields.get("global_steps"),
-                                           seg.extra_fields.get(SWITCHES), start, end)
-                for version, tokens, a, b in pieces[:-1]:
-                    step = tracker.record(version, tokens, "abort", a, b)  # a sync it was kept across counts as a cut
-                    if step is not Next.RESUME:
-                        del out.token_ids[tracker.tokens:], out.log_probs[tracker.tokens:]  # past the bound: dropped
-                        break
-                else:
-                    step = tracker.record(pieces[-1][0], pieces[-1][1], seg.stop_reason, pieces[-1][2], end)
-                if self._gate is not None:  # where the phase's time goes (phase_stats.py); a resubmission re-prefills
-                    self._gate.segment.remote(start, end, not resubmitted, step is Next.FINISHED,
-                                              len(prompt_ids) + held if resubmitted and held else 0)
-                resubmitted = True
-                if step is Next.PURGED:
-                    self._mark_purged(group)
+        while not closed:
+            params[key] = tracker.remaining
+            start = time.time()
+            seg = await LLMServerClient.generate(self, request_id=request_id, prompt_ids=prompt_ids + out.token_ids,
+                                                 sampling_params=params, **kwargs)
+            new = list(seg.token_ids)
+            held = len(out.token_ids)  # what the request was (re)submitted with beyond its prompt
+            out.token_ids.extend(new)
+            if seg.log_probs is not None:
+                out.log_probs.extend(seg.log_probs)
+            if seg.routed_experts is not None and new:  # keep earlier routing, append the new tokens' routing
+                tail = seg.routed_experts[-len(new):]
+                out.routed_experts = tail if out.routed_experts is None else np.concatenate([out.routed_experts, tail])
+            out.num_preempted += seg.num_preempted or 0
+            out.stop_reason = seg.stop_reason
+            cached = seg.extra_fields.get("num_cached_tokens") if cached is None else cached
+            end = time.time()
+            # carry: keep -- the engine kept this request across syncs: a piece per version (keep.py)
+            pieces = split_at_switches(len(new), seg.extra_fields.get("global_steps"), seg.extra_fields.get(SWITCHES),
+                                       start, end)
+            for version, tokens, a, b in pieces[:-1]:
+                step = tracker.record(version, tokens, "abort", a, b)  # a sync it was kept across counts as a cut
                 if step is not Next.RESUME:
+                    del out.token_ids[tracker.tokens:], out.log_probs[tracker.tokens:]  # past the bound: dropped
                     break
-                await asyncio.sleep(RESUME_WAIT_S)
-                if self._purged_at.get(group, 0.0) >= start:  # a sibling cut at the same abort was purged
-                    step = tracker.outcome = Next.PURGED
-                    break
-                if self._gate is not None and await self._gate.is_closed.remote():  # the run ended: nothing trains it
-                    step, closed = Next.PURGED, True
-                    break
-                if tracker.tokens:  # append-only: what was decoded since the last cut
-                    written = await asyncio.to_thread(self._spool.append, spool_id, self._partial(ident, out, tracker),
-                                                      written)
-            await asyncio.to_thread(self._spool.drop, spool_id)
-            versions = [s.version for s in tracker.segments]
-            if self._gate is not None and not closed:  # fire and forget: the gate cuts when this crosses the budget
-                if step is Next.FINISHED:  # decode time only of a request never cut (a cut one's spans the training)
-                    one = tracker.segments[0] if len(tracker.segments) == 1 else None
-                    self._gate.finished.remote(group, len(out.token_ids),
-                                               (min(versions), max(versions)) if versions else None,
-                                               one.end_s - one.start_s if one is not None else None)
-                else:
-                    self._gate.purged.remote(group)
-        finally:  # after the finished report: a crossing closes admission before this slot is handed on
-            if gated and admitted:
-                self._gate.leave.remote(group)
+            else:
+                step = tracker.record(pieces[-1][0], pieces[-1][1], seg.stop_reason, pieces[-1][2], end)
+            if self._gate is not None:  # where the phase's time goes (phase_stats.py); a resubmission re-prefills
+                self._gate.segment.remote(start, end, not resubmitted, step is Next.FINISHED,
+                                          len(prompt_ids) + held if resubmitted and held else 0)
+            resubmitted = True
+            if step is Next.PURGED:
+                self._mark_purged(group)
+            if step is not Next.RESUME:
+                break
+            await asyncio.sleep(RESUME_WAIT_S)
+            if self._purged_at.get(group, 0.0) >= start:  # a sibling cut at the same abort was purged
+                step = tracker.outcome = Next.PURGED
+                break
+            if self._gate is not None and await self._gate.is_closed.remote():  # the run ended: nothing trains it
+                step, closed = Next.PURGED, True
+                break
+            if tracker.tokens:  # append-only: what was decoded since the last cut
+                written = await asyncio.to_thread(self._spool.append, spool_id, self._partial(ident, out, tracker),
+                                                  written)
+        await asyncio.to_thread(self._spool.drop, spool_id)
+        versions = [s.version for s in tracker.segments]
+        if self._gate is not None and not closed:  # fire and forget: the gate cuts when this crosses the budget
+            if step is Next.FINISHED:  # decode time only of a request never cut (a cut one's spans the training)
+                one = tracker.segments[0] if len(tracker.segments) == 1 else None
+                self._gate.finished.remote(group, len(out.token_ids),
+                                           (min(versions), max(versions)) if versions else None,
+                                           one.end_s - one.start_s if one is not None else None)
+            else:
+                self._gate.purged.remote(group)
         out.extra_fields.update(
             global_steps=versions[-1] if versions else None, min_global_steps=min(versions, default=None),
             max_global_steps=max(versions, default=None), num_cached_tokens=cached,
