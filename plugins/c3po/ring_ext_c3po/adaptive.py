@@ -63,17 +63,23 @@ def decode_token_s(before: Mapping[str, tuple[int, int]], after: Mapping[str, tu
     return 1.0 / rates[len(rates) // 2] if rates else None
 
 
+def groups_needed(finished_tokens: int, group_tokens: float | None, budget: int) -> int | None:
+    """Groups in flight the budget still needs (at a group's mean response tokens so far) plus one spare (a purge, a
+    short group); None while no group's size is known."""
+    if group_tokens is None or group_tokens <= 0:
+        return None
+    return max(0, math.ceil((budget - finished_tokens) / group_tokens)) + 1
+
+
 def groups_to_admit(finished_tokens: int, in_flight_groups: int, group_tokens: float | None, budget: int,
                     pool: int) -> int:
-    """New groups to admit under the adaptive cut: back to Omega as always, but no more than the groups the budget
-    still needs (at a group's mean response tokens so far) plus one spare, counting those in flight. More would
-    only queue behind the engine and start late, so that every crossing found requests just begun, which a cut
-    stops and a wait would have to outlast. `group_tokens` None (nothing trained yet): Omega."""
+    """New groups to admit under the adaptive cut: back to Omega as always, but no more than `groups_needed`,
+    counting those in flight. More would only queue behind the engine and start late, so that every crossing found
+    requests just begun, which a cut stops and a wait would have to outlast. `group_tokens` None (nothing trained
+    yet): Omega."""
     room = max(0, pool - in_flight_groups)
-    if group_tokens is None or group_tokens <= 0:
-        return room
-    needed = max(0, math.ceil((budget - finished_tokens) / group_tokens)) + 1  # one spare: a purge, a short group
-    return min(room, max(0, needed - in_flight_groups))
+    needed = groups_needed(finished_tokens, group_tokens, budget)
+    return room if needed is None else min(room, max(0, needed - in_flight_groups))
 
 
 @dataclass

@@ -9,7 +9,7 @@ once, a Ray call away. Requests waiting at the gate are not in an engine: a cut 
 
 Admission closes at the budget crossing (what enters after it would only be cut) and reopens when generation
 resumes under the new weights. Under the adaptive cut the gate admits no more groups than the budget still needs
-and one (`adaptive.groups_to_admit`), at the moment of each completion instead of at the poll.
+and one (`adaptive.groups_needed`), at the moment of each completion instead of at the poll.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Admission:
     def arrive(self, group: Hashable) -> bool:
         """A request of `group` asks to enter: True if it may at once (its group was admitted), else it waits."""
         if group in self._inside or group in self._kept:
-            if self._kept.get(group, 0) > 0:
+            if group in self._kept:  # a count of 0 is never kept
                 self._kept[group] -= 1
                 if not self._kept[group]:
                     del self._kept[group]

@@ -20,7 +20,7 @@ import asyncio
 import time
 from typing import Any
 
-from ring_ext_c3po.adaptive import CutCosts, decode_token_s, groups_to_admit, wait_s
+from ring_ext_c3po.adaptive import CutCosts, decode_token_s, groups_needed, wait_s
 from ring_ext_c3po.admission import Admission
 from ring_ext_c3po.phase_stats import PhaseStats
 from ring_ext_c3po.rules import GroupBudget
@@ -121,11 +121,9 @@ class BudgetGate:
             self._admit()
 
     def _admit(self) -> None:
-        limit = None
-        if self.adaptive:  # no more groups than the budget still needs and one, counting those inside
-            inside = self.admission.groups_inside
-            limit = inside + groups_to_admit(self.budget.tokens, inside, self.budget.group_tokens_mean,
-                                             self.budget.token_budget, inside + self.admission.groups_waiting)
+        # adaptive: no more groups inside than the budget still needs and one
+        limit = groups_needed(self.budget.tokens, self.budget.group_tokens_mean,
+                              self.budget.token_budget) if self.adaptive else None
         for group in self.admission.admit(limit):
             self._answer(group, True)
 
