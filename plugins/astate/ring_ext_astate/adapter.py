@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 from ring_ext.knobs import check_knobs, from_mapping, knob
 from ring_ext.run_record import record_sync
-from ring_ext_astate.control import SyncError, descriptor_path
+from ring_ext_astate.control import descriptor_path
+from ring_ext_astate.errors import SyncError
 from ring_ext_astate.inplace import InPlaceSender
 
 logger = logging.getLogger("ring_ext")

@@ -19,7 +19,8 @@ import torch
 from ring_ext_astate.plan import PlanError
 from ring_ext_astate.segments import PREFIX, owned_name, sweep_orphans
 
-ALIGN = 64  # each parameter on its own cache line: any dtype view is aligned, no two parameters share a line
+ALIGN = 64  # each tensor on its own cache line: any dtype view is aligned, no two tensors (or senders) share a line
+STEP = 1 << 20  # bytes per copy step: source and destination of one step are still in cache when it is hashed
 SHM_DIR = "/dev/shm"
 
 

@@ -20,9 +20,7 @@ from typing import Any
 
 import zmq
 
-
-class SyncError(RuntimeError):
-    """An in-place sync failed; the worker's version did not advance (the message names tensor and rank)."""
+from ring_ext_astate.errors import SyncError
 
 
 def _mac(secret: bytes, *parts: Any) -> str:

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import reduce_tensor
 
-from ring_ext_astate.shm_transport import ShmReceiver, ShmSender, SyncError, _Channel
+from ring_ext_astate.errors import SyncError
+from ring_ext_astate.shm_transport import ShmReceiver, ShmSender, _Channel
 
 
 def device_digest(buf: torch.Tensor) -> tuple[int, ...]:

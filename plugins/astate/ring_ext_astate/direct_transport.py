@@ -21,11 +21,10 @@ import time
 import torch
 import xxhash
 
+from ring_ext_astate.arena import ALIGN, STEP
+from ring_ext_astate.errors import SyncError
 from ring_ext_astate.segments import create_segment
-from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, SyncError, SyncStats, _map_segment
-
-ALIGN = 64  # every tensor starts on its own cache line: any dtype view is aligned, no two senders share a line
-STEP = 1 << 20  # copy and checksum in steps small enough to stay in cache between the two
+from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, SyncStats, _map_segment
 
 
 def _nbytes(meta: Meta) -> int:

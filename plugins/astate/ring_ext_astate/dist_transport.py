@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ring_ext_astate.shm_transport import ShmReceiver, ShmSender, SyncError, _Channel
+from ring_ext_astate.errors import SyncError
+from ring_ext_astate.shm_transport import ShmReceiver, ShmSender, _Channel
 
 
 def free_port(host: str = "") -> int:

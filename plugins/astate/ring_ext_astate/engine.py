@@ -31,7 +31,8 @@ from ring_ext.knobs import check_knobs, knob
 
 from ring_ext_astate.direct_transport import DirectShmReceiver, DirectShmSender
 from ring_ext_astate.dist_transport import DistReceiver, DistSender, free_port, gloo_group
-from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, SyncError, _meta
+from ring_ext_astate.errors import SyncError
+from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, _meta
 
 
 logger = logging.getLogger("ring_ext")

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 import torch
 import xxhash
 
-from ring_ext_astate.arena import map_arena
-from ring_ext_astate.control import ControlClient, SyncError
+from ring_ext_astate.arena import STEP, map_arena
+from ring_ext_astate.control import ControlClient
+from ring_ext_astate.errors import SyncError
 from ring_ext_astate.plan import Plan, PlanError, merge_exactly_once, replay
-
-STEP = 1 << 20  # bytes per copy step: the source and destination of one step are still in cache when hashed
 
 
 @dataclass

@@ -27,13 +27,10 @@ import torch
 import xxhash
 import zmq
 
+from ring_ext_astate.errors import SyncError
 from ring_ext_astate.segments import create_segment, socket_path
 
 Meta = tuple[str, tuple[int, ...], str]  # name, shape, dtype
-
-
-class SyncError(RuntimeError):
-    """A weight sync failed; the receiver's previous weights are untouched."""
 
 
 def owned_byte_range(nbytes: int, itemsize: int, rank: int, world: int) -> tuple[int, int]:

@@ -60,8 +60,10 @@ def lowered_sleep(original):
 
     def sleep(self, level: int = 1) -> None:
         astate = type(getattr(self, "weight_transfer_engine", None)).__name__ == "AStateWeightTransferEngine"
-        runner = self.model_runner
-        lost = lost_at_level2(runner.model, on_device, runner.kv_caches) if level >= 2 and astate else []
+        lost: list[str] = []
+        if level >= 2 and astate:
+            runner = self.model_runner
+            lost = lost_at_level2(runner.model, on_device, getattr(runner, "kv_caches", ()))
         new = sleep_level(level, lost)
         if new != level and not getattr(self, "_ring_ext_sleep_said", False):
             self._ring_ext_sleep_said = True

@@ -29,7 +29,8 @@ from vllm.distributed.weight_transfer.base import WeightTransferEngine
 from vllm.distributed.weight_transfer.sharded_rdt_fake import FakeRDTTensor
 
 from ring_ext_astate.arena import Arenas, ParamArena
-from ring_ext_astate.control import ControlServer, SyncError
+from ring_ext_astate.control import ControlServer
+from ring_ext_astate.errors import SyncError
 from ring_ext_astate.inplace import Welcome, check_reports
 from ring_ext_astate.plan import VIEW_OPS, Destination, Plan, PlanError
 

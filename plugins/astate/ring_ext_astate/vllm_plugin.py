@@ -2,9 +2,10 @@
 
 It registers the ``astate`` weight-transfer engine with vLLM's own factory, so a worker started with
 ``weight_transfer_config={"backend": "astate"}`` builds one next to its model, and lowers such a worker's level-2
-sleep to level 1 where level 2 would lose tensors no sync rewrites (`ring_ext_astate.sleep`). The engine needs vLLM >= 0.29 (the
-sharded-RDT placeholders `FakeRDTTensor` its plan is recorded with); on older releases (verl 0.9.1's GPU stack pins
-0.24.0) the backend is not registered, a warning says why, and a run asking for it fails at engine start naming it.
+sleep to level 1 where level 2 would lose tensors no sync rewrites (`ring_ext_astate.sleep`). The engine needs
+vLLM >= 0.29 (the sharded-RDT placeholders `FakeRDTTensor` its plan is recorded with); on older releases (verl
+0.9.1's GPU stack pins 0.24.0) the backend is not registered, a warning says why, and a run asking for it fails at
+engine start naming it.
 """
 
 from __future__ import annotations
