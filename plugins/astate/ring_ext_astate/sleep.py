@@ -72,5 +72,4 @@ def lowered_sleep(original):
                            new, level, lost[:5] + (["..."] if len(lost) > 5 else []))
         return original(self, level=new)
 
-    sleep.__wrapped__ = original
     return sleep
