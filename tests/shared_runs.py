@@ -6,7 +6,7 @@ docs/testing.md maps every check to the run it reads.
 - `grpo_run`: plain GRPO (`+recipe=ring1t ring1t_loop=grpo`) with IcePop as one override, a large learning rate,
   6 steps, the HF weights at the end (tests/test_e2e_cpu.py, plugins/icepop/tests/test_e2e_icepop.py).
 - `ring1t_run`: README's set-up command as written (3 steps of the loop, wandb on), then a second process that
-  resumes it from its final checkpoint to step 5 with IcePop's band set per version lag (tests/test_readme_commands.py,
+  resumes it from its final checkpoint to step 6 with IcePop's band set per version lag (tests/test_readme_commands.py,
   plugins/c3po/tests/test_c3po_e2e.py).
 - `c3po_two_hosts_run`: the loop on a two-node Ray cluster on one machine, with a pool that finishes under the
   budget and a band that masks, every version's HF weights kept (plugins/c3po/tests/test_c3po_two_hosts.py and the
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 GRPO_STEPS = 6
-RING1T_FIRST, RING1T_STEPS = 3, 5  # README's command trains 3 steps (the recipe's total); the resume goes on to 5
+RING1T_FIRST, RING1T_STEPS = 3, 6  # README's command trains 3 steps (the recipe's total); the resume goes on to 6
 RING1T_OVERRIDES = ("+recipe=ring1t",)  # README's set-up command 1: `python -m verl.trainer.main_ppo +recipe=ring1t`
 # 5 steps (4 syncs): under admission=completion with the adaptive cut few requests are mid-decode at a cut; 4, 4, 4
 # and 1 trained requests were kept across a sync in runs of 3-4 steps: more syncs make a run with none (the keep

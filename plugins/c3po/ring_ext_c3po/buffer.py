@@ -55,6 +55,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
         self._purged_this_step = self._purged_tokens_this_step = 0
         self._added_this_step = 0
         self._deferred_uids: frozenset[str] = frozenset()  # finished after the last crossing: trained next step
+        self._batch_now: frozenset[str] = frozenset()  # the groups this step trains
         self.deferred_tokens = 0
         self.cut_skipped = False  # adaptive_cut: this phase ended without a cut (set by the trainer's cut)
         self._trained = [0, 0]  # response tokens, groups trained over the run
@@ -103,6 +104,21 @@ class C3POReplayBuffer(ReplayBufferAsync):
     def _in_flight(self, partition_id: str) -> int:
         """Prompt groups pending or running, on the last poll's snapshot."""
         return len(self.pending_keys[partition_id]) + len(self.running_keys[partition_id])
+
+    @property
+    def groups_deferred(self) -> int:
+        return len(self._deferred_uids)
+
+    def carry_over(self, next_step: int, partition_id: str = "train") -> int:
+        """C for the phase of `next_step`, read as it opens: the tokens of every finished group not trained yet.
+        Read then, not when the batch was built: a group whose last request returned just before the cut reaches
+        TransferQueue a moment after. One that would lag more than sigma at `next_step` is purged now
+        (`rules.staleness`). In a resumed run's first phase this is what the checkpoint holds finished."""
+        self._sync_metadata_from_transfer_queue()
+        purged = self._stale_terminal_keys(next_step, partition_id)
+        self._deferred_uids = frozenset(self.finished_keys[partition_id] - purged - self._batch_now)
+        self.deferred_tokens = sum(self._group_tokens(partition_id, set(self._deferred_uids)).values())
+        return self.deferred_tokens
 
     def top_up(self, partition_id: str = "train", reached: bool = False, finished_tokens: int | None = None) -> int:
         """Admit new prompt groups until Omega are pending or running (on the last poll's snapshot); under the
@@ -193,6 +209,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
                               carried)
         self.cut_skipped = False
         assert uids is not None  # wait_for_sampleable returned only once the budget was met
+        self._batch_now = frozenset(uids)
         cannot_wait = {uid for uid, v in _oldest_versions(extras).items() if uid in sampleable - set(uids)
                        and staleness(v, global_steps - 1, self.c3po.max_retention) != "any"}
         for uid in cannot_wait:  # evicted with the purged groups at the next poll
@@ -239,7 +256,6 @@ class C3POReplayBuffer(ReplayBufferAsync):
             "c3po/groups_purged": self._purged_this_step,
             "c3po/purged_tokens": self._purged_tokens_this_step,  # decoded, then purged with their group: wasted
             "c3po/prompts_added": self._added_this_step,  # top-ups while decoding (each replaces a group)
-            "c3po/groups_deferred": len(self._deferred_uids),  # finished within the abort's latency: next step
             "c3po/version_lag/mean": sum(k * v for k, v in lag.items()) / lag_tokens,
             "c3po/version_lag/max": max(lag, default=0),
             "c3po/stale_token_fraction": sum(v for k, v in lag.items() if k > 0) / lag_tokens,

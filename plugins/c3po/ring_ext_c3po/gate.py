@@ -39,6 +39,7 @@ class BudgetGate:
         self.carry, self.max_retention = carry, max_retention  # keep: the cut pauses keeping requests (keep.py)
         self.stats = PhaseStats(capacity)
         self.cut_at: float | None = None
+        self.carried_tokens = 0  # C at the phase's start: finished groups left by the last step (or a checkpoint)
         self.closed = False  # the run is over: clients end their requests at the next cut instead of resubmitting
         self.adaptive, self.costs = adaptive, CutCosts()
         self._decision: asyncio.Task | None = None  # adaptive: the crossing's wait-or-cut, awaited by `settle`
@@ -164,10 +165,16 @@ class BudgetGate:
     def is_closed(self) -> bool:
         return self.closed
 
+    def restore(self, tokens: int) -> None:
+        """A resumed run's first phase: the finished groups its checkpoint holds count first (`GroupBudget.restore`)."""
+        self.budget.restore(tokens)
+        self.carried_tokens += int(tokens)
+
     def next_phase(self, carried_tokens: int = 0) -> dict[str, float]:
         """Called by the trainer before generation resumes: what this phase's gate saw, then C = the tokens of the
         finished groups the trainer left for the next step (they count first)."""
         seen = {"c3po/gate_tokens": float(self.budget.tokens), "c3po/gate_cut": float(self.cut_at is not None),
+                "c3po/gate_carried_tokens": float(self.carried_tokens),
                 **self.stats.summary()}
         if self.admission is not None:  # groups submitted that waited for an engine slot when the phase ended
             seen["c3po/groups_waiting_at_cut"] = float(self.admission.groups_waiting)
@@ -176,6 +183,7 @@ class BudgetGate:
         if self.cut_at is not None and self._skipped != 1.0 and "c3po/cut_s" in seen:
             self.costs.cut(seen["c3po/cut_s"])  # what a cut costs, for the next crossings' decisions
         self.budget.reset(carried_tokens)
+        self.carried_tokens = int(carried_tokens)
         if self.admission is not None:
             self.admission.expire()
         self.cut_at, self._decision, self._skipped, self._waited_s = None, None, None, 0.0

@@ -212,6 +212,12 @@ class GroupBudget:
         self.tokens = int(carried_tokens)
         self._crossed = self.reached  # already over: no completion of this phase crosses Phi
 
+    def restore(self, tokens: int) -> None:
+        """A resumed run: the finished groups its checkpoint brought back (the earlier process deferred them) count
+        first, on top of what this phase counted already, as they did in the process that deferred them."""
+        self.tokens += int(tokens)
+        self._crossed = self._crossed or self.reached  # restored past Phi: the trainer's poll cuts, no completion
+
 
 class C3POStall(RuntimeError):
     """The rollout phase can make no progress; the message names budget, pool and counts."""

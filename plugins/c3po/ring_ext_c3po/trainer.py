@@ -132,6 +132,8 @@ class C3POTrainer(PPOTrainerColocateAsync):
 
     def on_train_begin(self) -> None:
         if self._gate is not None:
+            if self.global_steps > 1:  # resumed: what the checkpoint holds finished counts first, as before the stop
+                ray.get(self._gate.restore.remote(self.replay_buffer.carry_over(self.global_steps)))
             ray.get(self._gate.open.remote())
         self.replay_buffer.top_up()  # Omega groups in flight; restored in-flight groups count towards it
 
@@ -142,7 +144,10 @@ class C3POTrainer(PPOTrainerColocateAsync):
 
     def on_step_end(self) -> None:
         if self._gate is not None:  # a new phase before generation resumes under the new weights
-            seen = ray.get(self._gate.next_phase.remote(self.replay_buffer.deferred_tokens))
+            carried = self.replay_buffer.carry_over(self.global_steps + 1)
+            seen = ray.get(self._gate.next_phase.remote(carried))
+            seen |= {"c3po/deferred_tokens": float(carried),  # finished, not trained: the next phase's C
+                     "c3po/groups_deferred": float(self.replay_buffer.groups_deferred)}
             self._pending_sync_metrics = {**(getattr(self, "_pending_sync_metrics", None) or {}), **seen}
         super().on_step_end()
         if self._gate is not None:  # generation resumed: the next phase's clock starts

@@ -4,7 +4,7 @@ The recipe as a user gets it: the tiny policy's lengths have a tail and the pool
 when the budget is met some requests are mid-decode: they are aborted, the policy updates, the weights sync and
 they resume under the new version, and IcePop sees their tokens of two versions in one batch. The run is the
 session's `ring1t_run` (tests/shared_runs.py): README's command as written, 3 steps ending in a checkpoint
-(TransferQueue pools and partial trajectories included), then a second process that resumes it to step 5. The
+(TransferQueue pools and partial trajectories included), then a second process that resumes it to step 6. The
 case that used to hang (a pool that finishes under the budget) with an IcePop band tight enough to reject tokens is
 read from the session's two-host run (`c3po_two_hosts_run`), where rollout clients decode on both nodes and the cut
 keeps requests in the engine (`carry=keep`): its tokens are checked against every version's weights.
@@ -70,6 +70,17 @@ def test_partial_rollouts_really_happen_and_the_cut_is_tight(run: dict) -> None:
     assert sum(d["c3po/gate_cut"] == 1.0 for d in steps) >= (STEPS + 1) // 2  # the gate, not the trainer's poll, cut
 
 
+def test_each_phase_starts_with_what_the_last_batch_deferred_across_the_restart_too(run: dict) -> None:
+    """C at a phase's start = the tokens of the finished groups the last batch left (Algorithm 1). Across the
+    restart the resumed process's gate starts from the checkpoint's finished groups: counted from zero it let the
+    engine decode a second budget's worth that the next step then trained alone, all of it stale."""
+    steps = run["steps"]
+    assert steps[1]["c3po/gate_carried_tokens"] == 0
+    carried = [(s, steps[s]["c3po/gate_carried_tokens"], steps[s - 1]["c3po/deferred_tokens"])
+               for s in range(2, STEPS + 1)]
+    assert all(now == left for _, now, left in carried), carried
+
+
 def test_icepop_diagnostics_are_split_by_version_lag(run: dict) -> None:
     """Stale (lag 1) and fresh (lag 0) tokens each get their own mismatch diagnostics, for exactly the lags the batch
     holds (a step may train only groups that finished before the sync: lag 1 alone)."""
@@ -105,7 +116,7 @@ def test_the_resumed_run_bands_icepop_per_version_lag(run: dict, ring1t_run: Res
 
 
 def test_the_run_ends_with_its_summary_and_figures(ring1t_run: ResumedRun) -> None:
-    """Both processes print the run's summary last (ring_ext.run_record); the resumed one's covers steps 1-5, its
+    """Both processes print the run's summary last (ring_ext.run_record); the resumed one's covers steps 1-6, its
     numbers equal the logged metrics of both processes, and its figures are in the run folder (tests/report_checks.py).
     `ring-ext report` on the folder prints the same summary."""
     from report_checks import check_real_run
@@ -124,7 +135,7 @@ def test_the_run_ends_with_its_summary_and_figures(ring1t_run: ResumedRun) -> No
 
 def test_every_step_meets_the_budget_and_logs_the_c3po_metrics(run: dict) -> None:
     assert sorted(run["steps"]) == list(range(1, STEPS + 1))
-    assert run["second_run_steps"] == [HALF + 1, STEPS]  # the second process resumed from the step-3 checkpoint
+    assert run["second_run_steps"] == list(range(HALF + 1, STEPS + 1))  # resumed from step 3
     for step, d in run["steps"].items():
         assert d["c3po/tokens_trained"] >= BUDGET, step
         assert d["c3po/budget_used"] == pytest.approx(d["c3po/tokens_trained"] / BUDGET)

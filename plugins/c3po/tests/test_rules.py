@@ -186,6 +186,22 @@ def test_reset_starts_a_phase_keeping_partial_groups_and_rearming_the_crossing()
     assert b.tokens == 9
 
 
+def test_a_resumed_runs_restored_tokens_count_first_and_move_the_crossing() -> None:
+    """The finished groups a checkpoint brought back count on top of what the phase counted already (a re-issued
+    request may finish before they are read): the crossing is the completion that reaches Phi with them, as in the
+    process that deferred them; restored past Phi, no completion crosses (the trainer's poll cuts)."""
+    b = GroupBudget(group_size=1, token_budget=10)
+    assert not b.finish("reissued", 3)
+    b.restore(6)
+    assert (b.tokens, b.reached) == (9, False)
+    assert b.finish("next", 1) and b.tokens == 10  # without the 6 restored tokens C would be 4: no crossing
+    full = GroupBudget(group_size=1, token_budget=10)
+    full.restore(12)
+    assert full.reached and not full.finish("any", 1)
+    full.reset()
+    assert full.finish("any", 10)  # the next phase crosses again
+
+
 def test_a_group_already_lagging_past_sigma_is_not_counted_at_its_completion() -> None:
     """The gate's half of `staleness`: a group whose oldest token lags more than sigma behind the engine's version
     at its last completion never counts towards Phi (the trainer purges it), so it cannot end a phase."""
