@@ -22,7 +22,7 @@ import xxhash
 from ring_ext_astate.arena import STEP, map_arena
 from ring_ext_astate.control import ControlClient
 from ring_ext_astate.errors import SyncError
-from ring_ext_astate.plan import Plan, PlanError, merge_exactly_once, replay
+from ring_ext_astate.plan import Destination, Plan, PlanError, merge_exactly_once, replay
 
 
 @dataclass
@@ -82,13 +82,8 @@ class InPlaceSender:
         stats.seconds = time.perf_counter() - t0
         return stats
 
-    def _write_one(self, name: str, t: torch.Tensor, d, stats: WriteStats, verify: bool) -> None:
-        src = replay(t, d.ops)
-        if tuple(src.shape) != d.shape:
-            if src.numel() != d.nbytes // d.itemsize:
-                raise PlanError(f"{name!r}: the recorded slice has shape {d.shape}, the sender's is {tuple(src.shape)}")
-            src = src.reshape(d.shape)
-        src = src.reshape(-1)  # a TP slice along an inner dim is gathered here, on the sender's device
+    def _write_one(self, name: str, t: torch.Tensor, d: Destination, stats: WriteStats, verify: bool) -> None:
+        src = source_slice(name, t, d)
         dst = self.bytes[d.offset:d.offset + d.nbytes].view(getattr(torch, d.dtype))
         stats.ranges.append((d.offset, d.offset + d.nbytes))
         stats.bytes += d.nbytes
@@ -114,6 +109,16 @@ class InPlaceSender:
     def close(self) -> None:
         self.client.close()
         self.maps, self.bytes = [], None  # unmapped with the last reference
+
+
+def source_slice(name: str, t: torch.Tensor, d: Destination) -> torch.Tensor:
+    """The elements of checkpoint tensor `t` that destination `d` holds, flat (the recorded views replayed)."""
+    src = replay(t, d.ops)
+    if tuple(src.shape) != d.shape:
+        if src.numel() != d.nbytes // d.itemsize:
+            raise PlanError(f"{name!r}: the recorded slice has shape {d.shape}, the sender's is {tuple(src.shape)}")
+        src = src.reshape(d.shape)
+    return src.reshape(-1)  # a TP slice along an inner dim is gathered here, on the sender's device
 
 
 def check_reports(plan: Plan, reports: list[dict], version: int, arena: torch.Tensor, verify: bool, rank: int) -> int:
