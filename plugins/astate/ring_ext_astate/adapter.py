@@ -20,13 +20,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ring_ext.knobs import check_knobs, from_mapping, knob
 from ring_ext.run_record import record_sync
 from ring_ext_astate.control import descriptor_path
 from ring_ext_astate.errors import SyncError
 from ring_ext_astate.inplace import InPlaceSender
+from ring_ext_astate.verify import VerifyMode, verified
 
 logger = logging.getLogger("ring_ext")
 BACKEND = "astate"
@@ -37,7 +38,7 @@ SECTION = "actor_rollout_ref.rollout.checkpoint_engine.engine_kwargs.astate_inpl
 class InPlaceOptions:
     """``actor_rollout_ref.rollout.checkpoint_engine.engine_kwargs.astate_inplace``."""
 
-    verify: Literal["audit", "always"] = "audit"  # audit: every byte hashed on the 1st, every K-th and each retry
+    verify: VerifyMode = "audit"  # audit: every byte hashed on the 1st, every K-th and each retry (verify.verified)
     audit_every: int = knob(10, ge=1)  # K
     retries: int = knob(2, ge=0)  # whole-sync retries after a failed attempt (0 also skips keeping sources alive)
     backoff_s: float = knob(1.0, ge=0)  # doubled per retry
@@ -48,7 +49,7 @@ class InPlaceOptions:
         check_knobs(self, SECTION)
 
     def verified(self, version: int, attempt: int) -> bool:
-        return self.verify == "always" or attempt > 0 or version == 1 or version % self.audit_every == 0
+        return verified(self.verify, version, attempt, self.audit_every)
 
     @classmethod
     def from_rollout_config(cls, rollout: Any) -> "InPlaceOptions":

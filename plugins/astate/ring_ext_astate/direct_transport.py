@@ -17,12 +17,14 @@ from __future__ import annotations
 import math
 import os
 import time
+from typing import NamedTuple
 
 import torch
 import xxhash
 
 from ring_ext_astate.arena import ALIGN, STEP
 from ring_ext_astate.errors import SyncError
+from ring_ext_astate.messages import ArenaOffer, Begin, Chunk, Report
 from ring_ext_astate.segments import create_segment
 from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, SyncStats, _map_segment
 
@@ -84,18 +86,19 @@ class DirectShmSender(ShmSender):
                 missing = sorted(set(range(self.n_recv)) - set(got))
                 raise SyncError(f"sender {self.rank}: no staging arena from receiver(s) {missing} "
                                 f"within {self.timeout_s}s")
-            if msg[2] != version:
+            if msg.version != version:
                 continue
-            if msg[0] == "report":
+            if isinstance(msg, Report):
                 self._take_report(msg)
-            if msg[0] == "arena":
-                got[msg[1]] = msg
-        names = {m[3] for m in got.values()}
+            if isinstance(msg, ArenaOffer):
+                got[msg.rank] = msg
+        names = {m.name for m in got.values()}
         self.arena_maps = {n: t for n, t in self.arena_maps.items() if n in names}  # replaced arenas are unmapped
-        for _, _, _, name, size, _ in got.values():
-            if name not in self.arena_maps:
-                self.arena_maps[name] = torch.frombuffer(_map_segment(name, max(size, 1)), dtype=torch.uint8)
-        return [(self.arena_maps[got[r][3]], got[r][5]) for r in range(self.n_recv)]
+        for offer in got.values():
+            if offer.name not in self.arena_maps:
+                self.arena_maps[offer.name] = torch.frombuffer(_map_segment(offer.name, max(offer.size, 1)),
+                                                               dtype=torch.uint8)
+        return [(self.arena_maps[got[r].name], got[r].offsets) for r in range(self.n_recv)]
 
     def _put(self, meta: Meta, src: torch.Tensor, a: int, b: int) -> None:
         if not self.direct:
@@ -121,11 +124,11 @@ class DirectShmSender(ShmSender):
 
     def _announce(self) -> None:
         """Tell every receiver which arena bytes are written, with their checksum; stop early if one failed."""
-        self._broadcast(("chunk", self.rank, self._version, self._chunk, self._hash.intdigest()))
+        self._broadcast(Chunk(self.rank, self._version, self._chunk, self._hash.intdigest()))
         self._stats.buckets += 1
         self._hash, self._chunk, self._filled = xxhash.xxh3_64(), [], 0
         while (msg := self.chan.recv(time.monotonic())) is not None:  # no wait: only what already arrived
-            if msg[0] == "report" and msg[2] == self._version:
+            if isinstance(msg, Report) and msg.version == self._version:
                 self._take_report(msg)
 
     def _end_stream(self) -> None:
@@ -144,12 +147,13 @@ class DirectShmReceiver(ShmReceiver):
         super().__init__(rank, timeout_s)
         self.arena: Arena | None = None
 
-    def _handle(self, msg: tuple, version: int, expected: dict[str, Meta] | None, staged: dict, ended: dict) -> None:
-        if msg[0] == "chunk":
+    def _handle(self, msg: NamedTuple, version: int, expected: dict[str, Meta] | None, staged: dict,
+                ended: dict) -> None:
+        if isinstance(msg, Chunk):
             return self._verify_chunk(msg, expected, staged)
         super()._handle(msg, version, expected, staged, ended)
-        if msg[0] == "begin" and msg[3] is not None:  # the manifest passed the layout checks
-            self._offer_arena(msg[1], version, tuple(msg[3]))
+        if isinstance(msg, Begin) and msg.manifest is not None:  # the manifest passed the layout checks
+            self._offer_arena(msg.rank, version, tuple(msg.manifest))
 
     def _offer_arena(self, sender: int, version: int, layout: tuple[Meta, ...]) -> None:
         if self.arena is None or self.arena.layout != layout:
@@ -162,10 +166,10 @@ class DirectShmReceiver(ShmReceiver):
                 raise self._fail(str(e)) from None
             self.pool = dict(self.arena.views)  # staging buffers are the arena's from now on
         self.arena.version = version
-        self.chan.send(sender, ("arena", self.rank, version, self.arena.name, self.arena.size, self.arena.offsets))
+        self.chan.send(sender, ArenaOffer(self.rank, version, self.arena.name, self.arena.size, self.arena.offsets))
 
-    def _verify_chunk(self, msg: tuple, expected: dict[str, Meta] | None, staged: dict) -> None:
-        _, sender, _, extents, checksum = msg
+    def _verify_chunk(self, msg: Chunk, expected: dict[str, Meta] | None, staged: dict) -> None:
+        sender, extents, checksum = msg.rank, msg.extents, msg.checksum
         h = xxhash.xxh3_64()
         for meta, a, b in extents:
             dst = self._check(meta, sender, expected, staged)

@@ -18,24 +18,55 @@ unless `dist`.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator, Iterable, Literal
+from typing import Any, AsyncGenerator, Iterable
 
 import torch
 from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegistry
 
 from ring_ext.knobs import check_knobs, knob
 
-from ring_ext_astate.direct_transport import DirectShmReceiver, DirectShmSender
-from ring_ext_astate.dist_transport import DistReceiver, DistSender, free_port, gloo_group
+from ring_ext_astate.dist_transport import DistSender, free_port, gloo_group
 from ring_ext_astate.errors import SyncError
 from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, _meta
+from ring_ext_astate.verify import VerifyMode, verified
 
 
 logger = logging.getLogger("ring_ext")
+
+
+@dataclass(frozen=True)
+class Transport:
+    """One way bytes move from trainer ranks to rollout workers: its sender and receiver classes ("module:Class",
+    imported when chosen: `cuda_transport` only where CUDA is), whether it spans hosts, whether it needs CUDA."""
+
+    sender: str
+    receiver: str
+    many_hosts: bool = False
+    needs_cuda: bool = False
+
+    def classes(self) -> tuple[type, type]:
+        return _load(self.sender), _load(self.receiver)
+
+
+# a new transport is a module with a sender and a receiver (the ShmSender / ShmReceiver protocol) and one line here
+TRANSPORTS = {
+    "shm": Transport("ring_ext_astate.direct_transport:DirectShmSender",
+                     "ring_ext_astate.direct_transport:DirectShmReceiver"),
+    "dist": Transport("ring_ext_astate.dist_transport:DistSender", "ring_ext_astate.dist_transport:DistReceiver",
+                      many_hosts=True),
+    "cuda_ipc": Transport("ring_ext_astate.cuda_transport:CudaIpcSender",
+                          "ring_ext_astate.cuda_transport:CudaIpcReceiver", needs_cuda=True),
+}
+
+
+def _load(path: str) -> type:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
@@ -43,11 +74,15 @@ class AStateOptions:
     slots: int = knob(4, ge=1)  # buckets in flight per sender: bounds shared memory to slots x slot size
     slot_megabytes: int = knob(16, ge=1)  # capped by verl's update_weights_bucket_megabytes
     timeout_s: float = knob(120.0, gt=0)  # every wait of a sync; a dead peer ends the sync with an error after this
-    verify: Literal["first", "always", "never"] = "first"  # bit-exact digest check of the assembled weights
-    transport: Literal["shm", "dist", "cuda_ipc"] = "shm"  # see the module docstring
+    verify: VerifyMode = "audit"  # bit-exact digests of the assembled weights: verify.verified, as in place
+    audit_every: int = knob(10, ge=1)
+    transport: str = "shm"  # a key of TRANSPORTS; see the module docstring
 
     def __post_init__(self) -> None:
         check_knobs(self, "actor_rollout_ref.rollout.checkpoint_engine.engine_kwargs")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"actor_rollout_ref.rollout.checkpoint_engine.engine_kwargs.transport must be one of "
+                             f"{sorted(TRANSPORTS)}, got {self.transport!r}")
 
 
 @CheckpointEngineRegistry.register("astate")
@@ -66,16 +101,14 @@ class AStateCheckpointEngine(CheckpointEngine):
 
     def _new_peer(self) -> ShmSender | ShmReceiver:
         o, kw = self.options, {}  # rank and world are set in init_process_group
-        if o.transport == "dist":
+        transport = TRANSPORTS[o.transport]
+        if transport.needs_cuda and not torch.cuda.is_available():
+            raise ValueError(f"astate transport {o.transport!r} needs CUDA on every worker; use one of "
+                             f"{sorted(k for k, t in TRANSPORTS.items() if not t.needs_cuda)}")
+        sender, receiver = transport.classes()
+        if transport.many_hosts:  # its peers listen on this node's address, not on loopback
             self.ip = _node_ip()
-            sender, receiver, kw = DistSender, DistReceiver, {"host": self.ip}
-        elif o.transport == "cuda_ipc":
-            if not torch.cuda.is_available():
-                raise ValueError("astate transport 'cuda_ipc' needs CUDA on every worker; use 'shm' or 'dist'")
-            from ring_ext_astate.cuda_transport import CudaIpcReceiver as receiver
-            from ring_ext_astate.cuda_transport import CudaIpcSender as sender
-        else:
-            sender, receiver = DirectShmSender, DirectShmReceiver
+            kw = {"host": self.ip}
         if self.sender_side:  # only the side this worker plays: a sender's shared memory would outlive it
             return sender(0, 1, self.slot_bytes, o.slots, o.timeout_s, **kw)
         return receiver(0, o.timeout_s, **kw)
@@ -96,9 +129,10 @@ class AStateCheckpointEngine(CheckpointEngine):
         hosts, transports = {m["host"] for m in metadata}, {m["transport"] for m in metadata}
         if len(transports) > 1:
             raise ValueError(f"astate: workers disagree on the transport: {sorted(transports)}")
-        if len(hosts) > 1 and transports != {"dist"}:
+        if len(hosts) > 1 and not TRANSPORTS[min(transports)].many_hosts:
+            spanning = sorted(k for k, t in TRANSPORTS.items() if t.many_hosts)
             raise ValueError(f"astate transport {min(transports)!r} works on one host; workers span {sorted(hosts)}:"
-                             " set checkpoint_engine.engine_kwargs.astate.transport=dist")
+                             f" set checkpoint_engine.engine_kwargs.astate.transport to one of {spanning}")
         senders, receivers = metadata[:actor_wg_world_size], metadata[actor_wg_world_size:]
         if not all(m["sender"] for m in senders) or any(m["sender"] for m in receivers):
             raise ValueError("astate: expected trainer ranks first, then rollout workers, in verl's metadata")
@@ -134,7 +168,7 @@ class AStateCheckpointEngine(CheckpointEngine):
         self.peer.connect(peers)
 
     def _verify(self) -> bool:
-        return self.options.verify == "always" or (self.options.verify == "first" and self.syncs == 0)
+        return verified(self.options.verify, self.syncs + 1, audit_every=self.options.audit_every)
 
     async def send_weights(self, weights: Iterable[tuple[str, torch.Tensor]], global_steps: int | None = None):
         assert isinstance(self.peer, ShmSender), "send_weights runs on trainer ranks after init_process_group()"

@@ -21,16 +21,15 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import xxhash
 import zmq
 
 from ring_ext_astate.errors import SyncError
+from ring_ext_astate.messages import Ack, Begin, Bucket, End, Error, Meta, Report, Vote
 from ring_ext_astate.segments import create_segment, socket_path
-
-Meta = tuple[str, tuple[int, ...], str]  # name, shape, dtype
 
 
 def owned_byte_range(nbytes: int, itemsize: int, rank: int, world: int) -> tuple[int, int]:
@@ -89,10 +88,10 @@ class _Channel:
             s.connect(a)
             self.peers.append(s)
 
-    def send(self, peer: int, msg: tuple) -> None:
+    def send(self, peer: int, msg: NamedTuple) -> None:  # one of ring_ext_astate.messages
         self.peers[peer].send_pyobj(msg)
 
-    def recv(self, deadline: float) -> tuple | None:
+    def recv(self, deadline: float) -> Any:  # a message, or None at the deadline
         left_ms = max(0, int((deadline - time.monotonic()) * 1000))
         return self.inbox.recv_pyobj() if self.inbox.poll(left_ms) else None
 
@@ -125,15 +124,15 @@ class ShmSender:
         self.chan.connect(receivers)
         self.n_recv = len(receivers)
 
-    def _broadcast(self, msg: tuple) -> None:
+    def _broadcast(self, msg: NamedTuple) -> None:
         for r in range(self.n_recv):
             self.chan.send(r, msg)
 
-    def _take_report(self, msg: tuple) -> None:
+    def _take_report(self, msg: Report) -> None:
         """Keep a receiver's report of this sync; a failed one ends the sync here, naming the receiver's error."""
-        if not msg[3]:
-            raise SyncError(f"sender {self.rank}: receiver {msg[1]} failed: {msg[4]}")
-        self._reports[msg[1]] = msg
+        if not msg.ok:
+            raise SyncError(f"sender {self.rank}: receiver {msg.rank} failed: {msg.why}")
+        self._reports[msg.rank] = msg
 
     def _drain(self, pending: dict[int, set[int]], free: deque[int], until_free: bool, version: int) -> None:
         deadline = time.monotonic() + self.timeout_s
@@ -142,26 +141,26 @@ class ShmSender:
             if msg is None:
                 waiting = sorted({r for rs in pending.values() for r in rs})
                 raise SyncError(f"sender {self.rank}: no ack from receiver(s) {waiting} within {self.timeout_s}s")
-            if msg[2] != version:  # left over from an earlier, failed sync
+            if msg.version != version:  # left over from an earlier, failed sync
                 continue
-            if msg[0] == "report":
+            if isinstance(msg, Report):
                 self._take_report(msg)
-            if msg[0] == "ack":
-                pending[msg[3]].discard(msg[1])
-                if not pending[msg[3]]:
-                    free.append(msg[3])
-                    del pending[msg[3]]
+            if isinstance(msg, Ack):
+                pending[msg.slot].discard(msg.rank)
+                if not pending[msg.slot]:
+                    free.append(msg.slot)
+                    del pending[msg.slot]
 
     def _publish(self, version: int, slot: int, used: int, extents: list) -> None:
         """Announce a packed slot; receivers copy it out of shared memory and ack it."""
-        self._broadcast(("bucket", self.rank, version, slot, extents, self._digest(self.slots[slot][:used])))
+        self._broadcast(Bucket(self.rank, version, slot, extents, self._digest(self.slots[slot][:used])))
 
     def send(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int, *, verify: bool = False,
              manifest: list[Meta] | None = None) -> SyncStats:
         """Stream this rank's share of every tensor; returns once every receiver committed (else SyncError)."""
         stats, owned = SyncStats(), []
-        self._reports: dict[int, tuple] = {}
-        self._broadcast(("begin", self.rank, version, manifest))
+        self._reports: dict[int, Report] = {}
+        self._broadcast(Begin(self.rank, version, manifest))
         try:
             self._open_stream(version, manifest, stats)
             for name, t in tensors:
@@ -176,10 +175,10 @@ class ShmSender:
         except SyncError:
             raise
         except BaseException as e:  # the weights generator failed: tell receivers instead of leaving them waiting
-            self._broadcast(("error", self.rank, version, f"sender {self.rank} failed: {e!r}"))
+            self._broadcast(Error(self.rank, version, f"sender {self.rank} failed: {e!r}"))
             raise
         tc = time.perf_counter()
-        self._broadcast(("end", self.rank, version, owned))
+        self._broadcast(End(self.rank, version, owned))
         self._commit(version)
         stats.seconds["commit"] = time.perf_counter() - tc
         return stats
@@ -228,15 +227,14 @@ class ShmSender:
             msg = self.chan.recv(deadline)
             if msg is None:
                 missing = sorted(set(range(self.n_recv)) - set(reports))
-                self._broadcast(("abort", self.rank, version))
+                self._broadcast(Vote(self.rank, version, False))
                 raise SyncError(f"sender {self.rank}: no report from receiver(s) {missing} within {self.timeout_s}s")
-            if msg[0] == "report" and msg[2] == version:
-                reports[msg[1]] = msg
-        bad = [m for m in reports.values() if not m[3]]
-        self._broadcast(("abort" if bad else "commit", self.rank, version))
+            if isinstance(msg, Report) and msg.version == version:
+                reports[msg.rank] = msg
+        bad = [m for m in reports.values() if not m.ok]
+        self._broadcast(Vote(self.rank, version, not bad))
         if bad:
-            m = bad[0]
-            raise SyncError(f"sender {self.rank}: receiver {m[1]} failed sync {version}: {m[4]}")
+            raise SyncError(f"sender {self.rank}: receiver {bad[0].rank} failed sync {version}: {bad[0].why}")
 
     def _flat_bytes(self, t: torch.Tensor) -> torch.Tensor:
         """The tensor's bytes on the device the slots live on."""
@@ -279,7 +277,7 @@ class ShmReceiver:
 
     def _report(self, version: int, ok: bool, why: str = "") -> None:
         for s in range(len(self.slots)):
-            self.chan.send(s, ("report", self.rank, version, ok, why))
+            self.chan.send(s, Report(self.rank, version, ok, why))
 
     def receive(self, version: int, *, expected: dict[str, Meta] | None = None,
                 verify: bool = False) -> dict[str, torch.Tensor]:
@@ -304,7 +302,7 @@ class ShmReceiver:
 
     def _ack(self, sender: int, version: int, slot: int) -> None:
         """Tell `sender` its slot may be refilled: we are done reading it."""
-        self.chan.send(sender, ("ack", self.rank, version, slot))
+        self.chan.send(sender, Ack(self.rank, version, slot))
 
     def _expect(self, meta: Meta, sender: int, want: Meta | None) -> None:
         if want != meta:
@@ -330,18 +328,18 @@ class ShmReceiver:
             if msg is None:
                 missing = sorted(set(range(len(self.slots))) - set(ended))
                 raise self._fail(f"timed out after {self.timeout_s}s waiting for sender(s) {missing}")
-            kind, sender, v = msg[:3]
+            sender, v = msg.rank, msg.version
             if v < version:  # left over from an earlier, failed sync (versions only grow)
                 continue
             if v != version:
                 raise self._fail(f"sender {sender} sent version {v}, expected {version}")
-            if kind == "error":
-                raise self._fail(msg[3])
+            if isinstance(msg, Error):
+                raise self._fail(msg.why)
             if failure is not None:  # keep the data path in step: consume what was announced, then fail
-                if kind == "bucket":
-                    self._fetch(sender, msg[3], _bucket_used(msg[4]))
-                    self._ack(sender, version, msg[3])
-                elif kind == "end":
+                if isinstance(msg, Bucket):
+                    self._fetch(sender, msg.slot, _bucket_used(msg.extents))
+                    self._ack(sender, version, msg.slot)
+                elif isinstance(msg, End):
                     ended[sender] = []
                 continue
             try:
@@ -350,24 +348,25 @@ class ShmReceiver:
                 if not self.drain_on_failure:
                     raise
                 failure = e
-                if kind == "bucket":  # its bytes were consumed; the sender waits for the ack
-                    self._ack(sender, version, msg[3])
+                if isinstance(msg, Bucket):  # its bytes were consumed; the sender waits for the ack
+                    self._ack(sender, version, msg.slot)
         if failure is not None:
             raise failure
         self._check_coverage(staged, ended, verify)
         self.pool = {meta: t for meta, t, _ in staged.values()}
         return {name: t for name, (_, t, _) in staged.items()}
 
-    def _handle(self, msg: tuple, version: int, expected: dict[str, Meta] | None, staged: dict, ended: dict) -> None:
-        kind, sender = msg[:2]
-        if kind == "begin" and msg[3] is not None and expected is not None:
-            for m in msg[3]:  # refused before any byte of this sync is copied
+    def _handle(self, msg: NamedTuple, version: int, expected: dict[str, Meta] | None, staged: dict,
+                ended: dict) -> None:
+        sender = msg.rank
+        if isinstance(msg, Begin) and msg.manifest is not None and expected is not None:
+            for m in msg.manifest:  # refused before any byte of this sync is copied
                 self._expect(m, sender, expected.get(m[0]))
-            if {m[0] for m in msg[3]} != set(expected):
+            if {m[0] for m in msg.manifest} != set(expected):
                 raise self._fail(f"sender {sender} manifest names differ from the expected layout: "
-                                 f"{sorted({m[0] for m in msg[3]} ^ set(expected))[:5]}")
-        elif kind == "bucket":
-            _, _, _, slot, extents, checksum = msg
+                                 f"{sorted({m[0] for m in msg.manifest} ^ set(expected))[:5]}")
+        elif isinstance(msg, Bucket):
+            slot, extents, checksum = msg.slot, msg.extents, msg.checksum
             used = _bucket_used(extents)
             buf = self._fetch(sender, slot, used)
             if self._digest(buf[:used]) != checksum:
@@ -378,9 +377,9 @@ class ShmReceiver:
                 dst[a:b].copy_(buf[off:off + b - a])
                 staged[meta[0]][2].append((a, b, sender))
             self._ack(sender, version, slot)
-        elif kind == "end":
-            ended[sender] = msg[3]
-            for meta, a, b, _ in msg[3]:
+        elif isinstance(msg, End):
+            ended[sender] = msg.owned
+            for meta, a, b, _ in msg.owned:
                 self._check(meta, sender, expected, staged)
 
     def _check_coverage(self, staged: dict, ended: dict[int, list], verify: bool) -> None:
@@ -406,10 +405,10 @@ class ShmReceiver:
             msg = self.chan.recv(deadline)
             if msg is None:
                 raise self._fail(f"no commit from sender(s) {sorted(set(range(len(self.slots))) - set(votes))}")
-            if msg[0] in ("commit", "abort") and msg[2] == version:
-                votes[msg[1]] = msg[0]
-        if "abort" in votes.values():
-            raise self._fail(f"sync {version} aborted by sender(s) {[s for s, v in votes.items() if v == 'abort']}")
+            if isinstance(msg, Vote) and msg.version == version:
+                votes[msg.rank] = msg.commit
+        if not all(votes.values()):
+            raise self._fail(f"sync {version} aborted by sender(s) {[s for s, ok in votes.items() if not ok]}")
 
     def close(self) -> None:
         self.chan.close()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from multiprocessing import Queue
+from typing import NamedTuple
 
 import torch
 from astate_peers import make_weights
+from ring_ext_astate.messages import Bucket
 from ring_ext_astate.dist_transport import DistReceiver, DistSender, SyncError, gloo_group
 
 
@@ -15,12 +17,12 @@ class _FaultyDistSender(DistSender):
 
     fault = ""
 
-    def _broadcast(self, msg: tuple) -> None:
+    def _broadcast(self, msg: NamedTuple) -> None:
         super()._broadcast(msg)
-        if msg[0] == "bucket" and self.fault == "corrupt":
-            self.slots[msg[3]][0] ^= 0xFF  # after the checksum, before the isend: corrupted on the way
+        if isinstance(msg, Bucket) and self.fault == "corrupt":
+            self.slots[msg.slot][0] ^= 0xFF  # after the checksum, before the isend: corrupted on the way
             self.fault = ""
-        if msg[0] == "bucket" and self.fault == "die":
+        if isinstance(msg, Bucket) and self.fault == "die":
             os._exit(17)  # announced a bucket whose bytes never come
 
 

@@ -9,8 +9,10 @@ import multiprocessing as mp
 import os
 import threading
 from multiprocessing import Queue
+from typing import NamedTuple
 
 import torch
+from ring_ext_astate.messages import Bucket, Chunk
 from ring_ext_astate.shm_transport import ShmReceiver, ShmSender, SyncError, _meta
 
 SLOT = 1024  # small slots: every tensor spans several buckets and the 2-slot ring wraps many times
@@ -48,19 +50,19 @@ def _faulty(base: type[ShmSender]) -> type[ShmSender]:
 
         fault = ""
 
-        def _broadcast(self, msg: tuple) -> None:
-            if msg[0] == "bucket" and self.fault == "corrupt":
-                self.slots[msg[3]][0] ^= 0xFF  # flipped in the shared slot after the checksum was taken
-                if self.slots[msg[3]].is_cuda:
+        def _broadcast(self, msg: NamedTuple) -> None:
+            if isinstance(msg, Bucket) and self.fault == "corrupt":
+                self.slots[msg.slot][0] ^= 0xFF  # flipped in the shared slot after the checksum was taken
+                if self.slots[msg.slot].is_cuda:
                     torch.cuda.synchronize()
                 self.fault = ""
-            if msg[0] == "chunk" and self.fault == "corrupt":  # direct: flipped in every receiver's arena
-                (name, _, _), a, _ = msg[3][0]
+            if isinstance(msg, Chunk) and self.fault == "corrupt":  # direct: flipped in every receiver's arena
+                (name, _, _), a, _ = msg.extents[0]
                 for arena, offsets in self.arenas:
                     arena[offsets[name] + a] ^= 0xFF
                 self.fault = ""
             super()._broadcast(msg)
-            if msg[0] in ("bucket", "chunk") and self.fault == "die":
+            if isinstance(msg, (Bucket, Chunk)) and self.fault == "die":
                 os._exit(17)  # killed mid-sync: the receivers got part of this rank's buckets
 
     return FaultySender

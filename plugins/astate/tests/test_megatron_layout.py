@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from ring_ext_astate import megatron_layout
-from ring_ext_astate.megatron_layout import GPTShape, Piece, Shard, assemble, hf_pieces
+import megatron_layout
+from megatron_layout import GPTShape, Piece, Shard, assemble, hf_pieces
 
 # 8 heads in 4 query groups of head_dim 8: TP=2 gives each rank 2 groups
 SHAPE = GPTShape(num_layers=2, hidden=64, num_heads=8, num_query_groups=4, head_dim=8, ffn_hidden=128, vocab=100)
@@ -107,7 +107,7 @@ def rank_main(rank, world, port, out, c):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
-    from ring_ext_astate.megatron_layout import shards_from_sharded_state_dict
+    from megatron_layout import shards_from_sharded_state_dict
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -165,7 +165,7 @@ def megatron_dumps(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
         pytest.skip(f"cannot install {MEGATRON}: {pip.stderr.strip()[-2000:]}")
     script = target.parent / "megatron_tp_worker.py"
     script.write_text(WORKER)
-    layout_root = str(Path(megatron_layout.__file__).resolve().parents[1])  # ring_ext_astate for the workers
+    layout_root = str(Path(megatron_layout.__file__).resolve().parent)  # megatron_layout for the workers
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), layout_root]), "OMP_NUM_THREADS": "1"}
     outs, procs = {}, {}
     for tp in (1, 2):  # both worlds at once: the wall time is dominated by importing megatron

@@ -162,7 +162,7 @@ class C3POReplayBuffer(ReplayBufferAsync):
         if partition_id == "val":
             return super().sample(global_steps, partition_id, batch_size)
         start = time.time()
-        self._purged_this_step = self._purged_tokens_this_step = self._added_this_step = 0
+        self._added_this_step = 0  # top-ups while decoding (those at the step's start are reported apart)
         sampleable, metrics = self.wait_for_sampleable(global_steps, partition_id, batch_size)
         reached = time.time()
         if self.abort_fn is not None:
@@ -178,6 +178,8 @@ class C3POReplayBuffer(ReplayBufferAsync):
         batch = self._materialize_batch(partition_id, uids, dict(self.partitions[partition_id]))
         extras = [extras[k] for k in batch.keys]
         metrics.update(self._step_metrics(global_steps, batch, extras, in_flight, time.time() - start))
+        # counted from here on: the next step's (`carry_over` purges at this step's end count there)
+        self._purged_this_step = self._purged_tokens_this_step = 0
         self._trained[0] += int(metrics["c3po/tokens_trained"])
         self._trained[1] += int(metrics["c3po/groups_trained"])
         self._put_token_lags(global_steps, batch, extras)

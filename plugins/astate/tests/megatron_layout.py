@@ -15,6 +15,9 @@ covers. Megatron's layouts (checked against megatron-core 0.16.1):
 * ``linear_proj`` / ``linear_fc2`` are row-parallel: split on the last dim (HF columns). Embedding and output layer
   split the (possibly padded) vocab on dim 0; rows past the HF vocab are padding and map nowhere.
 * Layernorms are replicated: only the shard with ``replica_id`` all zero yields pieces, so exactly one rank sends.
+
+Not in the production package: no plan reads it yet (docs/astate.md, "Megatron's layout, not yet its plan"); it lives
+beside its test until a Megatron rank sends its own rows through verl's ``get_per_tensor_param_shard()``.
 """
 
 from __future__ import annotations
