@@ -212,8 +212,8 @@ class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpda
         logger.warning("ring-ext astate: rollout worker %d writes in place: %d checkpoint tensors -> %d parameters, "
                        "%.1f MiB, plan %s%s%s", self.rank, len(self.plan.destinations), len(layout),
                        self.plan.nbytes / 2**20, self.plan.digest, ", shadow arena" if init_info.shadow else "",
-                       f", {len(self.repack.layers)} layers rearranged after each sync ({self.repack.nbytes / 2**20:.1f}"
-                       " MiB)" if self.repack.layers else "")
+                       f", {len(self.repack.layers)} layers rearranged after each sync "
+                       f"({self.repack.nbytes / 2**20:.1f} MiB)" if self.repack.layers else "")
 
     def _welcome(self) -> Welcome:
         assert self.arenas is not None

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.multiprocessing as tmp
 
+from ring_ext_astate.arena import ParamArena
 from ring_ext_astate.errors import SyncError
 from ring_ext_astate.inplace import check_reports
-from ring_ext_astate.arena import ParamArena
 from ring_ext_astate.pull import Puller, export
 from test_inplace_core import _FusedModel, _plan, _weights
 
