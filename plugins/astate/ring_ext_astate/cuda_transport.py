@@ -42,8 +42,8 @@ def _device(device: torch.device | str | int | None) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
 
 
-def _open(handle: tuple) -> torch.Tensor:
-    """A sender's slot mapped into this process (torch caches the mapping per storage)."""
+def open_handle(handle: tuple) -> torch.Tensor:
+    """A `reduce_tensor` handle's tensor mapped into this process (torch caches the mapping per storage)."""
     rebuild, args = handle
     return rebuild(*args)
 
@@ -87,7 +87,7 @@ class CudaIpcReceiver(ShmReceiver):
 
     def connect(self, senders: list[dict[str, Any]]) -> None:
         self.chan.connect([s["address"] for s in senders])
-        self.slots = [[_open(h) for h in s["slots"]] for s in senders]
+        self.slots = [[open_handle(h) for h in s["slots"]] for s in senders]
 
     def _ack(self, sender: int, version: int, slot: int) -> None:
         torch.cuda.current_stream(self.staging_device).synchronize()  # copies out of the slot are done

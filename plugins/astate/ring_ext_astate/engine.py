@@ -18,7 +18,6 @@ unless `dist`.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import socket
 import time
@@ -30,7 +29,9 @@ from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegist
 
 from ring_ext.knobs import check_knobs, knob
 
-from ring_ext_astate.dist_transport import DistSender, free_port, gloo_group
+from ring_ext_astate.cuda_transport import CudaIpcReceiver, CudaIpcSender
+from ring_ext_astate.direct_transport import DirectShmReceiver, DirectShmSender
+from ring_ext_astate.dist_transport import DistReceiver, DistSender, free_port, gloo_group
 from ring_ext_astate.errors import SyncError
 from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, _meta
 from ring_ext_astate.verify import VerifyMode, verified
@@ -41,32 +42,21 @@ logger = logging.getLogger("ring_ext")
 
 @dataclass(frozen=True)
 class Transport:
-    """One way bytes move from trainer ranks to rollout workers: its sender and receiver classes ("module:Class",
-    imported when chosen: `cuda_transport` only where CUDA is), whether it spans hosts, whether it needs CUDA."""
+    """One way bytes move from trainer ranks to rollout workers: its sender and receiver classes, whether it spans
+    hosts, whether it needs CUDA."""
 
-    sender: str
-    receiver: str
+    sender: type[ShmSender]
+    receiver: type[ShmReceiver]
     many_hosts: bool = False
     needs_cuda: bool = False
-
-    def classes(self) -> tuple[type, type]:
-        return _load(self.sender), _load(self.receiver)
 
 
 # a new transport is a module with a sender and a receiver (the ShmSender / ShmReceiver protocol) and one line here
 TRANSPORTS = {
-    "shm": Transport("ring_ext_astate.direct_transport:DirectShmSender",
-                     "ring_ext_astate.direct_transport:DirectShmReceiver"),
-    "dist": Transport("ring_ext_astate.dist_transport:DistSender", "ring_ext_astate.dist_transport:DistReceiver",
-                      many_hosts=True),
-    "cuda_ipc": Transport("ring_ext_astate.cuda_transport:CudaIpcSender",
-                          "ring_ext_astate.cuda_transport:CudaIpcReceiver", needs_cuda=True),
+    "shm": Transport(DirectShmSender, DirectShmReceiver),
+    "dist": Transport(DistSender, DistReceiver, many_hosts=True),
+    "cuda_ipc": Transport(CudaIpcSender, CudaIpcReceiver, needs_cuda=True),
 }
-
-
-def _load(path: str) -> type:
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
@@ -105,7 +95,7 @@ class AStateCheckpointEngine(CheckpointEngine):
         if transport.needs_cuda and not torch.cuda.is_available():
             raise ValueError(f"astate transport {o.transport!r} needs CUDA on every worker; use one of "
                              f"{sorted(k for k, t in TRANSPORTS.items() if not t.needs_cuda)}")
-        sender, receiver = transport.classes()
+        sender, receiver = transport.sender, transport.receiver
         if transport.many_hosts:  # its peers listen on this node's address, not on loopback
             self.ip = _node_ip()
             kw = {"host": self.ip}

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch.multiprocessing.reductions import reduce_tensor
 
+from ring_ext_astate.cuda_transport import open_handle
 from ring_ext_astate.errors import SyncError
 from ring_ext_astate.inplace import source_slice
 from ring_ext_astate.plan import Plan, PlanError
@@ -39,11 +40,6 @@ class Export:
 
 def export(rank: int, generation: int, weights: Iterable[tuple[str, torch.Tensor]]) -> Export:
     return Export(rank, generation, tuple((name, reduce_tensor(t.detach())) for name, t in weights))
-
-
-def _open(handle: tuple) -> torch.Tensor:
-    rebuild, args = handle
-    return rebuild(*args)
 
 
 def _param_bytes(name: str, p: torch.Tensor) -> torch.Tensor:
@@ -81,7 +77,7 @@ class Puller:
                             "planned destination takes")
         if self._dest is None:
             self._dest = {name: _param_bytes(name, p) for name, p in self.params()}
-        sources = {name: _open(h) for name, h in exp.tensors if name not in self.ignored}
+        sources = {name: open_handle(h) for name, h in exp.tensors if name not in self.ignored}
         self._mappings[exp.rank] = _Mapping(exp.generation, self.wake, sources)
 
     def pull(self, rank: int, generation: int, version: int, verify: bool = False) -> dict:
@@ -94,14 +90,15 @@ class Puller:
         if m.generation != generation:
             raise SyncError(f"rollout worker {self.rank}: sync {version} is of trainer rank {rank}'s buffers "
                             f"generation {generation}, the mapping of generation {m.generation}: they moved, re-arm")
-        if m.wake != self.wake or self._dest is None:
+        if m.wake != self.wake:  # armed since the last wake-up means its parameters were resolved then
             raise SyncError(f"rollout worker {self.rank}: its mapping of trainer rank {rank} predates wake-up "
                             f"{self.wake} (the parameters were re-created): re-arm")
-        ranges = []
+        ranges, dest = [], self._dest
+        assert dest is not None  # arm resolved it after the last woke_up
         for name, t in m.sources.items():
             for d in self.plan.destinations[name]:
                 lo = d.offset - self.plan.params[d.param][0]
-                dst = self._dest[d.param][lo:lo + d.nbytes].view(getattr(torch, d.dtype))
+                dst = dest[d.param][lo:lo + d.nbytes].view(getattr(torch, d.dtype))
                 src = source_slice(name, t, d)
                 dst.copy_(src)
                 if verify and not torch.equal(dst, src.to(dst.dtype)):

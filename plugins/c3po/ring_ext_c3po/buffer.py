@@ -54,13 +54,12 @@ class C3POReplayBuffer(ReplayBufferAsync):
         self._purged: dict[str, bool] = {}  # finished uid -> purged (finished groups never change)
         self._purged_this_step = self._purged_tokens_this_step = 0
         self._added_this_step = 0
-        self._deferred_uids: frozenset[str] = frozenset()  # finished after the last crossing: trained next step
+        # finished, not trained (after the last crossing, or before a restart): trained first next step (carry_over)
+        self._deferred_uids: frozenset[str] = frozenset()
         self._batch_now: frozenset[str] = frozenset()  # the groups this step trains
         self.deferred_tokens = 0
         self.cut_skipped = False  # adaptive_cut: this phase ended without a cut (set by the trainer's cut)
         self._trained = [0, 0]  # response tokens, groups trained over the run
-        # groups that finished before this process existed came back from a checkpoint: they were deferred there
-        self._created_at = time.time()
 
     def _group_tokens(self, partition_id: str, uids: set[str]) -> dict[str, int]:
         tokens: dict[str, int] = defaultdict(int)
@@ -204,9 +203,8 @@ class C3POReplayBuffer(ReplayBufferAsync):
             ends = [float(seg[3]) for seg in extra.get("c3po_segments", [])]
             done_at[_uid(key)] = max(done_at[_uid(key)], max(ends, default=0.0))
         tokens = self._group_tokens(partition_id, sampleable)
-        restored = {uid for uid in sampleable if done_at[uid] < self._created_at}
         # adaptive_cut let the crossing's in-flight requests finish instead of cutting them: every group trains now
-        carried = set(sampleable) if self.cut_skipped else self._deferred_uids | restored
+        carried = set(sampleable) if self.cut_skipped else self._deferred_uids
         uids = training_batch([(uid, done_at[uid], tokens[uid]) for uid in sampleable], self.c3po.token_budget,
                               carried)
         self.cut_skipped = False
@@ -219,8 +217,6 @@ class C3POReplayBuffer(ReplayBufferAsync):
         self._purged_this_step += len(cannot_wait)
         self._purged_tokens_this_step += sum(tokens[uid] for uid in cannot_wait)
         self._append_timeline(global_steps, [(k, e) for k, e in extras.items() if _uid(k) in cannot_wait], True)
-        self._deferred_uids = frozenset(sampleable - set(uids) - cannot_wait)
-        self.deferred_tokens = sum(tokens[uid] for uid in self._deferred_uids)
         return uids, extras
 
     def _put_token_lags(self, global_steps: int, batch: Any, extras: list[dict]) -> None:

@@ -131,9 +131,9 @@ class C3POTrainer(PPOTrainerColocateAsync):
                        in_flight, time.monotonic() - start)
 
     def on_train_begin(self) -> None:
+        carried = self.replay_buffer.carry_over(self.global_steps)  # resumed: the checkpoint's finished groups
         if self._gate is not None:
-            if self.global_steps > 1:  # resumed: what the checkpoint holds finished counts first, as before the stop
-                ray.get(self._gate.restore.remote(self.replay_buffer.carry_over(self.global_steps)))
+            ray.get(self._gate.restore.remote(carried))  # they count first, as before the stop
             ray.get(self._gate.open.remote())
         self.replay_buffer.top_up()  # Omega groups in flight; restored in-flight groups count towards it
 
@@ -143,8 +143,8 @@ class C3POTrainer(PPOTrainerColocateAsync):
                 "c3po/partials_unclaimed": spool_for(self.config).unclaimed()}  # 0 once restored ones resumed
 
     def on_step_end(self) -> None:
+        carried = self.replay_buffer.carry_over(self.global_steps + 1)
         if self._gate is not None:  # a new phase before generation resumes under the new weights
-            carried = self.replay_buffer.carry_over(self.global_steps + 1)
             seen = ray.get(self._gate.next_phase.remote(carried))
             seen |= {"c3po/deferred_tokens": float(carried),  # finished, not trained: the next phase's C
                      "c3po/groups_deferred": float(self.replay_buffer.groups_deferred)}
