@@ -10,6 +10,8 @@ What it runs: verl's unchanged `python -m verl.trainer.main_ppo` once per (lengt
   c3po            the recipe's loop, trainer.v1.trainer_mode=c3po: Omega = B groups in flight, topped up while the
                   engine decodes, cut at the token budget Phi, sigma = --retention (1); carry=abort
   c3po_keep       the same with carry=keep: the cut pauses the engine keeping its requests (no re-prefill)
+  c3po_adaptive   carry=abort with adaptive_cut=true; c3po_complete: carry=abort with admission=completion;
+  c3po_admit      both; c3po_keep_admit: carry=keep with admission=completion
 Every request decodes exactly L tokens (benchmarks/c3po_length_loop.py: ignore_eos, max_tokens=L), L log-normal
 with median --median, sigma 1.0 (`heavy`) or 0.25 (`light`), clipped to [1, --max-len], L a hash of
 (--seed, dataset row, sample index in the group): a row decodes the same lengths in every mode.
@@ -74,11 +76,12 @@ from ring_ext.verl_run import run_main_ppo  # noqa: E402
 
 RESULTS = HERE / "results"
 SAMPLER = Path(__file__).resolve().parent / "fast_poll_sampler.py"
-MODES = ("sync", "colocate_async", "c3po", "c3po_keep", "c3po_adaptive", "c3po_admit", "c3po_complete")
+MODES = ("sync", "colocate_async", "c3po", "c3po_keep", "c3po_adaptive", "c3po_admit", "c3po_complete",
+         "c3po_keep_admit")
 BASELINES = ("sync", "colocate_async")  # each compared with every c3po variant
 # the trainer mode c3po, by its carry knob (and adaptive_cut=true: "_adaptive"; admission=completion: "_admit")
 C3PO_MODES = {"c3po": "abort", "c3po_keep": "keep", "c3po_adaptive": "abort_adaptive",
-              "c3po_admit": "abort_adaptive_admit", "c3po_complete": "abort_admit"}
+              "c3po_admit": "abort_adaptive_admit", "c3po_complete": "abort_admit", "c3po_keep_admit": "keep_admit"}
 PROMPT_MAX = 64  # the recipe's data.max_prompt_length
 MODEL_POSITIONS = 512  # the tiny model's max_position_embeddings (ring_ext/tiny/model.py): prompt + response
 LOOP_NAME = "lognormal_length"
@@ -355,7 +358,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Setup]:
     p.add_argument("--light-sigma", type=float, default=DISTS["light"], help="log-normal sigma of the light tail")
     p.add_argument("--rounds", type=int, default=1,
                    help="interleaved repeats (every mode once per round); ratios as median and min-max over rounds")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="trainer modes")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=["sync", "colocate_async", "c3po", "c3po_keep"],
+                   help="trainer modes (default: the four in the usage line's estimate)")
     p.add_argument("--out", type=Path, default=RESULTS / "c3po_vllm_fair", help="output stem (.json, .png)")
     p.add_argument("--workdir", type=Path, default=None, help="run folders and logs (default: a new /tmp folder)")
     p.add_argument("--regime-out", type=Path, default=None,

@@ -86,9 +86,17 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
         resubmitted = saved is not None  # a request carried across a restart is resubmitted with its tokens
         while not closed:
             params[key] = tracker.remaining
-            start = time.time()
-            seg = await LLMServerClient.generate(self, request_id=request_id, prompt_ids=prompt_ids + out.token_ids,
-                                                 sampling_params=params, **kwargs)
+            start, seg_key = time.time(), f"{spool_id}:{len(tracker.segments)}"
+            if self._gate is not None:  # in flight from now, also across a sync that keeps it (phase_stats.py)
+                self._gate.began.remote(seg_key, start)
+            try:
+                seg = await LLMServerClient.generate(self, request_id=request_id,
+                                                     prompt_ids=prompt_ids + out.token_ids, sampling_params=params,
+                                                     **kwargs)
+            except BaseException:
+                if self._gate is not None:  # no longer in flight, whatever stopped it
+                    self._gate.segment.remote(start, time.time(), False, False, 0, seg_key)
+                raise
             new = list(seg.token_ids)
             held = len(out.token_ids)  # what the request was (re)submitted with beyond its prompt
             out.token_ids.extend(new)
@@ -113,7 +121,7 @@ class C3POLLMServerClient(FullyAsyncLLMServerClient):
                 step = tracker.record(pieces[-1][0], pieces[-1][1], seg.stop_reason, pieces[-1][2], end)
             if self._gate is not None:  # where the phase's time goes (phase_stats.py); a resubmission re-prefills
                 self._gate.segment.remote(start, end, not resubmitted, step is Next.FINISHED,
-                                          len(prompt_ids) + held if resubmitted and held else 0)
+                                          len(prompt_ids) + held if resubmitted and held else 0, seg_key)
             resubmitted = True
             if step is Next.PURGED:
                 self._mark_purged(group)

@@ -137,8 +137,12 @@ class BudgetGate:
         if self.admission is not None:
             self.admission.open = False
 
-    def segment(self, start: float, end: float, fresh: bool, finished: bool, reprefill_tokens: int = 0) -> None:
-        self.stats.segment(start, end, fresh=fresh, finished=finished, reprefill_tokens=reprefill_tokens)
+    def began(self, key: str, start: float) -> None:
+        self.stats.began(key, start)
+
+    def segment(self, start: float, end: float, fresh: bool, finished: bool, reprefill_tokens: int = 0,
+                key: str | None = None) -> None:
+        self.stats.segment(start, end, fresh=fresh, finished=finished, reprefill_tokens=reprefill_tokens, key=key)
 
     def open(self) -> None:
         """Generation (re)opened: the phase's clock starts, waiting groups enter."""
@@ -187,5 +191,5 @@ class BudgetGate:
         if self.admission is not None:
             self.admission.expire()
         self.cut_at, self._decision, self._skipped, self._waited_s = None, None, None, 0.0
-        self.stats = PhaseStats(self.capacity)
+        self.stats = self.stats.next_phase()
         return seen

@@ -3,9 +3,11 @@
 The budget gate (`gate.py`) holds one `PhaseStats` per phase; every C3PO++ client reports each segment the engine
 returned (submitted at `start`, returned at `end`). At the phase's end `summary()` gives, as `c3po/<name>`:
 - `engine_occupancy`: time-averaged sequences in flight, capped at the engines' batch (`capacity` = max_num_seqs x
-  replicas), over capacity, from generation opening to the cut. Requests the server parks while the replicas sync
-  count from the opening on (they are ready to decode then), so a slow resumption shows up as lost occupancy only
-  through the re-prefill and the first tokens it delays;
+  replicas), over capacity, from generation opening to the cut. A segment counts from its submission (`began`) to
+  its return, so one still in flight at the cut (`carry: keep` holds it in the engine across the sync) counts in
+  this phase up to the cut and in the next from its opening (`next_phase`). Requests the server parks while the
+  replicas sync count from the opening on (they are ready to decode then), so a slow resumption shows up as lost
+  occupancy only through the re-prefill and the first tokens it delays;
 - `cut_s`: the budget crossing to every in-flight request back at its client (the engines stopped): what the cut
   costs the phase that pays it. The resumption's cost lands in the next phase's occupancy and `reprefill_tokens`;
 - `reprefill_tokens`: tokens the engines prefill again because a resumed request is resubmitted with what it
@@ -27,6 +29,7 @@ class PhaseStats:
     cut_at: float | None = None
     reprefill_tokens: int = 0
     _segments: list[tuple[float, float]] = field(default_factory=list)
+    _open: dict[str, float] = field(default_factory=dict)  # submitted, not back yet: segment key -> start
     _completions: deque[float] = field(default_factory=deque)
     _latencies: list[float] = field(default_factory=list)
     _stopped_at: float | None = None
@@ -41,12 +44,24 @@ class PhaseStats:
     def cut(self, t: float) -> None:
         self.cut_at = t
 
-    def segment(self, start: float, end: float, *, fresh: bool, finished: bool, reprefill_tokens: int = 0) -> None:
+    def began(self, key: str, start: float) -> None:
+        """A segment submitted at `start`: in flight until `segment(..., key=key)` reports it back."""
+        self._open[key] = start
+
+    def next_phase(self) -> PhaseStats:
+        """The next phase's stats: empty but for the segments still in flight now (kept in the engine across the
+        sync), which count in it from its opening."""
+        return PhaseStats(self.capacity, _open=dict(self._open))
+
+    def segment(self, start: float, end: float, *, fresh: bool, finished: bool, reprefill_tokens: int = 0,
+                key: str | None = None) -> None:
         """One segment back at its client. `fresh`: the first segment of a new request (it took a freed slot);
         `finished`: the request completed with it (its slot is free); `reprefill_tokens`: decoded tokens it was
-        resubmitted with."""
+        resubmitted with; `key`: the one it `began` with (no longer in flight)."""
         if end < start:
             raise ValueError(f"segment ends ({end}) before it starts ({start})")
+        if key is not None:
+            self._open.pop(key, None)
         self._segments.append((start, end))
         self.reprefill_tokens += int(reprefill_tokens)
         if fresh:
@@ -58,12 +73,14 @@ class PhaseStats:
             self._stopped_at = max(self._stopped_at or end, end)
 
     def occupancy(self) -> float | None:
-        """Time-averaged min(sequences in flight, capacity) / capacity over [opened_at, cut_at]."""
+        """Time-averaged min(sequences in flight, capacity) / capacity over [opened_at, cut_at]; a segment not back
+        yet is in flight up to the cut."""
         if self.opened_at is None or self.cut_at is None or self.cut_at <= self.opened_at:
             return None
         lo, hi = self.opened_at, self.cut_at
-        events = sorted([(max(a, lo), 1) for a, b in self._segments if b > lo and a < hi]
-                        + [(min(b, hi), -1) for a, b in self._segments if b > lo and a < hi])
+        spans = [*self._segments, *((a, hi) for a in self._open.values())]
+        events = sorted([(max(a, lo), 1) for a, b in spans if b > lo and a < hi]
+                        + [(min(b, hi), -1) for a, b in spans if b > lo and a < hi])
         busy, active, last = 0.0, 0, lo
         for t, step in events:
             busy += min(active, self.capacity) * (t - last)

@@ -82,3 +82,36 @@ def test_gate_reports_a_phase_and_starts_the_next_clean() -> None:
     assert gate.next_phase(0)["c3po/gate_cut"] == 0.0
     gate.close()
     assert gate.is_closed()
+
+
+def test_a_segment_kept_across_the_sync_counts_in_both_phases() -> None:
+    """carry: keep holds requests in the engine across the sync: their segments come back only in the next phase,
+    yet they decoded in this one. Counted from `began` to the cut here, and from the opening in the next phase."""
+    gate = BudgetGate(group_size=1, token_budget=10, servers=[], max_retention=1, capacity=2)
+    gate.open()
+    opened = gate.stats.opened_at
+    gate.began("kept:0", opened)  # decodes through the whole phase, kept at the cut
+    gate.began("done:0", opened)
+    asyncio.run(gate.finished("g", 10, (0, 0)))
+    cut_at = gate.stats.cut_at
+    gate.segment(opened, cut_at, True, True, key="done:0")
+    seen = gate.next_phase(0)
+    assert seen["c3po/engine_occupancy"] == pytest.approx(1.0)  # both slots busy to the cut: the kept one counts
+    gate.open()
+    reopened = gate.stats.opened_at
+    gate.segment(opened, reopened + 1.0, False, True, key="kept:0")  # back 1 s into the next phase
+    gate.mark_cut()
+    gate.stats.cut_at = reopened + 2.0  # the next phase's window: 2 s, one of two slots busy for 1 s
+    assert gate.next_phase(0)["c3po/engine_occupancy"] == pytest.approx(0.25)
+    assert gate.stats.next_phase()._open == {}  # nothing left in flight
+
+
+def test_an_unreported_segment_is_in_flight_up_to_the_cut() -> None:
+    s = PhaseStats(capacity=2)
+    s.open(0.0)
+    s.began("a", 1.0)
+    s.began("b", 0.0)
+    s.segment(0.0, 2.0, fresh=True, finished=True, key="b")
+    s.cut(4.0)
+    assert s.occupancy() == pytest.approx((3.0 + 2.0) / 8.0)  # a: 1-4, b: 0-2
+    assert set(s.next_phase()._open) == {"a"}
