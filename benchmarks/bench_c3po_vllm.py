@@ -45,7 +45,10 @@ modes the engine is paused while the trainer trains, so any gain is the rollout 
 Measured (skipping --warmup leading steps): rollout seconds (verl's timing_s/gen) and whole-step seconds
 (timing_s/step) per 1K trained tokens, ratios sync/c3po and colocate_async/c3po (> 1: c3po faster), trained tokens
 per step of each mode, c3po's budget use (median, max), version lag (mean, max) and purge rate, verl's off-policy
-metrics (trajectory staleness, evicted groups). Writes <--out>.json and <--out>.png, prints a table.
+metrics (trajectory staleness, evicted groups), and every mode's engine occupancy: C3PO++ logs its own
+(`c3po/engine_occupancy`, the generation's opening to the crossing); for sync and colocate_async the bench records
+every engine call and the window the trainer waits for each batch in (C3PO_BENCH_SEGMENTS, `add_occupancy`) and
+applies the same rule. Writes <--out>.json and <--out>.png, prints a table.
 
     python benchmarks/bench_c3po_vllm.py                  # 4 modes x 2 distributions: ~45-60 min on 2 cores
     python benchmarks/bench_c3po_vllm.py --median 32 --max-len 1024 --heavy-sigma 1.75 --batch 16 --steps 10 \
@@ -70,7 +73,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # c3po_length_loop, also when this file is imported by a test
-from c3po_length_loop import DISTS, expected_length  # noqa: E402  (verl-free: imports no verl)
+from c3po_length_loop import DISTS, SEGMENTS_ENV, expected_length  # noqa: E402  (verl-free: imports no verl)
 
 from ring_ext.verl_run import run_main_ppo  # noqa: E402
 
@@ -234,6 +237,8 @@ def summarize(mode: str, steps: list[dict], setup: Setup, warmup: int) -> dict[s
         })  # fmt: skip
         out.update({k: statistics.fmean(float(s[f"c3po/{k}"]) for s in kept)
                     for k in PHASE_METRICS if all(f"c3po/{k}" in s for s in kept)})
+    elif all(s.get("bench/engine_occupancy") is not None for s in kept):  # the baselines' (add_occupancy)
+        out["engine_occupancy"] = statistics.fmean(s["bench/engine_occupancy"] for s in kept)
     return out
 
 
@@ -265,8 +270,41 @@ def run_mode(mode: str, dist: str, setup: Setup, workdir: Path, timeout: float) 
     loop_config.write_text(LOOP_YAML)
     overrides = mode_overrides(mode, setup, sigma, run_dir, loop_config)
     print(f"[{dist}/{mode}] main_ppo {shlex.join(overrides)}", flush=True)
-    run = run_main_ppo(overrides, run_dir, name=mode, env=length_env(setup, sigma), timeout=timeout)
-    return [r["data"] for r in sorted(run.steps, key=lambda r: r["step"])]
+    intervals = run_dir / "intervals"  # every engine call's and (baselines) rollout phase's [start, end]
+    intervals.mkdir(exist_ok=True)
+    for old in intervals.glob("*.jsonl"):
+        old.unlink()
+    env = {**length_env(setup, sigma), SEGMENTS_ENV: str(intervals)}
+    run = run_main_ppo(overrides, run_dir, name=mode, env=env, timeout=timeout)
+    steps = [r["data"] for r in sorted(run.steps, key=lambda r: r["step"])]
+    if mode in BASELINES:
+        add_occupancy(mode, steps, intervals, setup.engine_seqs)
+    return steps
+
+
+def read_intervals(folder: Path, kind: str) -> list[tuple[float, float]]:
+    return sorted((float(a), float(b)) for f in folder.glob(f"{kind}-*.jsonl")
+                  for a, b in map(json.loads, f.read_text().splitlines()))
+
+
+def add_occupancy(mode: str, steps: list[dict], folder: Path, capacity: int) -> None:
+    """A baseline's `bench/engine_occupancy` per step: C3PO++'s rule (`PhaseStats`: engine calls from submission to
+    return, capped at the engine batch, time-averaged) over the window in which the trainer waited for the step's
+    batch (the bench sampler's `sample`). C3PO++ logs its own over the generation's opening to the crossing."""
+    from ring_ext_c3po.phase_stats import PhaseStats
+
+    windows, segments = read_intervals(folder, "phases"), read_intervals(folder, "segments")
+    if len(windows) != len(steps):  # the run's times are kept; only this figure is missing
+        print(f"[{mode}] no engine occupancy: {len(windows)} rollout windows recorded in {folder} for "
+              f"{len(steps)} steps", flush=True)
+        return
+    for step, (lo, hi) in zip(steps, windows, strict=True):
+        stats = PhaseStats(capacity)
+        stats.open(lo)
+        for a, b in segments:
+            stats.segment(a, b, fresh=False, finished=False)
+        stats.cut(hi)
+        step["bench/engine_occupancy"] = stats.occupancy()
 
 
 def plot(result: dict, path: Path) -> None:
@@ -320,6 +358,8 @@ def table(result: dict) -> str:
                     if mode in C3PO_MODES else "")
             if mode == "colocate_async":
                 note = f"dropped stale {s['verl_drop_rate']:.1%} of groups"
+            if s.get("engine_occupancy") is not None:
+                note += f"{'; ' if note else ''}occupancy {s['engine_occupancy']:.2f}"
             if "verl_staleness_worst_max" in s:
                 note += f"{'; ' if note else ''}verl staleness(worst) max {s['verl_staleness_worst_max']:.0f}"
             rel = [f"{r[k]:10.2f}" if k in r else f"{'-':>10s}" for k in ("rollout", "step")]

@@ -6,17 +6,24 @@ whatever the (random) tiny model would emit. L is a function of (seed, dataset r
 a row trained by two modes decodes the same L in both, and `heavy`/`light` share the normal draw (coupled tails).
 Knobs come from the environment, set by bench_c3po_vllm.py: C3PO_BENCH_MEDIAN, C3PO_BENCH_SIGMA, C3PO_BENCH_MAX,
 C3PO_BENCH_SEED. The math below imports nothing heavy; verl is imported only when the loop class is first asked for.
+With C3PO_BENCH_SEGMENTS (a folder) every engine call of the process, whatever the trainer mode (verl's
+`LLMServerClient.generate`: one per segment, also under verl's and C3PO++'s resuming clients), appends its
+[start, end] there (`segments-<pid>.jsonl`), from which the benchmark measures every mode's engine occupancy alike.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import random
+import time
+from pathlib import Path
 from typing import Any
 
 DISTS: dict[str, float] = {"heavy": 1.0, "light": 0.25}  # log-normal sigma; both keep the median
+SEGMENTS_ENV = "C3PO_BENCH_SEGMENTS"
 
 
 def draw_seed(seed: int, row: int, session: int) -> int:
@@ -52,8 +59,37 @@ def row_of(kwargs: dict[str, Any]) -> int:
     return int(index)  # a 0-d tensor or numpy scalar from the batch
 
 
+def append_interval(kind: str, start: float, end: float) -> None:
+    """[start, end] to <C3PO_BENCH_SEGMENTS>/<kind>-<pid>.jsonl (one writer per file: no lock); nothing when unset."""
+    folder = os.environ.get(SEGMENTS_ENV)
+    if folder:
+        with open(Path(folder) / f"{kind}-{os.getpid()}.jsonl", "a") as f:
+            f.write(json.dumps([start, end]) + "\n")
+
+
+def _record_engine_calls() -> None:
+    """Wrap verl's per-segment engine call once per process: its [start, end] go to `append_interval`."""
+    from verl.workers.rollout.llm_server import LLMServerClient
+
+    original = LLMServerClient.generate
+    if not os.environ.get(SEGMENTS_ENV) or getattr(original, "bench_recorded", False):
+        return
+
+    async def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.time()
+        try:
+            return await original(self, *args, **kwargs)
+        finally:
+            append_interval("segments", start, time.time())
+
+    generate.bench_recorded = True  # type: ignore[attr-defined]
+    LLMServerClient.generate = generate  # resolved at call time by verl's and C3PO++'s resuming clients alike
+
+
 def _build_loop_class() -> type:
     from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
+
+    _record_engine_calls()
 
     class LogNormalLengthAgentLoop(SingleTurnAgentLoop):
         async def run(self, sampling_params: dict[str, Any], **kwargs: Any):

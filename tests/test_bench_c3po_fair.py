@@ -283,3 +283,56 @@ def test_report_survives_a_failed_run(tmp_path: Path) -> None:
     assert "      2.00       1.33" in text  # sync / c3po: (4/400)/(2/400), (8/400)/(6/400)
     bench.plot(result, tmp_path / "fair.png")
     assert (tmp_path / "fair.png").stat().st_size > 0
+
+
+def test_baselines_occupancy_comes_from_recorded_engine_calls_over_the_sample_window(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every engine call (verl's per-segment `LLMServerClient.generate`, wrapped when C3PO_BENCH_SEGMENTS is set)
+    and every training sample's window go to the folder; the baselines' occupancy is C3PO++'s rule over each
+    window. Here verl's real client class is wrapped; its network call is the part replaced."""
+    import asyncio
+
+    import fast_poll_sampler as fast
+    from verl.workers.rollout.llm_server import LLMServerClient
+
+    async def engine_call(self, **kwargs: object) -> str:
+        await asyncio.sleep(0.05)
+        return "tokens"
+
+    monkeypatch.setattr(LLMServerClient, "generate", engine_call)
+    monkeypatch.setenv(loop.SEGMENTS_ENV, str(tmp_path))
+    loop._record_engine_calls()
+    loop._record_engine_calls()  # once per process: a second call does not wrap twice
+    assert LLMServerClient.generate.bench_recorded and LLMServerClient.generate is not engine_call
+
+    async def two_calls() -> list[str]:
+        return await asyncio.gather(LLMServerClient.generate(object()), LLMServerClient.generate(object()))
+
+    assert asyncio.run(two_calls()) == ["tokens", "tokens"]
+    calls = bench.read_intervals(tmp_path, "segments")
+    assert len(calls) == 2 and all(0.04 < b - a < 1.0 for a, b in calls)
+
+    class Inner:
+        def sample(self, global_steps: int, partition_id: str, batch_size: int) -> str:
+            return partition_id
+
+    class Windows(fast._PhaseWindows, Inner):
+        pass
+
+    assert Windows().sample(1, "val", 2) == "val" and not list(tmp_path.glob("phases-*"))  # validation: no window
+    for f in tmp_path.glob("*.jsonl"):
+        f.unlink()
+    # two steps: 4 engine slots; step 1's window 0-4 s with 4 calls 0-4, 0-4, 0-2, 0-2 (occupancy 0.75);
+    # step 2's window 10-12 s with one call 10-12 (0.25) and one parked across the training 5-11 (0.125)
+    for a, b in ((0, 4), (10, 12)):
+        loop.append_interval("phases", a, b)
+    for a, b in ((0, 4), (0, 4), (0, 2), (0, 2), (10, 12), (5, 11)):
+        loop.append_interval("segments", a, b)
+    steps: list[dict] = [{}, {}]
+    bench.add_occupancy("sync", steps, tmp_path, capacity=4)
+    assert [s["bench/engine_occupancy"] for s in steps] == pytest.approx([0.75, 0.375])
+    one = [{}]
+    bench.add_occupancy("sync", one, tmp_path, capacity=4)  # windows and steps disagree: no figure, said so
+    assert one == [{}]
+    kept = [_step(4, 8, 400, **{"bench/engine_occupancy": o}) for o in (0.9, 0.75, 0.375)]
+    assert bench.summarize("sync", kept, SETUP, warmup=1)["engine_occupancy"] == pytest.approx(0.5625)
