@@ -283,8 +283,8 @@ def run_mode(mode: str, dist: str, setup: Setup, workdir: Path, timeout: float) 
 
 
 def read_intervals(folder: Path, kind: str) -> list[tuple[float, float]]:
-    return sorted((float(a), float(b)) for f in folder.glob(f"{kind}-*.jsonl")
-                  for a, b in map(json.loads, f.read_text().splitlines()))
+    return sorted((float(r[0]), float(r[1])) for f in folder.glob(f"{kind}-*.jsonl")
+                  for r in map(json.loads, f.read_text().splitlines()))
 
 
 def add_occupancy(mode: str, steps: list[dict], folder: Path, capacity: int) -> None:

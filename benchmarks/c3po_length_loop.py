@@ -8,7 +8,8 @@ Knobs come from the environment, set by bench_c3po_vllm.py: C3PO_BENCH_MEDIAN, C
 C3PO_BENCH_SEED. The math below imports nothing heavy; verl is imported only when the loop class is first asked for.
 With C3PO_BENCH_SEGMENTS (a folder) every engine call of the process, whatever the trainer mode (verl's
 `LLMServerClient.generate`: one per segment, also under verl's and C3PO++'s resuming clients), appends its
-[start, end] there (`segments-<pid>.jsonl`), from which the benchmark measures every mode's engine occupancy alike.
+[start, end, tokens] there (`segments-<pid>.jsonl`), from which the benchmark measures every mode's engine
+occupancy alike (and calibrate_loop_decode.py the engine's cost per decode step inside the loop).
 """
 
 from __future__ import annotations
@@ -59,12 +60,13 @@ def row_of(kwargs: dict[str, Any]) -> int:
     return int(index)  # a 0-d tensor or numpy scalar from the batch
 
 
-def append_interval(kind: str, start: float, end: float) -> None:
-    """[start, end] to <C3PO_BENCH_SEGMENTS>/<kind>-<pid>.jsonl (one writer per file: no lock); nothing when unset."""
+def append_interval(kind: str, start: float, end: float, *extra: int) -> None:
+    """[start, end, *extra] to <C3PO_BENCH_SEGMENTS>/<kind>-<pid>.jsonl (one writer per file: no lock); nothing
+    when unset."""
     folder = os.environ.get(SEGMENTS_ENV)
     if folder:
         with open(Path(folder) / f"{kind}-{os.getpid()}.jsonl", "a") as f:
-            f.write(json.dumps([start, end]) + "\n")
+            f.write(json.dumps([start, end, *extra]) + "\n")
 
 
 def _record_engine_calls() -> None:
@@ -76,11 +78,12 @@ def _record_engine_calls() -> None:
         return
 
     async def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
-        start = time.time()
+        start, out = time.time(), None
         try:
-            return await original(self, *args, **kwargs)
-        finally:
-            append_interval("segments", start, time.time())
+            out = await original(self, *args, **kwargs)
+            return out
+        finally:  # and the tokens it decoded (calibrate_loop_decode.py), 0 where it raised
+            append_interval("segments", start, time.time(), len(getattr(out, "token_ids", None) or ()))
 
     generate.bench_recorded = True  # type: ignore[attr-defined]
     LLMServerClient.generate = generate  # resolved at call time by verl's and C3PO++'s resuming clients alike

@@ -3,9 +3,9 @@
 verl 0.9.1 builds its buffers with `poll_interval=2.0` (no config key), so a synchronous or colocate_async rollout
 phase ends at the next 2 s poll after its last group finishes, while C3PO++ polls every `poll_interval_s` (0.05 s)
 and cuts at the crossing completion. bench_c3po_vllm.py plugs these in through verl's own hook
-(`trainer.v1.sampler.custom_sampler.{path,name}`) so every mode notices a finished batch equally fast. Each training sample's [start, end] (the rollout phase as the
-trainer waits for it) goes to C3PO_BENCH_SEGMENTS (`c3po_length_loop.append_interval`), the window over which the
-benchmark measures the baselines' engine occupancy.
+(`trainer.v1.sampler.custom_sampler.{path,name}`) so every mode notices a finished batch equally fast.
+Each training sample's [start, end] (the rollout phase as the trainer waits for it) goes to C3PO_BENCH_SEGMENTS
+(`c3po_length_loop.append_interval`), the window over which the benchmark measures the baselines' engine occupancy.
 """
 
 from __future__ import annotations

@@ -295,9 +295,12 @@ def test_baselines_occupancy_comes_from_recorded_engine_calls_over_the_sample_wi
     import fast_poll_sampler as fast
     from verl.workers.rollout.llm_server import LLMServerClient
 
-    async def engine_call(self, **kwargs: object) -> str:
+    class Out:
+        token_ids = [1, 2, 3]
+
+    async def engine_call(self, **kwargs: object) -> Out:
         await asyncio.sleep(0.05)
-        return "tokens"
+        return Out()
 
     monkeypatch.setattr(LLMServerClient, "generate", engine_call)
     monkeypatch.setenv(loop.SEGMENTS_ENV, str(tmp_path))
@@ -305,12 +308,13 @@ def test_baselines_occupancy_comes_from_recorded_engine_calls_over_the_sample_wi
     loop._record_engine_calls()  # once per process: a second call does not wrap twice
     assert LLMServerClient.generate.bench_recorded and LLMServerClient.generate is not engine_call
 
-    async def two_calls() -> list[str]:
+    async def two_calls() -> list[Out]:
         return await asyncio.gather(LLMServerClient.generate(object()), LLMServerClient.generate(object()))
 
-    assert asyncio.run(two_calls()) == ["tokens", "tokens"]
+    assert [o.token_ids for o in asyncio.run(two_calls())] == [[1, 2, 3]] * 2
     calls = bench.read_intervals(tmp_path, "segments")
     assert len(calls) == 2 and all(0.04 < b - a < 1.0 for a, b in calls)
+    assert [json.loads(line)[2] for f in tmp_path.glob("segments-*") for line in f.read_text().splitlines()] == [3, 3]
 
     class Inner:
         def sample(self, global_steps: int, partition_id: str, batch_size: int) -> str:

@@ -142,7 +142,8 @@ class BudgetGate:
 
     def segment(self, start: float, end: float, fresh: bool, finished: bool, reprefill_tokens: int = 0,
                 key: str | None = None) -> None:
-        self.stats.segment(start, end, fresh=fresh, finished=finished, reprefill_tokens=reprefill_tokens, key=key)
+        self.stats.segment(start, end, fresh=fresh, finished=finished, reprefill_tokens=reprefill_tokens, key=key,
+                           received=time.time())
 
     def open(self) -> None:
         """Generation (re)opened: the phase's clock starts, waiting groups enter."""

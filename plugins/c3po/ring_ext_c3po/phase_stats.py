@@ -13,7 +13,9 @@ returned (submitted at `start`, returned at `end`). At the phase's end `summary(
 - `reprefill_tokens`: tokens the engines prefill again because a resumed request is resubmitted with what it
   already decoded (`carry: abort`); zero where requests stay in the engine;
 - `admission_latency_s`: from a request's completion to the submission of the next fresh request that takes its slot
-  (completions and admissions matched in order; the initial fill and admissions ahead of any completion have none).
+  (completions and admissions matched in order; the initial fill and admissions ahead of any completion have none);
+- `report_delay_s`, `report_delay_max_s`: from a segment's return at its client to its report reaching the gate
+  (mean, max): how late the gate hears of completions, which is how late it can cut (clients on another node).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class PhaseStats:
     _open: dict[str, float] = field(default_factory=dict)  # submitted, not back yet: segment key -> start
     _completions: deque[float] = field(default_factory=deque)
     _latencies: list[float] = field(default_factory=list)
+    _delays: list[float] = field(default_factory=list)
     _stopped_at: float | None = None
 
     def __post_init__(self) -> None:
@@ -54,12 +57,15 @@ class PhaseStats:
         return PhaseStats(self.capacity, _open=dict(self._open))
 
     def segment(self, start: float, end: float, *, fresh: bool, finished: bool, reprefill_tokens: int = 0,
-                key: str | None = None) -> None:
+                key: str | None = None, received: float | None = None) -> None:
         """One segment back at its client. `fresh`: the first segment of a new request (it took a freed slot);
         `finished`: the request completed with it (its slot is free); `reprefill_tokens`: decoded tokens it was
-        resubmitted with; `key`: the one it `began` with (no longer in flight)."""
+        resubmitted with; `key`: the one it `began` with (no longer in flight); `received`: when the report
+        arrived (the client's clock and this one are one machine's, or NTP-close across nodes)."""
         if end < start:
             raise ValueError(f"segment ends ({end}) before it starts ({start})")
+        if received is not None:
+            self._delays.append(max(0.0, received - end))
         if key is not None:
             self._open.pop(key, None)
         self._segments.append((start, end))
@@ -96,4 +102,7 @@ class PhaseStats:
             out["c3po/cut_s"] = max(0.0, (self._stopped_at or self.cut_at) - self.cut_at)
         if self._latencies:
             out["c3po/admission_latency_s"] = sum(self._latencies) / len(self._latencies)
+        if self._delays:
+            out["c3po/report_delay_s"] = sum(self._delays) / len(self._delays)
+            out["c3po/report_delay_max_s"] = max(self._delays)
         return out

@@ -115,3 +115,12 @@ def test_an_unreported_segment_is_in_flight_up_to_the_cut() -> None:
     s.cut(4.0)
     assert s.occupancy() == pytest.approx((3.0 + 2.0) / 8.0)  # a: 1-4, b: 0-2
     assert set(s.next_phase()._open) == {"a"}
+
+
+def test_report_delay_is_the_client_return_to_the_gate() -> None:
+    s = PhaseStats(capacity=2)
+    s.segment(0.0, 1.0, fresh=True, finished=True, received=1.25)
+    s.segment(0.0, 2.0, fresh=True, finished=False, received=2.75)
+    s.segment(0.0, 3.0, fresh=True, finished=False)  # no receipt time: not counted
+    out = s.summary()
+    assert out["c3po/report_delay_s"] == pytest.approx(0.5) and out["c3po/report_delay_max_s"] == pytest.approx(0.75)
