@@ -73,7 +73,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # c3po_length_loop, also when this file is imported by a test
-from c3po_length_loop import DISTS, SEGMENTS_ENV, expected_length  # noqa: E402  (verl-free: imports no verl)
+from c3po_length_loop import DISTS, SEGMENTS_ENV, expected_length, read_intervals  # noqa: E402  (imports no verl)
 
 from ring_ext.verl_run import run_main_ppo  # noqa: E402
 
@@ -282,11 +282,6 @@ def run_mode(mode: str, dist: str, setup: Setup, workdir: Path, timeout: float) 
     return steps
 
 
-def read_intervals(folder: Path, kind: str) -> list[tuple[float, float]]:
-    return sorted((float(r[0]), float(r[1])) for f in folder.glob(f"{kind}-*.jsonl")
-                  for r in map(json.loads, f.read_text().splitlines()))
-
-
 def add_occupancy(mode: str, steps: list[dict], folder: Path, capacity: int) -> None:
     """A baseline's `bench/engine_occupancy` per step: C3PO++'s rule (`PhaseStats`: engine calls from submission to
     return, capped at the engine batch, time-averaged) over the window in which the trainer waited for the step's
@@ -298,10 +293,10 @@ def add_occupancy(mode: str, steps: list[dict], folder: Path, capacity: int) -> 
         print(f"[{mode}] no engine occupancy: {len(windows)} rollout windows recorded in {folder} for "
               f"{len(steps)} steps", flush=True)
         return
-    for step, (lo, hi) in zip(steps, windows, strict=True):
+    for step, (lo, hi, *_) in zip(steps, windows, strict=True):
         stats = PhaseStats(capacity)
         stats.open(lo)
-        for a, b in segments:
+        for a, b, *_ in segments:  # [start, end, tokens]
             stats.segment(a, b, fresh=False, finished=False)
         stats.cut(hi)
         step["bench/engine_occupancy"] = stats.occupancy()

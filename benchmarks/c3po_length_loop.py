@@ -69,6 +69,11 @@ def append_interval(kind: str, start: float, end: float, *extra: int) -> None:
             f.write(json.dumps([start, end, *extra]) + "\n")
 
 
+def read_intervals(folder: Path, kind: str) -> list[list[float]]:
+    """Every record `append_interval` wrote under `folder` for `kind`, all processes' files, sorted by start."""
+    return sorted(json.loads(line) for f in Path(folder).glob(f"{kind}-*.jsonl") for line in f.read_text().splitlines())
+
+
 def _record_engine_calls() -> None:
     """Wrap verl's per-segment engine call once per process: its [start, end] go to `append_interval`."""
     from verl.workers.rollout.llm_server import LLMServerClient

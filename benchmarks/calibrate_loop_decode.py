@@ -24,11 +24,9 @@ import json
 from pathlib import Path
 from statistics import median
 
+from c3po_length_loop import read_intervals  # the writer's reader (verl-free)
+
 HERE = Path(__file__).resolve().parent
-
-
-def records(folder: Path, kind: str) -> list[list[float]]:
-    return sorted(json.loads(line) for f in folder.glob(f"{kind}-*.jsonl") for line in f.read_text().splitlines())
 
 
 def step_points(segments: list[list[float]], window: tuple[float, float],
@@ -90,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     points = []
     for folder in args.folders:
-        segments = [s for s in records(folder, "segments") if len(s) >= 3]
-        for window in [tuple(w[:2]) for w in records(folder, "phases")][args.skip:]:
+        segments = [s for s in read_intervals(folder, "segments") if len(s) >= 3]
+        for window in [tuple(w[:2]) for w in read_intervals(folder, "phases")][args.skip:]:
             points += step_points(segments, window, args.min_tokens)
     a, b = fit(points)
     engine = json.loads(args.engine_costs.read_text())

@@ -312,8 +312,8 @@ def test_baselines_occupancy_comes_from_recorded_engine_calls_over_the_sample_wi
         return await asyncio.gather(LLMServerClient.generate(object()), LLMServerClient.generate(object()))
 
     assert [o.token_ids for o in asyncio.run(two_calls())] == [[1, 2, 3]] * 2
-    calls = bench.read_intervals(tmp_path, "segments")
-    assert len(calls) == 2 and all(0.04 < b - a < 1.0 for a, b in calls)
+    calls = loop.read_intervals(tmp_path, "segments")
+    assert len(calls) == 2 and all(0.04 < b - a < 1.0 for a, b, _ in calls)
     assert [json.loads(line)[2] for f in tmp_path.glob("segments-*") for line in f.read_text().splitlines()] == [3, 3]
 
     class Inner:
