@@ -26,7 +26,7 @@ from ring_ext.knobs import check_knobs, from_mapping, knob
 from ring_ext.run_record import record_sync
 from ring_ext_astate.control import descriptor_path
 from ring_ext_astate.errors import SyncError
-from ring_ext_astate.inplace import InPlaceSender
+from ring_ext_astate.inplace import InPlaceSender, WriteStats
 from ring_ext_astate.verify import VerifyMode, verified
 
 logger = logging.getLogger("ring_ext")
@@ -77,6 +77,51 @@ class _State:
         self.leader = adapter._has_server
         self.sender: InPlaceSender | None = None
         self.version = 0
+        _STATES.append(self)
+
+
+# the in-place states of this process's server adapters: in separate_async verl's checkpoint-engine worker holds one
+# adapter and one checkpoint engine in the same process, and the engine reads its worker's target from here
+_STATES: list[_State] = []
+
+
+@dataclass(frozen=True)
+class DirectTarget:
+    """A rollout worker the trainer ranks can write themselves (one host, its in-place engine started)."""
+
+    descriptor: str
+    version: int  # the version the next sync commits
+    verify: bool  # whether that sync is verified (the worker's options decide)
+    host: str
+
+
+def direct_target(host: str) -> DirectTarget | None:
+    """This process's rollout worker as a direct target, once its first sync set the in-place engine up."""
+    if len(_STATES) != 1 or _STATES[0].sender is None:
+        return None
+    st = _STATES[0]
+    return DirectTarget(str(descriptor_path(st.dir, st.rank)), st.version + 1,
+                        st.options.verified(st.version + 1, 0), host)
+
+
+def started_marker(descriptor: str | Path, version: int, attempt: int = 0) -> Path:
+    """Touched by the replica's leader once vLLM's session for `version` is open: writes may land."""
+    return Path(descriptor).parent / f"started-{version}-{attempt}"
+
+
+class WrittenInPlace:
+    """What the `astate` checkpoint engine hands the server adapter when the trainer ranks wrote the worker's
+    parameters themselves: nothing to iterate (verl's own update_weights would apply an empty update), only the
+    sync to commit."""
+
+    def __init__(self, version: int, senders: int) -> None:
+        self.version, self.senders = version, senders
+
+    def __aiter__(self) -> "WrittenInPlace":
+        return self
+
+    async def __anext__(self) -> Any:
+        raise StopAsyncIteration
 
 
 async def _wait_for(path: Path, timeout_s: float, what: str) -> None:
@@ -97,23 +142,31 @@ async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int 
         await _wait_for(descriptor_path(st.dir, st.rank), o.timeout_s, f"descriptor of rollout worker {st.rank}")
         st.sender = InPlaceSender(str(descriptor_path(st.dir, st.rank)), o.timeout_s)
         st.version = st.sender.welcome.version
-    if hasattr(weights, "__aiter__"):  # separate_async: what the checkpoint engine received
-        items = [item async for item in weights]
+    if isinstance(weights, WrittenInPlace):  # separate_async, one host: the trainer ranks wrote, we commit
+        if weights.version != st.version + 1:
+            raise SyncError(f"astate: the trainer ranks wrote sync {weights.version}, rollout worker {st.rank} "
+                            f"expects {st.version + 1}")
+        senders, items, retries = weights.senders, None, 0  # the writes are theirs: a retry would need them again
+    elif hasattr(weights, "__aiter__"):  # separate_async staged: what the checkpoint engine received
+        senders, items, retries = 1, [item async for item in weights], o.retries
     else:
-        items = list(weights) if o.retries else weights  # a retry writes the same tensors again
-    for attempt in range(o.retries + 1):
+        senders, items, retries = 1, (list(weights) if o.retries else weights), o.retries  # a retry rewrites them
+    for attempt in range(retries + 1):
         version, verify = st.version + 1, o.verified(st.version + 1, attempt)
         try:
             t0 = time.perf_counter()
-            started = st.dir / f"started-{version}-{attempt}"
+            started = started_marker(descriptor_path(st.dir, st.rank), version, attempt)
             if st.leader:
                 await adapter._execute_method("start_weight_update")
                 started.touch(mode=0o600)
             await _wait_for(started, o.timeout_s, f"start of sync {version}")
-            stats = await asyncio.to_thread(st.sender.write, items, version, verify)
-            st.sender.report(version, st.rank, stats)
+            if items is None:  # committed only if the trainer ranks' reports cover every planned byte once
+                stats = WriteStats(bytes=st.sender.welcome.plan.nbytes, verified=verify)
+            else:
+                stats = await asyncio.to_thread(st.sender.write, items, version, verify)
+                st.sender.report(version, st.rank, stats)
             if st.leader:
-                info = {"version": version, "senders": 1, "verify": verify, "timeout_s": o.timeout_s}
+                info = {"version": version, "senders": senders, "verify": verify, "timeout_s": o.timeout_s}
                 await adapter._execute_method("update_weights", kwargs={"update_info": info})
                 await adapter._execute_method("finish_weight_update")
                 started.unlink()  # every worker's report arrived, so every sender saw it
@@ -126,7 +179,7 @@ async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int 
                         "version": version, "abort": True}})
                 except Exception:
                     pass
-            if attempt == o.retries:
+            if attempt == retries:
                 raise SyncError(f"astate: weight sync {version} into rollout worker {st.rank} failed "
                                 f"{attempt + 1} time(s); the rollout keeps version {st.version}. "
                                 f"Last error: {e}") from e
@@ -140,11 +193,12 @@ async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int 
             await adapter.server_handle.set_global_steps.remote(global_steps)
     metrics = {"astate/bytes_per_worker": stats.bytes, "astate/seconds": seconds, "astate/version": version,
                "astate/gb_per_s": stats.bytes / max(seconds, 1e-9) / 1e9, "astate/verified": float(verify),
-               "astate/attempts": attempt + 1}
+               "astate/attempts": attempt + 1, "astate/senders": senders}
     record_sync(adapter, metrics, global_steps)  # the run's summary (verl's colocated trainers drop these metrics)
     logger.warning("ring-ext astate: sync %d into rollout worker %d in place: %.1f MiB in %.3fs (%.2f GB/s, "
-                   "verified=%s, attempts=%d)", version, st.rank, stats.bytes / 2**20, seconds,
-                   metrics["astate/gb_per_s"], verify, attempt + 1)
+                   "verified=%s, attempts=%d, written by %s)", version, st.rank, stats.bytes / 2**20, seconds,
+                   metrics["astate/gb_per_s"], verify, attempt + 1,
+                   f"{senders} trainer rank(s) directly" if items is None else "this process")
     return metrics
 
 

@@ -3,10 +3,16 @@
 Select it with ``actor_rollout_ref.rollout.checkpoint_engine.backend=astate``; options (`AStateOptions`) go
 under ``checkpoint_engine.engine_kwargs.astate``. verl builds one engine per trainer rank (with
 ``is_master``) and one per rollout worker (without it), then per sync calls prepare -> build_topology ->
-init_process_group -> send_weights / receive_weights -> finalize. Every trainer rank sends its share of
-each tensor (no rank-0 funnel); each rollout worker stages the whole update and hands it to verl's server
-adapter only after every sender committed, so a failed sync leaves vLLM's weights whole (cost: one staged
-copy of the weights on the rollout host).
+init_process_group -> send_weights / receive_weights -> finalize.
+
+Direct (one host, from the second sync on): once the first sync has set up the rollout worker's in-place engine
+(ring_ext_astate.adapter), each rollout worker offers it in `prepare`, and every trainer rank writes its share of the
+worker's planned slices (`Plan.share`) straight into vLLM's parameters; the worker commits only when the reports of
+all trainer ranks cover every planned byte exactly once. Nothing is staged and nothing is sent twice.
+
+Staged (the first sync, and always across hosts): every trainer rank sends its share of each tensor (no rank-0
+funnel); each rollout worker stages the whole update and hands it to verl's server adapter only after every sender
+committed (cost: one staged copy of the weights on the rollout host).
 
 Transports (option `transport`): `shm` (default; shared memory, one host: the first sync through a ring of
 slots, the later ones written by the trainer ranks straight into each rollout worker's staging arena), `dist` (gloo
@@ -22,6 +28,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncGenerator, Iterable
 
 import torch
@@ -29,10 +36,12 @@ from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegist
 
 from ring_ext.knobs import check_knobs, knob
 
+from ring_ext_astate.adapter import DirectTarget, WrittenInPlace, direct_target, started_marker
 from ring_ext_astate.cuda_transport import CudaIpcReceiver, CudaIpcSender
 from ring_ext_astate.direct_transport import DirectShmReceiver, DirectShmSender
 from ring_ext_astate.dist_transport import DistReceiver, DistSender, free_port, gloo_group
 from ring_ext_astate.errors import SyncError
+from ring_ext_astate.inplace import InPlaceSender, write_workers
 from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, _meta
 from ring_ext_astate.verify import VerifyMode, verified
 
@@ -88,6 +97,10 @@ class AStateCheckpointEngine(CheckpointEngine):
         self.syncs = 0
         self.layout: list[Meta] | None = None
         self.peer: ShmSender | ShmReceiver | None = None
+        self.rank, self.world = 0, 1
+        self.direct: list[DirectTarget] | None = None  # this sync's workers, when the trainer ranks write them
+        self.writers: dict[str, InPlaceSender] = {}  # by descriptor, kept across syncs (their arena mappings)
+        self.offered: DirectTarget | None = None  # a rollout worker's offer in this sync's prepare
 
     def _new_peer(self) -> ShmSender | ShmReceiver:
         o, kw = self.options, {}  # rank and world are set in init_process_group
@@ -104,12 +117,20 @@ class AStateCheckpointEngine(CheckpointEngine):
         return receiver(0, o.timeout_s, **kw)
 
     def prepare(self) -> dict[str, Any]:
+        host = socket.gethostname()
+        meta = {"host": host, "sender": self.sender_side, "transport": self.options.transport}
+        target = None if self.sender_side or TRANSPORTS[self.options.transport].many_hosts else direct_target(host)
+        self.offered = target
+        if target is not None:  # the trainer ranks write the worker themselves: no staging arena to keep
+            self._drop_peer()
+            return {**meta, "direct": target}
+        if self.sender_side and self.direct is not None:  # the last sync was direct: no ring until one is needed
+            return meta
         # the peer (its shared memory, sockets, staging buffers) lives across syncs: fresh memory would
         # page-fault on every byte of every sync; it is rebuilt only after a failed sync
         if self.peer is None:
             self.peer = self._new_peer()
-        meta = {"host": socket.gethostname(), "sender": self.sender_side, "transport": self.options.transport,
-                **self.peer.address()}
+        meta.update(self.peer.address())
         if isinstance(self.peer, DistSender):  # every trainer rank offers; build_topology takes rank 0's
             meta["store"] = (self.ip, free_port())
         return meta
@@ -126,6 +147,16 @@ class AStateCheckpointEngine(CheckpointEngine):
         senders, receivers = metadata[:actor_wg_world_size], metadata[actor_wg_world_size:]
         if not all(m["sender"] for m in senders) or any(m["sender"] for m in receivers):
             raise ValueError("astate: expected trainer ranks first, then rollout workers, in verl's metadata")
+        if len(hosts) == 1 and all("direct" in m for m in receivers):
+            targets = [m["direct"] for m in receivers]
+            a, r = actor_wg_world_size, rollout_world_size
+            return ({"rank": list(range(a)), "world": [a] * a, "peers": [targets] * a, "direct": [True] * a},
+                    {"rank": list(range(r)), "world": [a] * r, "peers": [[]] * r, "direct": [True] * r})
+        if not all("address" in m for m in metadata):  # some moved to direct writes (and dropped their staging)
+            raise ValueError(f"astate: rollout worker(s) {[i for i, m in enumerate(receivers) if 'direct' not in m]} "
+                             "offer no in-place engine while the trainer ranks or other workers write in place (a "
+                             "replica added or restarted after the first sync): a staged sync beside direct ones is "
+                             "not built")
         if transports == {"dist"}:
             return cls._dist_topology(senders, receivers)
         addrs = [m["address"] for m in receivers]
@@ -147,7 +178,13 @@ class AStateCheckpointEngine(CheckpointEngine):
                    "peers": [to_send] * len(receivers), "group": group[a:]}
         return actor, rollout
 
-    def init_process_group(self, rank: int, world: int, peers: list, group: tuple | None = None) -> None:
+    def init_process_group(self, rank: int, world: int, peers: list, group: tuple | None = None,
+                           direct: bool = False) -> None:
+        self.rank, self.world = rank, world
+        self.direct = peers if direct else None
+        if direct:  # the staged ring is not used again (its mappings of the workers' old arenas released)
+            self._drop_peer()
+            return
         assert self.peer is not None, "prepare() must run before init_process_group()"
         if group is not None:  # dist: every worker joins this sync's group (they run this concurrently)
             (host, port), group_rank, group_world = group
@@ -161,6 +198,8 @@ class AStateCheckpointEngine(CheckpointEngine):
         return verified(self.options.verify, self.syncs + 1, audit_every=self.options.audit_every)
 
     async def send_weights(self, weights: Iterable[tuple[str, torch.Tensor]], global_steps: int | None = None):
+        if self.direct is not None:
+            return self._write_in_place(weights, self.direct)
         assert isinstance(self.peer, ShmSender), "send_weights runs on trainer ranks after init_process_group()"
         sent: list[Meta] = []
 
@@ -181,9 +220,42 @@ class AStateCheckpointEngine(CheckpointEngine):
             "astate/bytes_per_sender": stats.bytes_moved, "astate/buckets": stats.buckets,
             "astate/seconds": seconds, "astate/gb_per_s": stats.bytes_moved / max(seconds, 1e-9) / 1e9,
             **{f"astate/seconds_{k}": v for k, v in stats.seconds.items()}, "astate/version": self.syncs,
+            "astate/direct": 0.0,
         }
 
-    async def receive_weights(self, global_steps: int | None = None) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
+    def _write_in_place(self, weights: Iterable[tuple[str, torch.Tensor]], targets: list[DirectTarget]) -> dict:
+        """This trainer rank's share of every worker's planned slices, written into vLLM's parameters."""
+        versions = {t.version for t in targets}
+        if len(versions) != 1:
+            raise SyncError(f"astate: rollout workers disagree on the next version: {sorted(versions)}")
+        version, verify = targets[0].version, any(t.verify for t in targets)
+        t0 = time.perf_counter()
+        writers = []
+        for t in targets:
+            if t.descriptor not in self.writers:
+                self.writers[t.descriptor] = InPlaceSender(t.descriptor, self.options.timeout_s)
+            writers.append(self.writers[t.descriptor])
+            _wait_for_file(started_marker(t.descriptor, version), self.options.timeout_s, f"start of sync {version}")
+        shares = [w.welcome.plan.share(self.rank, self.world) for w in writers]
+        stats = write_workers(writers, weights, version, verify, shares)
+        for w, st in zip(writers, stats):
+            w.report(version, self.rank, st)
+        seconds, moved = time.perf_counter() - t0, sum(st.bytes for st in stats)
+        self.syncs = version
+        return {"astate/bytes_per_sender": moved, "astate/buckets": 0, "astate/seconds": seconds,
+                "astate/gb_per_s": moved / max(seconds, 1e-9) / 1e9, "astate/version": version,
+                "astate/direct": 1.0, "astate/verified": float(verify)}
+
+    def receive_weights(self, global_steps: int | None = None) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
+        """What verl's checkpoint-engine worker hands its server adapter: the staged tensors, or, when the trainer
+        ranks wrote the worker themselves, a `WrittenInPlace` for the adapter to commit."""
+        if self.direct is not None:
+            assert self.offered is not None, "a direct sync on a rollout worker that offered none"
+            self.syncs = self.offered.version
+            return WrittenInPlace(self.offered.version, senders=self.world)  # type: ignore[return-value]
+        return self._receive_staged()
+
+    async def _receive_staged(self) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
         assert isinstance(self.peer, ShmReceiver), "receive_weights runs on rollout workers after init_process_group()"
         expected = {m[0]: m for m in self.layout} if self.layout else None
         try:
@@ -205,6 +277,14 @@ class AStateCheckpointEngine(CheckpointEngine):
         if self.peer is not None:
             self.peer.close()
             self.peer = None
+
+
+def _wait_for_file(path: Path, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SyncError(f"astate: no {what} at {path} within {timeout_s}s")
+        time.sleep(0.01)
 
 
 def _node_ip() -> str:

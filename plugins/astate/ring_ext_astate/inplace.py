@@ -58,29 +58,37 @@ class InPlaceSender:
         """The arena sync `version` writes (the inactive one, with shadow)."""
         return self.maps[version % len(self.maps)]
 
-    def write(self, weights: Iterable[tuple[str, torch.Tensor]], version: int, verify: bool) -> WriteStats:
-        plan, stats, t0 = self.welcome.plan, WriteStats(verified=verify), time.perf_counter()
+    def write(self, weights: Iterable[tuple[str, torch.Tensor]], version: int, verify: bool,
+              share: frozenset[tuple[str, int]] | None = None) -> WriteStats:
+        """Write the planned slices of `weights` (with `share`, only those destinations: one of several senders)."""
+        return write_workers([self], weights, version, verify, [share])[0]
+
+    def _begin(self, version: int) -> None:
         self.bytes = self.target(version)
-        seen: set[str] = set()
-        for name, t in weights:
-            ds = plan.destinations.get(name)
-            if ds is None:
-                if name in self.welcome.ignored:
-                    continue
-                # not in the checkpoint the plan came from (a tied head HF's state dict still holds): the worker's
-                # loaders say whether they ignore it; anything they would write is refused there, naming it
-                if self.client.ignores(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")):
-                    self.welcome.ignored = self.welcome.ignored | {name}
-                    continue
-            seen.add(name)
-            for d in ds:
+        self.seen: set[str] = set()
+
+    def _put(self, name: str, t: torch.Tensor, stats: WriteStats, verify: bool,
+             share: frozenset[tuple[str, int]] | None) -> None:
+        ds = self.welcome.plan.destinations.get(name)
+        if ds is None:
+            if name in self.welcome.ignored:
+                return
+            # not in the checkpoint the plan came from (a tied head HF's state dict still holds): the worker's
+            # loaders say whether they ignore it; anything they would write is refused there, naming it
+            if self.client.ignores(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")):
+                self.welcome.ignored = self.welcome.ignored | {name}
+                return
+        self.seen.add(name)
+        for i, d in enumerate(ds):
+            if share is None or (name, i) in share:
                 self._write_one(name, t, d, stats, verify)
-        missing = sorted(set(plan.destinations) - seen)
+
+    def _end(self, share: frozenset[tuple[str, int]] | None) -> None:
+        wanted = set(self.welcome.plan.destinations) if share is None else {n for n, _ in share}
+        missing = sorted(wanted - self.seen)
         if missing:
             raise SyncError(f"the trainer sent no {missing[:5]}{'...' if len(missing) > 5 else ''} "
                             f"({len(missing)} tensors rollout worker {self.welcome.rank} needs)")
-        stats.seconds = time.perf_counter() - t0
-        return stats
 
     def _write_one(self, name: str, t: torch.Tensor, d: Destination, stats: WriteStats, verify: bool) -> None:
         src = source_slice(name, t, d)
@@ -109,6 +117,23 @@ class InPlaceSender:
     def close(self) -> None:
         self.client.close()
         self.maps, self.bytes = [], None  # unmapped with the last reference
+
+
+def write_workers(senders: list[InPlaceSender], weights: Iterable[tuple[str, torch.Tensor]], version: int,
+                  verify: bool, shares: list[frozenset[tuple[str, int]] | None]) -> list[WriteStats]:
+    """One pass over `weights` writes every worker: a trainer's tensors are produced once (FSDP gathers each as it
+    is asked for), each written into every worker's parameters before the next is produced."""
+    stats = [WriteStats(verified=verify) for _ in senders]
+    t0 = time.perf_counter()
+    for s in senders:
+        s._begin(version)
+    for name, t in weights:
+        for s, st, share in zip(senders, stats, shares):
+            s._put(name, t, st, verify, share)
+    for s, st, share in zip(senders, stats, shares):
+        s._end(share)
+        st.seconds = time.perf_counter() - t0
+    return stats
 
 
 def source_slice(name: str, t: torch.Tensor, d: Destination) -> torch.Tensor:

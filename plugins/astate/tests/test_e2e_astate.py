@@ -18,6 +18,7 @@ at steps 1-3, per-step moves 0.08-2.4, 3-3.5 min.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -122,17 +123,21 @@ def test_every_step_logs_finite_metrics(run: dict) -> None:
 def test_the_standalone_rollout_was_synced_by_astate_every_step(run: dict) -> None:
     """verl logs the sender's send_weights metrics (CheckpointEngineManager -> `_pending_sync_metrics`).
 
-    Version 1 is the initial sync in `on_init_end` (not logged); step k's end-of-step sync is version k + 1.
+    Version 1 is the initial sync in `on_init_end` (not logged): staged, it sets the worker's in-place engine up.
+    Step k's end-of-step sync is version k + 1, written by the trainer rank straight into vLLM's parameters.
     """
     steps = run["steps"]
     model = build_tiny_default(length_tail=False).model_dir / "model.safetensors"
-    model_bytes = sum(t.nbytes for t in load_file(model).values())
+    model_bytes = sum(t.nbytes for t in load_file(model).values())  # = the vLLM worker's parameter bytes (bf16)
     for step, data in steps.items():
         assert data["astate/version"] == step + 1, step
-        # one trainer rank sends every tensor: at least the whole checkpoint (bf16) moves per sync
-        assert data["astate/bytes_per_sender"] >= model_bytes, step
-        assert data["astate/buckets"] >= 1
-    assert len({d["astate/bytes_per_sender"] for d in steps.values()}) == 1  # a full update each time
+        assert data["astate/direct"] == 1.0 and data["astate/buckets"] == 0, step  # nothing staged
+        # the one trainer rank writes every planned byte, once: exactly the worker's parameters (the trainer's
+        # fp32 tensors cast on the copy, as vLLM's loader would)
+        assert data["astate/bytes_per_sender"] == model_bytes, step
+    assert len(re.findall(r"sync \d+ into rollout worker 0 in place: .* written by 1 trainer rank\(s\) directly",
+                          run["log"])) == STEPS
+    assert len(re.findall(r"sync 1 into rollout worker 0 in place: .* written by this process", run["log"])) == 1
     assert "'backend': 'astate'" in run["log"] and "'trainer_mode': 'separate_async'" in run["log"]
     # the receiver logs a failed sync (and keeps vLLM's previous weights) instead of raising
     assert "Traceback" not in run["log"] and "astate: weight sync" not in run["log"]

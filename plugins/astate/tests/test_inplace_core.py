@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from inplace_worker import FusedModel, fused_weights, stand_in_worker
 
-from ring_ext_astate.arena import Arenas, ParamArena, map_arena
-from ring_ext_astate.control import ControlClient, ControlServer, SyncError, descriptor_path
-from ring_ext_astate.inplace import InPlaceSender, Welcome, check_reports
+from ring_ext_astate.arena import Arenas, map_arena
+from ring_ext_astate.control import ControlClient, SyncError, descriptor_path
+from ring_ext_astate.inplace import InPlaceSender, check_reports
 from ring_ext_astate.plan import Destination, Plan, PlanError, merge_exactly_once, replay
 
 
@@ -33,48 +34,14 @@ def test_replay_applies_the_recorded_views_only() -> None:
         replay(t, (("add", (1,), ()),))
 
 
-class _FusedModel(torch.nn.Module):
-    """q and k fused in one parameter (as vLLM's qkv_proj), a norm of its own."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.qk = torch.nn.Parameter(torch.zeros(6, 4, dtype=torch.bfloat16))
-        self.norm = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
-
-
-def _plan(arena: ParamArena, layout: dict) -> Plan:
-    """What vLLM's loaders record for _FusedModel: q -> rows 0-3 of qk, k -> rows 4-5, norm -> norm."""
-    qk, norm = layout["qk"][0], layout["norm"][0]
-    bf16 = "bfloat16"
-    return Plan({"q": (Destination((), qk, (4, 4), (4, 1), bf16, "qk"),),
-                 "k": (Destination((("narrow", (0, 0, 2), ()),), qk + 32, (2, 4), (4, 1), bf16, "qk"),),
-                 "norm": (Destination((), norm, (4,), (1,), bf16, "norm"),)}, layout)
-
-
 @pytest.fixture
 def worker(tmp_path: Path):
-    model = _FusedModel()
-    arena, layout = ParamArena.adopt(model.named_parameters())
-    plan = _plan(arena, layout)
-    plan.check_covers()
-    state = {"version": 0}
-    server = ControlServer(tmp_path / "run", 0, lambda: Welcome(0, (arena.name,), arena.size, plan, frozenset({"tied"}),
-                                                               state["version"]),
-                           lambda name, shape, dtype: name == "rotary")
-    yield {"model": model, "arena": arena, "plan": plan, "server": server, "dir": tmp_path / "run", "state": state}
-    server.close()
-    arena.unlink()
-
-
-def _weights(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"q": torch.randn(4, 4, generator=g), "k": torch.randn(4, 4, generator=g),  # k: 4 rows, 2 are ours (TP)
-            "norm": torch.randn(4, generator=g), "tied": torch.randn(4, generator=g)}
+    yield from stand_in_worker(tmp_path)
 
 
 def test_a_sync_lands_in_the_parameters_and_commits(worker: dict) -> None:
     sender = InPlaceSender(str(descriptor_path(worker["dir"], 0)), timeout_s=5)
-    w = _weights(0)
+    w = fused_weights(0)
     stats = sender.write(w.items(), 1, verify=True)
     sender.report(1, 0, stats)
     reports = worker["server"].wait_reports(1, 1, timeout_s=5)
@@ -88,7 +55,7 @@ def test_a_sync_lands_in_the_parameters_and_commits(worker: dict) -> None:
 
 def test_the_commit_check_refuses_double_writes_gaps_old_versions_and_changed_bytes(worker: dict) -> None:
     sender = InPlaceSender(str(descriptor_path(worker["dir"], 0)), timeout_s=5)
-    stats = sender.write(_weights(1).items(), 1, verify=True)
+    stats = sender.write(fused_weights(1).items(), 1, verify=True)
     plan, arena = worker["plan"], worker["arena"].bytes
     body = {"version": 1, "sender": 0, "plan": plan.digest, "ranges": stats.ranges, "digests": stats.digests}
     check_reports(plan, [body], 1, arena, verify=True, rank=0)
@@ -107,12 +74,56 @@ def test_the_commit_check_refuses_double_writes_gaps_old_versions_and_changed_by
     sender.close()
 
 
+def test_shares_split_the_plan_exactly_once_balanced_by_bytes() -> None:
+    nb = lambda n: (Destination((), 0, (n,), (1,), "uint8", "p"),)  # noqa: E731
+    plan = Plan({"a": nb(100), "b": nb(60), "c": nb(50), "d": nb(10), "e": nb(0)}, {})
+    for world in (1, 2, 3, 7):
+        shares = [plan.share(r, world) for r in range(world)]
+        assert sum(map(len, shares)) == 5 and len(frozenset().union(*shares)) == 5  # each destination once
+        loads = [sum(plan.destinations[n][i].nbytes for n, i in sh) for sh in shares]
+        assert max(loads) - min(loads) <= 100, (world, loads)  # at most the largest destination apart
+    assert [plan.share(r, 2) for r in range(2)] == [frozenset({("a", 0), ("d", 0), ("e", 0)}),
+                                                    frozenset({("b", 0), ("c", 0)})]  # 110 / 110
+    with pytest.raises(ValueError, match="sender rank 2 outside a world of 2"):
+        plan.share(2, 2)
+
+
+def test_two_senders_each_write_their_share_and_the_worker_commits_both(worker: dict) -> None:
+    """Several trainer ranks writing one worker (separate_async's direct path): the commit check needs both."""
+    plan, arena = worker["plan"], worker["arena"].bytes
+    w = fused_weights(3)
+    senders = [InPlaceSender(str(descriptor_path(worker["dir"], 0)), timeout_s=5) for _ in range(2)]
+    shares = [plan.share(r, 2) for r in range(2)]
+    stats = [s.write(w.items(), 1, verify=True, share=sh) for s, sh in zip(senders, shares)]
+    assert all(st.bytes > 0 for st in stats) and sum(st.bytes for st in stats) == plan.nbytes
+    for r, (s, st) in enumerate(zip(senders, stats)):
+        s.report(1, r, st)
+    reports = worker["server"].wait_reports(1, 2, timeout_s=5)
+    assert check_reports(plan, reports, 1, arena, verify=True, rank=0) == plan.nbytes
+    qk = worker["model"].qk.detach()
+    assert torch.equal(qk[:4], w["q"].bfloat16()) and torch.equal(qk[4:], w["k"][:2].bfloat16())
+    def body(r: int, st) -> dict:
+        return {"version": 1, "sender": r, "plan": plan.digest, "ranges": st.ranges, "digests": None}
+
+    with pytest.raises(SyncError, match=r"wrote \d+ of 56 planned bytes"):  # one rank's share alone
+        check_reports(plan, [body(0, stats[0])], 1, arena, verify=False, rank=0)
+    whole = senders[0].write(w.items(), 1, verify=False)  # a rank that ignored the split: its bytes overlap
+    with pytest.raises(SyncError, match="written twice"):
+        check_reports(plan, [body(0, whole), body(1, stats[1])], 1, arena, verify=False, rank=0)
+    with pytest.raises(SyncError, match=r"sent no \['norm'\]"):  # a share's tensor missing from the trainer's
+        norm_rank = next(r for r, sh in enumerate(shares) if ("norm", 0) in sh)
+        senders[norm_rank].write([(k, v) for k, v in w.items() if k != "norm"], 1, verify=False,
+                                 share=shares[norm_rank])
+    for s in senders:
+        s.close()
+
+
 def test_tensors_outside_the_plan_are_asked_about_once_and_unknown_ones_refused(worker: dict) -> None:
     sender = InPlaceSender(str(descriptor_path(worker["dir"], 0)), timeout_s=5)
-    sender.write([*_weights(2).items(), ("rotary", torch.zeros(2))], 1, verify=False)  # the worker ignores it
+    sender.write([*fused_weights(2).items(), ("rotary", torch.zeros(2))], 1, verify=False)  # the worker ignores it
     assert "rotary" in sender.welcome.ignored
     with pytest.raises(SyncError, match="sent no \\['norm'\\]"):
-        sender.write([(k, v) for k, v in _weights(2).items() if k != "norm"], 1, verify=False)
+        sender.write([(k, v) for k, v in fused_weights(2).items() if k != "norm"], 1, verify=False)
     sender.close()
 
 
@@ -150,7 +161,7 @@ def test_a_replaced_parameter_and_an_uncovered_one_are_caught(worker: dict) -> N
 
 
 def test_shadow_writes_the_inactive_arena_and_the_commit_switches() -> None:
-    model = _FusedModel()
+    model = FusedModel()
     arenas = Arenas(model.named_parameters(), shadow=True)
     live0 = model.norm.data_ptr()
     assert arenas.target(1) is arenas.all[1] and arenas.target(2) is arenas.all[0]

@@ -4,7 +4,7 @@ its own parameters, re-armed after a wake-up and after the trainer's buffers mov
 Stand-ins, for the GPU path they name: shared memory for CUDA IPC (`reduce_tensor` exports either), a
 torch.multiprocessing queue for the call that carries the `Export` to the worker, `Puller.woke_up` for vLLM's
 `wake_up` after a level-2 sleep (benchmarks/gpu_ipc_check.py measures the page replacement on a GPU). The trainer is
-a real second process; the plan and the model are the in-place core's (test_inplace_core.py).
+a real second process; the plan and the model are the in-place core's (inplace_worker.py).
 """
 
 from __future__ import annotations
@@ -12,27 +12,27 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as tmp
+from inplace_worker import FusedModel, fused_plan, fused_weights
 
 from ring_ext_astate.arena import ParamArena
 from ring_ext_astate.errors import SyncError
 from ring_ext_astate.inplace import check_reports
 from ring_ext_astate.pull import Puller, export
-from test_inplace_core import _FusedModel, _plan, _weights
 
 
 def _trainer(commands, exports) -> None:
     """A trainer rank: exports its weights; `update` rewrites them in place (same buffers, same generation),
     `move` reallocates them (an offload and reload: a new generation)."""
-    weights, generation = _weights(0), 0
+    weights, generation = fused_weights(0), 0
     exports.put(export(0, generation, weights.items()))
     while (cmd := commands.get()) != "stop":
         kind, seed = cmd
         if kind == "update":
-            for name, t in _weights(seed).items():
+            for name, t in fused_weights(seed).items():
                 weights[name].copy_(t)
             exports.put(None)
         else:
-            weights, generation = _weights(seed), generation + 1
+            weights, generation = fused_weights(seed), generation + 1
             exports.put(export(0, generation, weights.items()))
 
 
@@ -42,9 +42,9 @@ def setup():
     commands, exports = ctx.Queue(), ctx.Queue()
     proc = ctx.Process(target=_trainer, args=(commands, exports), daemon=True)
     proc.start()
-    model = _FusedModel()
+    model = FusedModel()
     arena, layout = ParamArena.adopt(model.named_parameters())
-    plan = _plan(arena, layout)
+    plan = fused_plan(arena, layout)
     puller = Puller(plan, model.named_parameters, ignored=frozenset({"tied"}))
     yield {"commands": commands, "exports": exports, "model": model, "plan": plan, "puller": puller, "arena": arena}
     commands.put("stop")
@@ -52,8 +52,8 @@ def setup():
     arena.unlink()
 
 
-def _expect(model: _FusedModel, seed: int) -> None:
-    w = {k: v.to(torch.bfloat16) for k, v in _weights(seed).items()}
+def _expect(model: FusedModel, seed: int) -> None:
+    w = {k: v.to(torch.bfloat16) for k, v in fused_weights(seed).items()}
     assert torch.equal(model.qk[:4], w["q"]) and torch.equal(model.qk[4:], w["k"][:2])
     assert torch.equal(model.norm, w["norm"])
 

@@ -1,0 +1,95 @@
+"""separate_async's direct path: the `astate` checkpoint engine's trainer ranks write their shares of a rollout worker's
+planned slices into its parameters themselves (no staging), and the topology chooses that path only where it holds.
+
+The rollout worker is the stand-in of `inplace_worker.py` (vLLM's worker end: arena, plan, control server; the
+production classes) and the replica leader's "session open" marker is touched by the test, as `adapter.py` does after
+vLLM's `start_weight_update`. The whole path with vLLM and verl's CheckpointEngineManager runs in
+`test_e2e_astate.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from inplace_worker import fused_weights, stand_in_worker
+
+from ring_ext_astate.adapter import DirectTarget, WrittenInPlace, started_marker
+from ring_ext_astate.control import descriptor_path
+from ring_ext_astate.engine import AStateCheckpointEngine
+from ring_ext_astate.errors import SyncError
+from ring_ext_astate.inplace import check_reports
+
+
+@pytest.fixture
+def worker(tmp_path: Path):
+    yield from stand_in_worker(tmp_path)
+
+
+def _trainer_rank(rank: int, world: int, target: DirectTarget, timeout_s: float = 5.0) -> AStateCheckpointEngine:
+    engine = AStateCheckpointEngine(bucket_size=1 << 20, is_master=rank == 0, timeout_s=timeout_s)
+    engine.init_process_group(rank=rank, world=world, peers=[target], direct=True)
+    return engine
+
+
+def test_two_trainer_ranks_write_their_shares_and_the_worker_commits_exactly_their_union(worker: dict) -> None:
+    desc = str(descriptor_path(worker["dir"], 0))
+    target = DirectTarget(desc, version=1, verify=True, host="h")
+    started_marker(desc, 1).touch()  # the replica's leader opened vLLM's session for sync 1
+    w = fused_weights(4)
+    metrics = [asyncio.run(_trainer_rank(r, 2, target).send_weights(iter(w.items()))) for r in range(2)]
+    plan = worker["plan"]
+    assert [m["astate/direct"] for m in metrics] == [1.0, 1.0] and [m["astate/version"] for m in metrics] == [1, 1]
+    assert all(m["astate/bytes_per_sender"] > 0 for m in metrics)
+    assert sum(m["astate/bytes_per_sender"] for m in metrics) == plan.nbytes  # every planned byte once, no more
+    reports = worker["server"].wait_reports(1, 2, timeout_s=5)
+    assert sorted(r["sender"] for r in reports) == [0, 1]
+    assert check_reports(plan, reports, 1, worker["arena"].bytes, verify=True, rank=0) == plan.nbytes
+    qk, norm = worker["model"].qk.detach(), worker["model"].norm.detach()
+    assert torch.equal(qk[:4], w["q"].bfloat16()) and torch.equal(qk[4:], w["k"][:2].bfloat16())
+    assert torch.equal(norm, w["norm"].bfloat16())
+
+
+def test_a_trainer_rank_does_not_write_before_the_session_opens_and_names_what_it_waited_for(worker: dict) -> None:
+    desc = str(descriptor_path(worker["dir"], 0))
+    before = worker["arena"].bytes.clone()
+    engine = _trainer_rank(0, 1, DirectTarget(desc, version=1, verify=False, host="h"), timeout_s=0.3)
+    with pytest.raises(SyncError, match=r"no start of sync 1 at .*started-1-0 within 0.3s"):
+        asyncio.run(engine.send_weights(iter(fused_weights(5).items())))
+    assert torch.equal(worker["arena"].bytes, before)  # nothing landed
+
+
+def _meta(sender: bool, host: str = "h", **kw) -> dict:
+    return {"host": host, "sender": sender, "transport": "shm", **kw}
+
+
+def test_the_topology_writes_directly_only_where_every_worker_offers_it() -> None:
+    targets = [DirectTarget(f"/run/worker{i}.json", 3, False, "h") for i in range(2)]
+    senders = [_meta(True, address=f"ipc://s{i}") for i in range(3)]
+    actor, rollout = AStateCheckpointEngine.build_topology(3, 2, senders + [_meta(False, direct=t) for t in targets])
+    assert actor == {"rank": [0, 1, 2], "world": [3] * 3, "peers": [targets] * 3, "direct": [True] * 3}
+    assert rollout == {"rank": [0, 1], "world": [3, 3], "peers": [[], []], "direct": [True, True]}
+    # the first sync (no worker has its in-place engine yet): staged
+    actor, _ = AStateCheckpointEngine.build_topology(3, 2, senders + [_meta(False, address=f"r{i}") for i in range(2)])
+    assert "direct" not in actor and actor["peers"] == [["r0", "r1"]] * 3
+    # a worker without an in-place engine beside one that has dropped its staging (a replica added later): named
+    mixed = senders + [_meta(False, direct=targets[0]), _meta(False, address="r1")]
+    with pytest.raises(ValueError, match=r"rollout worker\(s\) \[1\] offer no in-place engine"):
+        AStateCheckpointEngine.build_topology(3, 2, mixed)
+    # every worker offers, but across two hosts: the trainer ranks cannot map the workers' memory, so staged
+    two_hosts = [{**m, "transport": "dist", "store": ("h", 1)} for m in senders] + [
+        {**_meta(False, host=f"h{i}", direct=t), "transport": "dist", "address": f"tcp://r{i}"}
+        for i, t in enumerate(targets)]
+    actor, _ = AStateCheckpointEngine.build_topology(3, 2, two_hosts)
+    assert "direct" not in actor and actor["group"][0] == (("h", 1), 0, 5)  # the dist transport's gloo group
+
+
+def test_the_adapter_gets_the_sync_to_commit_and_nothing_to_iterate() -> None:
+    written = WrittenInPlace(version=4, senders=2)
+
+    async def drain() -> list:
+        return [item async for item in written]  # verl's own update_weights would apply an empty update
+
+    assert asyncio.run(drain()) == [] and (written.version, written.senders) == (4, 2)
