@@ -10,7 +10,11 @@ for all three (bf16 matrices of `--tensor-mib` each):
 - astate: N sender processes -> this process, per `--transport` on CPU: `shm` (the engine's default path: senders
   write into this process's shared-memory arena, `DirectShmReceiver`), `ring` (the slot ring, `ShmReceiver`), `dist`
   (`DistReceiver`, gloo over loopback TCP); on a GPU `CudaIpcReceiver`. Then the staged tensors are copied into the
-  destination (the all-or-nothing apply); the first, verified sync is a warm-up.
+  destination (the all-or-nothing apply); the first, verified sync is a warm-up;
+- astate inplace (`--transport inplace`, separate_async's direct path on one host): N sender processes each write
+  their share (`Plan.share`) of the destination straight into this process's parameter arena (`InPlaceSender`),
+  and this process commits after the worker's own check of their reports (`check_reports`: every byte once); no
+  staging, no apply. Its timed syncs are unverified, as the staged ones are (those still checksum each bucket).
 Senders yield views of one reused source buffer (like FSDP's gather buffer), so memory stays ~2x the size.
 Prints GB/s and ratios; writes astate_sync[_cuda|_dist].json and .png to `--out` (benchmarks/results).
 """
@@ -122,6 +126,59 @@ def _astate_sender(rank: int, world: int, names: list[str], tensor_mib: int, slo
     s.close()
 
 
+def _inplace_sender(rank: int, world: int, names: list[str], tensor_mib: int, descriptor: str, q) -> None:
+    from ring_ext_astate.inplace import InPlaceSender
+
+    torch.set_num_threads(1)
+    s = InPlaceSender(descriptor, timeout_s=300)
+    src, share = _source(tensor_mib), s.welcome.plan.share(rank, world)
+    for version, verify in iter(q.get, None):
+        s.report(version, rank, s.write(_weights(names, src), version, verify, share))
+    s.close()
+
+
+def bench_inplace(names: list[str], tensor_mib: int, repeats: int, senders: int) -> list[float]:
+    """The worker's end as in vLLM's worker: its parameters adopted into an arena, a plan, a control server."""
+    import tempfile
+
+    from ring_ext_astate.arena import ParamArena
+    from ring_ext_astate.control import ControlServer
+    from ring_ext_astate.inplace import Welcome, check_reports
+    from ring_ext_astate.plan import Destination, Plan
+
+    n = (tensor_mib << 20) // 2
+    params = [(name, torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16), requires_grad=False)) for name in names]
+    arena, layout = ParamArena.adopt(params)
+    plan = Plan({name: (Destination((), layout[name][0], (n,), (1,), "bfloat16", name),) for name in names}, layout)
+    run_dir = Path(tempfile.mkdtemp(prefix="ring-ext-bench-")) / "run"
+    server = ControlServer(run_dir, 0, lambda: Welcome(0, (arena.name,), arena.size, plan, frozenset(), 0),
+                           lambda *_: False)
+    ctx = mp.get_context("spawn")
+    qs = [ctx.Queue() for _ in range(senders)]
+    procs = [ctx.Process(target=_inplace_sender, args=(r, senders, names, tensor_mib, str(server.descriptor), qs[r]))
+             for r in range(senders)]
+    for p in procs:
+        p.start()
+    times = []
+    try:
+        for version in range(1, repeats + 2):
+            verify = version == 1
+            for q in qs:
+                q.put((version, verify))
+            t0 = time.perf_counter()
+            reports = server.wait_reports(version, senders, timeout_s=300)
+            check_reports(plan, reports, version, arena.bytes, verify, rank=0)
+            times.append(time.perf_counter() - t0)
+    finally:
+        for q in qs:
+            q.put(None)
+        for p in procs:
+            p.join()
+        server.close()
+        arena.unlink()
+    return times[1:]
+
+
 def _verl_sender(handle: str, names: list[str], tensor_mib: int, bucket_mib: int, q, device: str) -> None:
     sender_cls = _verl_bucketed().BucketedWeightSender
     torch.set_num_threads(1)
@@ -222,10 +279,12 @@ def main() -> None:
                     help="verl sender bucket (BucketedWeightSender default)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cpu: shared memory; cuda: every process on the current GPU, CUDA IPC")
-    ap.add_argument("--transport", choices=["shm", "ring", "dist"], nargs="+", default=["shm", "ring"],
+    ap.add_argument("--transport", choices=["shm", "ring", "dist", "inplace"], nargs="+", default=["shm", "ring"],
                     help="astate's transports on CPU, each measured: shm (one host, senders write into the "
-                         "receiver's arena: the engine's default), ring (one host, the slot ring: the engine's first "
-                         "sync) or dist (gloo + TCP, the several-hosts path, here over loopback); one on a GPU")
+                         "receiver's staging arena, then applied), ring (one host, the slot ring), dist (gloo + TCP, "
+                         "the several-hosts path, here over loopback) or inplace (one host, senders write the "
+                         "worker's parameters: separate_async's direct path); one on a GPU")
+    ap.add_argument("--name", help="file stem of the JSON and PNG (default astate_sync[_cuda|_dist])")
     ap.add_argument("--verl-file", help="path of verl 0.9.1's bucketed_weight_transfer.py, where verl is not "
                                         "installed (see _verl_bucketed)")
     ap.add_argument("--out", type=Path, default=OUT, help="where the JSON and the PNG go")
@@ -246,8 +305,9 @@ def main() -> None:
             row["verl_gbps"] = gbps(bench_verl(names, args.tensor_mib, dst, args.repeats, args.verl_bucket_mib, dev))
             for t in transports:
                 for n in args.senders:
-                    row[f"astate_{t}{n}_gbps"] = gbps(bench_astate(names, args.tensor_mib, dst, args.repeats, n,
-                                                                   args.slot_mib, dev, t))
+                    row[f"astate_{t}{n}_gbps"] = gbps(
+                        bench_inplace(names, args.tensor_mib, args.repeats, n) if t == "inplace" else
+                        bench_astate(names, args.tensor_mib, dst, args.repeats, n, args.slot_mib, dev, t))
         rows.append(row)
         limit = _memcpy_limit(row)
         print(f"{gib:>4} GiB  memcpy {limit:.2f} GB/s  verl {row['verl_gbps']:.2f} GB/s", flush=True)
@@ -256,7 +316,7 @@ def main() -> None:
                             f"({row[f'astate_{t}{n}_gbps'] / limit:.0%} of memcpy, "
                             f"{row[f'astate_{t}{n}_gbps'] / row['verl_gbps']:.2f}x verl)" for n in args.senders),
                   flush=True)
-    stem = "astate_sync" + ("_cuda" if dev == "cuda" else "_dist" if transports == ["dist"] else "")
+    stem = args.name or "astate_sync" + ("_cuda" if dev == "cuda" else "_dist" if transports == ["dist"] else "")
     device_name = torch.cuda.get_device_name() if dev == "cuda" else f"{os.cpu_count()} CPU cores"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"args": {**vars(args), "out": str(args.out)},
