@@ -114,8 +114,8 @@ class WrittenInPlace:
     parameters themselves: nothing to iterate (verl's own update_weights would apply an empty update), only the
     sync to commit."""
 
-    def __init__(self, version: int, senders: int) -> None:
-        self.version, self.senders = version, senders
+    def __init__(self, version: int, senders: int, verify: bool) -> None:
+        self.version, self.senders, self.verify = version, senders, verify
 
     def __aiter__(self) -> "WrittenInPlace":
         return self
@@ -147,12 +147,15 @@ async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int 
             raise SyncError(f"astate: the trainer ranks wrote sync {weights.version}, rollout worker {st.rank} "
                             f"expects {st.version + 1}")
         senders, items, retries = weights.senders, None, 0  # the writes are theirs: a retry would need them again
+        direct_verify = weights.verify  # what the trainer ranks were told (either options section may ask for it)
     elif hasattr(weights, "__aiter__"):  # separate_async staged: what the checkpoint engine received
         senders, items, retries = 1, [item async for item in weights], o.retries
     else:
         senders, items, retries = 1, (list(weights) if o.retries else weights), o.retries  # a retry rewrites them
     for attempt in range(retries + 1):
         version, verify = st.version + 1, o.verified(st.version + 1, attempt)
+        if items is None:
+            verify = direct_verify
         try:
             t0 = time.perf_counter()
             started = started_marker(descriptor_path(st.dir, st.rank), version, attempt)

@@ -24,6 +24,7 @@ unless `dist`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
@@ -120,6 +121,8 @@ class AStateCheckpointEngine(CheckpointEngine):
         host = socket.gethostname()
         meta = {"host": host, "sender": self.sender_side, "transport": self.options.transport}
         target = None if self.sender_side or TRANSPORTS[self.options.transport].many_hosts else direct_target(host)
+        if target is not None:  # verified if either section asks (this engine's `verify` or the in-place one's)
+            target = dataclasses.replace(target, verify=target.verify or self._verify(target.version))
         self.offered = target
         if target is not None:  # the trainer ranks write the worker themselves: no staging arena to keep
             self._drop_peer()
@@ -194,8 +197,8 @@ class AStateCheckpointEngine(CheckpointEngine):
             self.peer.world = world
         self.peer.connect(peers)
 
-    def _verify(self) -> bool:
-        return verified(self.options.verify, self.syncs + 1, audit_every=self.options.audit_every)
+    def _verify(self, version: int | None = None) -> bool:
+        return verified(self.options.verify, version or self.syncs + 1, audit_every=self.options.audit_every)
 
     async def send_weights(self, weights: Iterable[tuple[str, torch.Tensor]], global_steps: int | None = None):
         if self.direct is not None:
@@ -252,7 +255,7 @@ class AStateCheckpointEngine(CheckpointEngine):
         if self.direct is not None:
             assert self.offered is not None, "a direct sync on a rollout worker that offered none"
             self.syncs = self.offered.version
-            return WrittenInPlace(self.offered.version, senders=self.world)  # type: ignore[return-value]
+            return WrittenInPlace(self.offered.version, self.world, self.offered.verify)  # type: ignore[return-value]
         return self._receive_staged()
 
     async def _receive_staged(self) -> AsyncGenerator[tuple[str, torch.Tensor], None]:

@@ -132,6 +132,7 @@ def test_the_standalone_rollout_was_synced_by_astate_every_step(run: dict) -> No
     for step, data in steps.items():
         assert data["astate/version"] == step + 1, step
         assert data["astate/direct"] == 1.0 and data["astate/buckets"] == 0, step  # nothing staged
+        assert data["astate/verified"] == 1.0, step  # the engine's verify=always holds on the direct path too
         # the one trainer rank writes every planned byte, once: exactly the worker's parameters (the trainer's
         # fp32 tensors cast on the copy, as vLLM's loader would)
         assert data["astate/bytes_per_sender"] == model_bytes, step

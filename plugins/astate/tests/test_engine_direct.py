@@ -87,9 +87,27 @@ def test_the_topology_writes_directly_only_where_every_worker_offers_it() -> Non
 
 
 def test_the_adapter_gets_the_sync_to_commit_and_nothing_to_iterate() -> None:
-    written = WrittenInPlace(version=4, senders=2)
+    written = WrittenInPlace(version=4, senders=2, verify=False)
 
     async def drain() -> list:
         return [item async for item in written]  # verl's own update_weights would apply an empty update
 
     assert asyncio.run(drain()) == [] and (written.version, written.senders) == (4, 2)
+
+
+@pytest.mark.parametrize("mode, verify", [("always", True), ("audit", False)])
+def test_a_rollout_worker_offers_its_worker_and_the_engines_verify_still_holds(monkeypatch, mode: str,
+                                                                               verify: bool) -> None:
+    """The adapter's in-place state (what `direct_target` reads) stands in for a worker set up by a first sync; the
+    checkpoint engine's own `verify` must still apply to the syncs the trainer ranks write (sync 2: `audit` skips it,
+    `always` does not)."""
+    import ring_ext_astate.engine as engine_module
+
+    offer = DirectTarget("/run/worker0.json", version=2, verify=False, host="h")
+    monkeypatch.setattr(engine_module, "direct_target", lambda host: offer)
+    receiver = AStateCheckpointEngine(bucket_size=1 << 20, verify=mode)
+    meta = receiver.prepare()
+    assert meta["direct"].verify is verify and "address" not in meta  # no staging arena kept
+    receiver.init_process_group(rank=0, world=3, peers=[], direct=True)
+    written = receiver.receive_weights()
+    assert isinstance(written, WrittenInPlace) and (written.version, written.senders, written.verify) == (2, 3, verify)
