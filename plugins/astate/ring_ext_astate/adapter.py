@@ -20,13 +20,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from ring_ext.knobs import check_knobs, from_mapping, knob
 from ring_ext.run_record import record_sync
 from ring_ext_astate.control import descriptor_path
 from ring_ext_astate.errors import SyncError
 from ring_ext_astate.inplace import InPlaceSender, WriteStats
+from ring_ext_astate.plan import Plan
 from ring_ext_astate.verify import VerifyMode, verified
 
 logger = logging.getLogger("ring_ext")
@@ -93,15 +94,18 @@ class DirectTarget:
     version: int  # the version the next sync commits
     verify: bool  # whether that sync is verified (the worker's options decide)
     host: str
+    plan: Plan | None = None  # across hosts: the trainer ranks cut the worker's slices from it
+    ignored: frozenset[str] = frozenset()  # names the worker's loaders read but write nowhere (its first sync's)
 
 
-def direct_target(host: str) -> DirectTarget | None:
+def direct_target(host: str, with_plan: bool = False) -> DirectTarget | None:
     """This process's rollout worker as a direct target, once its first sync set the in-place engine up."""
     if len(_STATES) != 1 or _STATES[0].sender is None:
         return None
     st = _STATES[0]
-    return DirectTarget(str(descriptor_path(st.dir, st.rank)), st.version + 1,
-                        st.options.verified(st.version + 1, 0), host)
+    welcome = st.sender.welcome
+    return DirectTarget(str(descriptor_path(st.dir, st.rank)), st.version + 1, st.options.verified(st.version + 1, 0),
+                        host, welcome.plan if with_plan else None, welcome.ignored if with_plan else frozenset())
 
 
 def started_marker(descriptor: str | Path, version: int, attempt: int = 0) -> Path:
@@ -114,8 +118,12 @@ class WrittenInPlace:
     parameters themselves: nothing to iterate (verl's own update_weights would apply an empty update), only the
     sync to commit."""
 
-    def __init__(self, version: int, senders: int, verify: bool) -> None:
+    def __init__(self, version: int, senders: int, verify: bool,
+                 receive: Callable[[InPlaceSender, int, bool], Awaitable[WriteStats]] | None = None) -> None:
         self.version, self.senders, self.verify = version, senders, verify
+        # across hosts: the bytes still have to arrive; called once vLLM's session is open, it writes them into the
+        # worker's parameters (this process's mapping of them) and returns what to report
+        self.receive = receive
 
     def __aiter__(self) -> "WrittenInPlace":
         return self
@@ -148,10 +156,13 @@ async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int 
                             f"expects {st.version + 1}")
         senders, items, retries = weights.senders, None, 0  # the writes are theirs: a retry would need them again
         direct_verify = weights.verify  # what the trainer ranks were told (either options section may ask for it)
+        how = "this process, from the trainer ranks' slices across hosts" if weights.receive else \
+            f"{senders} trainer rank(s) directly"
     elif hasattr(weights, "__aiter__"):  # separate_async staged: what the checkpoint engine received
-        senders, items, retries = 1, [item async for item in weights], o.retries
+        senders, items, retries, how = 1, [item async for item in weights], o.retries, "this process"
     else:
-        senders, items, retries = 1, (list(weights) if o.retries else weights), o.retries  # a retry rewrites them
+        items = list(weights) if o.retries else weights  # a retry writes the same tensors again
+        senders, retries, how = 1, o.retries, "this process"
     for attempt in range(retries + 1):
         version, verify = st.version + 1, o.verified(st.version + 1, attempt)
         if items is None:
@@ -163,7 +174,10 @@ async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int 
                 await adapter._execute_method("start_weight_update")
                 started.touch(mode=0o600)
             await _wait_for(started, o.timeout_s, f"start of sync {version}")
-            if items is None:  # committed only if the trainer ranks' reports cover every planned byte once
+            if items is None and weights.receive is not None:  # across hosts: the bytes arrive now, into place
+                stats = await weights.receive(st.sender, version, verify)
+                st.sender.report(version, st.rank, stats)
+            elif items is None:  # committed only if the trainer ranks' reports cover every planned byte once
                 stats = WriteStats(bytes=st.sender.welcome.plan.nbytes, verified=verify)
             else:
                 stats = await asyncio.to_thread(st.sender.write, items, version, verify)
@@ -200,8 +214,7 @@ async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int 
     record_sync(adapter, metrics, global_steps)  # the run's summary (verl's colocated trainers drop these metrics)
     logger.warning("ring-ext astate: sync %d into rollout worker %d in place: %.1f MiB in %.3fs (%.2f GB/s, "
                    "verified=%s, attempts=%d, written by %s)", version, st.rank, stats.bytes / 2**20, seconds,
-                   metrics["astate/gb_per_s"], verify, attempt + 1,
-                   f"{senders} trainer rank(s) directly" if items is None else "this process")
+                   metrics["astate/gb_per_s"], verify, attempt + 1, how)
     return metrics
 
 

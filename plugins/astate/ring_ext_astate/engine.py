@@ -30,7 +30,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncGenerator, Iterable
+from typing import Any, AsyncGenerator, Iterable, Literal
 
 import torch
 from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegistry
@@ -42,12 +42,18 @@ from ring_ext_astate.cuda_transport import CudaIpcReceiver, CudaIpcSender
 from ring_ext_astate.direct_transport import DirectShmReceiver, DirectShmSender
 from ring_ext_astate.dist_transport import DistReceiver, DistSender, free_port, gloo_group
 from ring_ext_astate.errors import SyncError
-from ring_ext_astate.inplace import InPlaceSender, write_workers
-from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, _meta
+from ring_ext_astate.inplace import InPlaceSender, WriteStats, source_slice, write_workers
+from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, _meta, host_digest
 from ring_ext_astate.verify import VerifyMode, verified
 
 
 logger = logging.getLogger("ring_ext")
+
+
+# staged: through a transport into the rollout host's staging, then written in place by the server adapter;
+# inplace: one host, each trainer rank writes its share into the workers' parameters;
+# carried: across hosts, each trainer rank sends its share of the worker's slices, which land in its parameters
+Via = Literal["staged", "inplace", "carried"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,8 @@ class AStateCheckpointEngine(CheckpointEngine):
         self.layout: list[Meta] | None = None
         self.peer: ShmSender | ShmReceiver | None = None
         self.rank, self.world = 0, 1
-        self.direct: list[DirectTarget] | None = None  # this sync's workers, when the trainer ranks write them
+        self.via: Via = "staged"  # how this sync's bytes travel (build_topology decides)
+        self.targets: list[DirectTarget] | None = None  # this sync's workers, unless staged
         self.writers: dict[str, InPlaceSender] = {}  # by descriptor, kept across syncs (their arena mappings)
         self.offered: DirectTarget | None = None  # a rollout worker's offer in this sync's prepare
 
@@ -120,20 +127,23 @@ class AStateCheckpointEngine(CheckpointEngine):
     def prepare(self) -> dict[str, Any]:
         host = socket.gethostname()
         meta = {"host": host, "sender": self.sender_side, "transport": self.options.transport}
-        target = None if self.sender_side or TRANSPORTS[self.options.transport].many_hosts else direct_target(host)
+        many_hosts = TRANSPORTS[self.options.transport].many_hosts
+        target = None if self.sender_side else direct_target(host, with_plan=many_hosts)
         if target is not None:  # verified if either section asks (this engine's `verify` or the in-place one's)
             target = dataclasses.replace(target, verify=target.verify or self._verify(target.version))
         self.offered = target
-        if target is not None:  # the trainer ranks write the worker themselves: no staging arena to keep
+        if target is not None and not many_hosts:  # the trainer ranks write the worker themselves: no staging
             self._drop_peer()
             return {**meta, "direct": target}
-        if self.sender_side and self.direct is not None:  # the last sync was direct: no ring until one is needed
+        if self.sender_side and self.via == "inplace":  # the last sync was direct: no ring until one is needed
             return meta
         # the peer (its shared memory, sockets, staging buffers) lives across syncs: fresh memory would
         # page-fault on every byte of every sync; it is rebuilt only after a failed sync
         if self.peer is None:
             self.peer = self._new_peer()
         meta.update(self.peer.address())
+        if target is not None:  # across hosts: the transport carries the worker's slices into place
+            meta["direct"] = target
         if isinstance(self.peer, DistSender):  # every trainer rank offers; build_topology takes rank 0's
             meta["store"] = (self.ip, free_port())
         return meta
@@ -150,11 +160,15 @@ class AStateCheckpointEngine(CheckpointEngine):
         senders, receivers = metadata[:actor_wg_world_size], metadata[actor_wg_world_size:]
         if not all(m["sender"] for m in senders) or any(m["sender"] for m in receivers):
             raise ValueError("astate: expected trainer ranks first, then rollout workers, in verl's metadata")
-        if len(hosts) == 1 and all("direct" in m for m in receivers):
+        a, r = actor_wg_world_size, rollout_world_size
+        if all("direct" in m for m in receivers):
             targets = [m["direct"] for m in receivers]
-            a, r = actor_wg_world_size, rollout_world_size
-            return ({"rank": list(range(a)), "world": [a] * a, "peers": [targets] * a, "direct": [True] * a},
-                    {"rank": list(range(r)), "world": [a] * r, "peers": [[]] * r, "direct": [True] * r})
+            if transports != {"dist"} and len(hosts) == 1:  # the trainer ranks write the workers' memory
+                return ({"rank": list(range(a)), "world": [a] * a, "peers": [targets] * a, "via": ["inplace"] * a},
+                        {"rank": list(range(r)), "world": [a] * r, "peers": [[]] * r, "via": ["inplace"] * r})
+            if transports == {"dist"} and r == 1:  # the transport carries the worker's slices into place
+                actor, rollout = cls._dist_topology(senders, receivers)
+                return ({**actor, "via": ["carried"] * a, "targets": [targets] * a}, {**rollout, "via": ["carried"]})
         if not all("address" in m for m in metadata):  # some moved to direct writes (and dropped their staging)
             raise ValueError(f"astate: rollout worker(s) {[i for i, m in enumerate(receivers) if 'direct' not in m]} "
                              "offer no in-place engine while the trainer ranks or other workers write in place (a "
@@ -182,10 +196,10 @@ class AStateCheckpointEngine(CheckpointEngine):
         return actor, rollout
 
     def init_process_group(self, rank: int, world: int, peers: list, group: tuple | None = None,
-                           direct: bool = False) -> None:
-        self.rank, self.world = rank, world
-        self.direct = peers if direct else None
-        if direct:  # the staged ring is not used again (its mappings of the workers' old arenas released)
+                           via: Via = "staged", targets: list[DirectTarget] | None = None) -> None:
+        self.rank, self.world, self.via = rank, world, via
+        self.targets = peers if via == "inplace" else targets
+        if via == "inplace":  # the staged ring is not used again (its mappings of the workers' old arenas released)
             self._drop_peer()
             return
         assert self.peer is not None, "prepare() must run before init_process_group()"
@@ -201,8 +215,10 @@ class AStateCheckpointEngine(CheckpointEngine):
         return verified(self.options.verify, version or self.syncs + 1, audit_every=self.options.audit_every)
 
     async def send_weights(self, weights: Iterable[tuple[str, torch.Tensor]], global_steps: int | None = None):
-        if self.direct is not None:
-            return self._write_in_place(weights, self.direct)
+        if self.via == "inplace":
+            return self._write_in_place(weights, self.targets)
+        if self.via == "carried":
+            return self._send_carried(weights, self.targets[0])
         assert isinstance(self.peer, ShmSender), "send_weights runs on trainer ranks after init_process_group()"
         sent: list[Meta] = []
 
@@ -249,14 +265,71 @@ class AStateCheckpointEngine(CheckpointEngine):
                 "astate/gb_per_s": moved / max(seconds, 1e-9) / 1e9, "astate/version": version,
                 "astate/direct": 1.0, "astate/verified": float(verify)}
 
+    def _send_carried(self, weights: Iterable[tuple[str, torch.Tensor]], target: DirectTarget) -> dict:
+        """This trainer rank's share of the worker's planned slices, cut here and carried whole by the transport."""
+        plan, version = target.plan, target.version
+        share, seen = plan.share(self.rank, self.world), set()
+
+        def slices() -> Iterable[tuple[str, torch.Tensor]]:
+            for name, t in weights:
+                ds = plan.destinations.get(name)
+                if ds is None:
+                    if name in target.ignored:
+                        continue
+                    raise SyncError(f"astate: the trainer sent {name!r}, which rollout worker 0's plan has no place "
+                                    "for (across hosts its loaders cannot be asked)")
+                seen.add(name)
+                for i, d in enumerate(ds):
+                    if (name, i) in share:  # the destination's dtype: the bytes the worker's parameter holds
+                        yield _carried_key(name, i), source_slice(name, t, d).to(getattr(torch, d.dtype)).view(d.shape)
+            missing = sorted({n for n, _ in share} - seen)
+            if missing:
+                raise SyncError(f"astate: the trainer sent no {missing[:5]} ({len(missing)} tensors rollout worker 0 "
+                                "needs)")
+
+        t0 = time.perf_counter()
+        try:
+            stats = self.peer.send(slices(), version, verify=target.verify, whole=True)
+        except BaseException:
+            self._drop_peer()
+            raise
+        seconds, self.syncs = time.perf_counter() - t0, version
+        return {"astate/bytes_per_sender": stats.bytes_moved, "astate/buckets": stats.buckets,
+                "astate/seconds": seconds, "astate/gb_per_s": stats.bytes_moved / max(seconds, 1e-9) / 1e9,
+                "astate/version": version, "astate/direct": 1.0, "astate/verified": float(target.verify)}
+
+    async def _receive_into_place(self, writer: InPlaceSender, version: int, verify: bool) -> WriteStats:
+        """The carried slices, received straight into the worker's parameters (the arena sync `version` writes):
+        the transport's staging buffers are the destinations themselves."""
+        arena, plan = writer.target(version), writer.welcome.plan
+        into, where = {}, {}
+        for name, ds in plan.destinations.items():
+            for i, d in enumerate(ds):
+                view = arena[d.offset:d.offset + d.nbytes].view(getattr(torch, d.dtype)).view(d.shape)
+                into[(_carried_key(name, i), tuple(d.shape), d.dtype)] = view
+                where[_carried_key(name, i)] = (d.offset, d.offset + d.nbytes)
+        self.peer.pool = into  # the receiver assembles into its pool's buffers, found by (name, shape, dtype)
+        try:
+            got = await asyncio.to_thread(self.peer.receive, version, expected={m[0]: m for m in into}, verify=verify)
+        except SyncError:
+            self._drop_peer()
+            raise
+        # what arrived, not what was planned: the worker's own check finds a slice no trainer rank sent
+        ranges = sorted(where[k] for k in got)
+        digests = [(a, b, host_digest(arena[a:b])) for a, b in ranges if b > a] if verify else []
+        return WriteStats(bytes=sum(b - a for a, b in ranges), verified=verify, ranges=ranges, digests=digests)
+
     def receive_weights(self, global_steps: int | None = None) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
         """What verl's checkpoint-engine worker hands its server adapter: the staged tensors, or, when the trainer
         ranks wrote the worker themselves, a `WrittenInPlace` for the adapter to commit."""
-        if self.direct is not None:
-            assert self.offered is not None, "a direct sync on a rollout worker that offered none"
-            self.syncs = self.offered.version
+        if self.via == "staged":
+            return self._receive_staged()
+        assert self.offered is not None, "a direct sync on a rollout worker that offered none"
+        self.syncs = self.offered.version
+        if self.via == "inplace":
             return WrittenInPlace(self.offered.version, self.world, self.offered.verify)  # type: ignore[return-value]
-        return self._receive_staged()
+        return WrittenInPlace(self.offered.version, 1, self.offered.verify,  # type: ignore[return-value]
+                              receive=self._receive_into_place)
 
     async def _receive_staged(self) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
         assert isinstance(self.peer, ShmReceiver), "receive_weights runs on rollout workers after init_process_group()"
@@ -280,6 +353,10 @@ class AStateCheckpointEngine(CheckpointEngine):
         if self.peer is not None:
             self.peer.close()
             self.peer = None
+
+
+def _carried_key(name: str, i: int) -> str:
+    return f"{name}#{i}"
 
 
 def _wait_for_file(path: Path, timeout_s: float, what: str) -> None:

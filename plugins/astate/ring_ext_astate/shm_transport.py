@@ -156,8 +156,10 @@ class ShmSender:
         self._broadcast(Bucket(self.rank, version, slot, extents, self._digest(self.slots[slot][:used])))
 
     def send(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int, *, verify: bool = False,
-             manifest: list[Meta] | None = None) -> SyncStats:
-        """Stream this rank's share of every tensor; returns once every receiver committed (else SyncError)."""
+             manifest: list[Meta] | None = None, whole: bool = False) -> SyncStats:
+        """Stream this rank's share of every tensor; returns once every receiver committed (else SyncError).
+
+        `whole`: the tensors are this rank's alone (each rank sends others), so every byte of each is sent."""
         stats, owned = SyncStats(), []
         self._reports: dict[int, Report] = {}
         self._broadcast(Begin(self.rank, version, manifest))
@@ -166,7 +168,8 @@ class ShmSender:
             for name, t in tensors:
                 t0 = time.perf_counter()
                 src = self._flat_bytes(t)
-                a, b = owned_byte_range(src.numel(), t.element_size(), self.rank, self.world)
+                a, b = (0, src.numel()) if whole else owned_byte_range(src.numel(), t.element_size(), self.rank,
+                                                                       self.world)
                 owned.append((_meta(name, t), a, b, self._digest(src[a:b]) if verify else None))
                 self._put(owned[-1][0], src, a, b)
                 stats.bytes_moved += b - a

@@ -117,7 +117,12 @@ def test_every_step_synced_across_hosts_and_logs_finite_metrics(run: dict) -> No
                     "rollout_corr/training_log_ppl"):
             assert math.isfinite(float(d[key])), (step, key)
         assert d["astate/version"] == step + 1, step  # version 1: the initial sync; step k ends with k + 1
-        assert d["astate/bytes_per_sender"] >= model_bytes, step  # the whole model crossed hosts
+        # version 1 is staged (it sets the worker's in-place engine up); then the trainer rank cuts the worker's
+        # slices and the dist transport carries them into vLLM's parameters: exactly the worker's bytes cross
+        assert d["astate/direct"] == 1.0 and d["astate/bytes_per_sender"] == model_bytes, step
+    carried = re.findall(r"sync (\d+) into rollout worker 0 in place: .* from the trainer ranks' slices across hosts",
+                         run["log"])
+    assert carried == [str(v) for v in range(2, STEPS + 2)], carried
     # the receiver logs a failed sync (and keeps vLLM's previous weights) instead of raising
     assert "Traceback" not in run["log"] and "astate: weight sync" not in run["log"]
 
