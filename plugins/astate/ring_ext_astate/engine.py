@@ -5,14 +5,15 @@ under ``checkpoint_engine.engine_kwargs.astate``. verl builds one engine per tra
 ``is_master``) and one per rollout worker (without it), then per sync calls prepare -> build_topology ->
 init_process_group -> send_weights / receive_weights -> finalize.
 
-Direct (one host, from the second sync on): once the first sync has set up the rollout worker's in-place engine
-(ring_ext_astate.adapter), each rollout worker offers it in `prepare`, and every trainer rank writes its share of the
-worker's planned slices (`Plan.share`) straight into vLLM's parameters; the worker commits only when the reports of
-all trainer ranks cover every planned byte exactly once. Nothing is staged and nothing is sent twice.
+Without staging (from the second sync on, `direct_sync`): once the first sync has set the rollout worker's in-place
+engine up (ring_ext_astate.adapter), each rollout worker offers it in `prepare`. On one host every trainer rank then
+writes its share of the worker's planned slices (`Plan.share`) straight into vLLM's parameters (`via="inplace"`);
+across hosts (`transport: dist`, one rollout worker) it sends that share and the rollout host receives it into the
+parameters (`via="carried"`). The worker commits only when the reports cover every planned byte exactly once.
 
-Staged (the first sync, and always across hosts): every trainer rank sends its share of each tensor (no rank-0
-funnel); each rollout worker stages the whole update and hands it to verl's server adapter only after every sender
-committed (cost: one staged copy of the weights on the rollout host).
+Staged (the first sync; several rollout workers across hosts): every trainer rank sends its share of each tensor (no
+rank-0 funnel); each rollout worker stages the whole update and hands it to verl's server adapter only after every
+sender committed (cost: one staged copy of the weights on the rollout host).
 
 Transports (option `transport`): `shm` (default; shared memory, one host: the first sync through a ring of
 slots, the later ones written by the trainer ranks straight into each rollout worker's staging arena), `dist` (gloo
@@ -29,7 +30,6 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, AsyncGenerator, Iterable, Literal
 
 import torch
@@ -37,13 +37,14 @@ from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegist
 
 from ring_ext.knobs import check_knobs, knob
 
-from ring_ext_astate.adapter import DirectTarget, WrittenInPlace, direct_target, started_marker
+from ring_ext_astate.adapter import DirectTarget, WrittenInPlace, direct_target
 from ring_ext_astate.cuda_transport import CudaIpcReceiver, CudaIpcSender
+from ring_ext_astate.direct_sync import carried_slices, direct_metrics, receive_into_place, write_in_place
 from ring_ext_astate.direct_transport import DirectShmReceiver, DirectShmSender
 from ring_ext_astate.dist_transport import DistReceiver, DistSender, free_port, gloo_group
 from ring_ext_astate.errors import SyncError
-from ring_ext_astate.inplace import InPlaceSender, WriteStats, source_slice, write_workers
-from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, _meta, host_digest
+from ring_ext_astate.inplace import InPlaceSender, WriteStats
+from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, _meta
 from ring_ext_astate.verify import VerifyMode, verified
 
 
@@ -243,81 +244,28 @@ class AStateCheckpointEngine(CheckpointEngine):
         }
 
     def _write_in_place(self, weights: Iterable[tuple[str, torch.Tensor]], targets: list[DirectTarget]) -> dict:
-        """This trainer rank's share of every worker's planned slices, written into vLLM's parameters."""
-        versions = {t.version for t in targets}
-        if len(versions) != 1:
-            raise SyncError(f"astate: rollout workers disagree on the next version: {sorted(versions)}")
-        version, verify = targets[0].version, any(t.verify for t in targets)
-        t0 = time.perf_counter()
-        writers = []
-        for t in targets:
-            if t.descriptor not in self.writers:
-                self.writers[t.descriptor] = InPlaceSender(t.descriptor, self.options.timeout_s)
-            writers.append(self.writers[t.descriptor])
-            _wait_for_file(started_marker(t.descriptor, version), self.options.timeout_s, f"start of sync {version}")
-        shares = [w.welcome.plan.share(self.rank, self.world) for w in writers]
-        stats = write_workers(writers, weights, version, verify, shares)
-        for w, st in zip(writers, stats):
-            w.report(version, self.rank, st)
-        seconds, moved = time.perf_counter() - t0, sum(st.bytes for st in stats)
-        self.syncs = version
-        return {"astate/bytes_per_sender": moved, "astate/buckets": 0, "astate/seconds": seconds,
-                "astate/gb_per_s": moved / max(seconds, 1e-9) / 1e9, "astate/version": version,
-                "astate/direct": 1.0, "astate/verified": float(verify)}
+        metrics = write_in_place(self.writers, weights, targets, self.rank, self.world, self.options.timeout_s)
+        self.syncs = metrics["astate/version"]
+        return metrics
 
     def _send_carried(self, weights: Iterable[tuple[str, torch.Tensor]], target: DirectTarget) -> dict:
-        """This trainer rank's share of the worker's planned slices, cut here and carried whole by the transport."""
-        plan, version = target.plan, target.version
-        share, seen = plan.share(self.rank, self.world), set()
-
-        def slices() -> Iterable[tuple[str, torch.Tensor]]:
-            for name, t in weights:
-                ds = plan.destinations.get(name)
-                if ds is None:
-                    if name in target.ignored:
-                        continue
-                    raise SyncError(f"astate: the trainer sent {name!r}, which rollout worker 0's plan has no place "
-                                    "for (across hosts its loaders cannot be asked)")
-                seen.add(name)
-                for i, d in enumerate(ds):
-                    if (name, i) in share:  # the destination's dtype: the bytes the worker's parameter holds
-                        yield _carried_key(name, i), source_slice(name, t, d).to(getattr(torch, d.dtype)).view(d.shape)
-            missing = sorted({n for n, _ in share} - seen)
-            if missing:
-                raise SyncError(f"astate: the trainer sent no {missing[:5]} ({len(missing)} tensors rollout worker 0 "
-                                "needs)")
-
         t0 = time.perf_counter()
         try:
-            stats = self.peer.send(slices(), version, verify=target.verify, whole=True)
+            stats = self.peer.send(carried_slices(weights, target, self.rank, self.world), target.version,
+                                   verify=target.verify, whole=True)
         except BaseException:
             self._drop_peer()
             raise
-        seconds, self.syncs = time.perf_counter() - t0, version
-        return {"astate/bytes_per_sender": stats.bytes_moved, "astate/buckets": stats.buckets,
-                "astate/seconds": seconds, "astate/gb_per_s": stats.bytes_moved / max(seconds, 1e-9) / 1e9,
-                "astate/version": version, "astate/direct": 1.0, "astate/verified": float(target.verify)}
+        self.syncs = target.version
+        return direct_metrics(stats.bytes_moved, time.perf_counter() - t0, target.version, target.verify,
+                              stats.buckets)
 
     async def _receive_into_place(self, writer: InPlaceSender, version: int, verify: bool) -> WriteStats:
-        """The carried slices, received straight into the worker's parameters (the arena sync `version` writes):
-        the transport's staging buffers are the destinations themselves."""
-        arena, plan = writer.target(version), writer.welcome.plan
-        into, where = {}, {}
-        for name, ds in plan.destinations.items():
-            for i, d in enumerate(ds):
-                view = arena[d.offset:d.offset + d.nbytes].view(getattr(torch, d.dtype)).view(d.shape)
-                into[(_carried_key(name, i), tuple(d.shape), d.dtype)] = view
-                where[_carried_key(name, i)] = (d.offset, d.offset + d.nbytes)
-        self.peer.pool = into  # the receiver assembles into its pool's buffers, found by (name, shape, dtype)
         try:
-            got = await asyncio.to_thread(self.peer.receive, version, expected={m[0]: m for m in into}, verify=verify)
+            return await asyncio.to_thread(receive_into_place, self.peer, writer, version, verify)
         except SyncError:
             self._drop_peer()
             raise
-        # what arrived, not what was planned: the worker's own check finds a slice no trainer rank sent
-        ranges = sorted(where[k] for k in got)
-        digests = [(a, b, host_digest(arena[a:b])) for a, b in ranges if b > a] if verify else []
-        return WriteStats(bytes=sum(b - a for a, b in ranges), verified=verify, ranges=ranges, digests=digests)
 
     def receive_weights(self, global_steps: int | None = None) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
         """What verl's checkpoint-engine worker hands its server adapter: the staged tensors, or, when the trainer
@@ -353,18 +301,6 @@ class AStateCheckpointEngine(CheckpointEngine):
         if self.peer is not None:
             self.peer.close()
             self.peer = None
-
-
-def _carried_key(name: str, i: int) -> str:
-    return f"{name}#{i}"
-
-
-def _wait_for_file(path: Path, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise SyncError(f"astate: no {what} at {path} within {timeout_s}s")
-        time.sleep(0.01)
 
 
 def _node_ip() -> str:
