@@ -14,7 +14,11 @@ for all three (bf16 matrices of `--tensor-mib` each):
 - astate inplace (`--transport inplace`, separate_async's direct path on one host): N sender processes each write
   their share (`Plan.share`) of the destination straight into this process's parameter arena (`InPlaceSender`),
   and this process commits after the worker's own check of their reports (`check_reports`: every byte once); no
-  staging, no apply. Its timed syncs are unverified, as the staged ones are (those still checksum each bucket).
+  staging, no apply. Its timed syncs are unverified, as the staged ones are (those still checksum each bucket);
+- astate carried (`--transport carried`, separate_async's path across hosts, here over loopback): N sender processes
+  each cut their share of the destination's slices (`carried_slices`) and send them through the `dist` transport;
+  this process receives them straight into the parameter arena (`receive_into_place`) and commits after the
+  worker's check. Compare with `dist` (the staged path over the same transport: receive into staging, then apply).
 Senders yield views of one reused source buffer (like FSDP's gather buffer), so memory stays ~2x the size.
 Prints GB/s and ratios; writes astate_sync[_cuda|_dist].json and .png to `--out` (benchmarks/results).
 """
@@ -137,13 +141,14 @@ def _inplace_sender(rank: int, world: int, names: list[str], tensor_mib: int, de
     s.close()
 
 
-def bench_inplace(names: list[str], tensor_mib: int, repeats: int, senders: int) -> list[float]:
+@contextmanager
+def _worker(names: list[str], tensor_mib: int) -> Iterator[tuple]:
     """The worker's end as in vLLM's worker: its parameters adopted into an arena, a plan, a control server."""
     import tempfile
 
     from ring_ext_astate.arena import ParamArena
     from ring_ext_astate.control import ControlServer
-    from ring_ext_astate.inplace import Welcome, check_reports
+    from ring_ext_astate.inplace import Welcome
     from ring_ext_astate.plan import Destination, Plan
 
     n = (tensor_mib << 20) // 2
@@ -153,29 +158,95 @@ def bench_inplace(names: list[str], tensor_mib: int, repeats: int, senders: int)
     run_dir = Path(tempfile.mkdtemp(prefix="ring-ext-bench-")) / "run"
     server = ControlServer(run_dir, 0, lambda: Welcome(0, (arena.name,), arena.size, plan, frozenset(), 0),
                            lambda *_: False)
-    ctx = mp.get_context("spawn")
-    qs = [ctx.Queue() for _ in range(senders)]
-    procs = [ctx.Process(target=_inplace_sender, args=(r, senders, names, tensor_mib, str(server.descriptor), qs[r]))
-             for r in range(senders)]
-    for p in procs:
-        p.start()
-    times = []
     try:
-        for version in range(1, repeats + 2):
-            verify = version == 1
-            for q in qs:
-                q.put((version, verify))
-            t0 = time.perf_counter()
-            reports = server.wait_reports(version, senders, timeout_s=300)
-            check_reports(plan, reports, version, arena.bytes, verify, rank=0)
-            times.append(time.perf_counter() - t0)
+        yield arena, plan, server
     finally:
-        for q in qs:
-            q.put(None)
-        for p in procs:
-            p.join()
         server.close()
         arena.unlink()
+
+
+def _commit(server, plan, arena, version: int, senders: int, verify: bool) -> None:
+    from ring_ext_astate.inplace import check_reports
+
+    check_reports(plan, server.wait_reports(version, senders, timeout_s=300), version, arena.bytes, verify, rank=0)
+
+
+def bench_inplace(names: list[str], tensor_mib: int, repeats: int, senders: int) -> list[float]:
+    ctx, times = mp.get_context("spawn"), []
+    with _worker(names, tensor_mib) as (arena, plan, server):
+        qs = [ctx.Queue() for _ in range(senders)]
+        procs = [ctx.Process(target=_inplace_sender, args=(r, senders, names, tensor_mib, str(server.descriptor),
+                                                            qs[r])) for r in range(senders)]
+        for p in procs:
+            p.start()
+        try:
+            for version in range(1, repeats + 2):
+                verify = version == 1
+                for q in qs:
+                    q.put((version, verify))
+                t0 = time.perf_counter()
+                _commit(server, plan, arena, version, senders, verify)
+                times.append(time.perf_counter() - t0)
+        finally:
+            for q in qs:
+                q.put(None)
+            for p in procs:
+                p.join()
+    return times[1:]
+
+
+def _carried_sender(rank: int, world: int, names: list[str], tensor_mib: int, slot_mib: int, port: int, plan,
+                    q, reply) -> None:
+    from dataclasses import replace
+
+    from ring_ext_astate.adapter import DirectTarget
+    from ring_ext_astate.direct_sync import carried_slices
+
+    torch.set_num_threads(1)
+    s = _endpoint("cpu", "dist", "send", rank, world, slot_mib, port)
+    reply.put((rank, s.address()))
+    s.connect(q.get())
+    src, target = _source(tensor_mib), DirectTarget("-", 0, False, "trainer", plan)
+    for version, verify in iter(q.get, None):
+        slices = carried_slices(_weights(names, src), replace(target, version=version, verify=verify), rank, world)
+        s.send(slices, version, verify=verify, whole=True)
+    s.close()
+
+
+def bench_carried(names: list[str], tensor_mib: int, repeats: int, senders: int, slot_mib: int) -> list[float]:
+    from ring_ext_astate.direct_sync import receive_into_place
+    from ring_ext_astate.dist_transport import free_port
+    from ring_ext_astate.inplace import InPlaceSender
+
+    ctx, port, times = mp.get_context("spawn"), free_port("127.0.0.1"), []
+    with _worker(names, tensor_mib) as (arena, plan, server):
+        qs, reply = [ctx.Queue() for _ in range(senders)], ctx.Queue()
+        procs = [ctx.Process(target=_carried_sender, args=(r, senders, names, tensor_mib, slot_mib, port, plan, qs[r],
+                                                            reply)) for r in range(senders)]
+        for p in procs:
+            p.start()
+        recv = _endpoint("cpu", "dist", "recv", 0, senders, slot_mib, port)
+        addrs = dict(reply.get() for _ in range(senders))
+        for q in qs:
+            q.put([recv.address()])
+        recv.connect([addrs[r] for r in range(senders)])
+        writer = InPlaceSender(str(server.descriptor), timeout_s=300)  # the rollout host's mapping of the arena
+        try:
+            for version in range(1, repeats + 2):
+                verify = version == 1
+                for q in qs:
+                    q.put((version, verify))
+                t0 = time.perf_counter()
+                writer.report(version, 0, receive_into_place(recv, writer, version, verify))
+                _commit(server, plan, arena, version, 1, verify)
+                times.append(time.perf_counter() - t0)
+        finally:
+            writer.close()
+            recv.close()
+            for q in qs:
+                q.put(None)
+            for p in procs:
+                p.join()
     return times[1:]
 
 
@@ -279,11 +350,13 @@ def main() -> None:
                     help="verl sender bucket (BucketedWeightSender default)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cpu: shared memory; cuda: every process on the current GPU, CUDA IPC")
-    ap.add_argument("--transport", choices=["shm", "ring", "dist", "inplace"], nargs="+", default=["shm", "ring"],
+    ap.add_argument("--transport", choices=["shm", "ring", "dist", "inplace", "carried"], nargs="+",
+                    default=["shm", "ring"],
                     help="astate's transports on CPU, each measured: shm (one host, senders write into the "
                          "receiver's staging arena, then applied), ring (one host, the slot ring), dist (gloo + TCP, "
                          "the several-hosts path, here over loopback) or inplace (one host, senders write the "
-                         "worker's parameters: separate_async's direct path); one on a GPU")
+                         "worker's parameters: separate_async's direct path) or carried (dist into the worker's "
+                         "parameters: the path across hosts); one on a GPU")
     ap.add_argument("--name", help="file stem of the JSON and PNG (default astate_sync[_cuda|_dist])")
     ap.add_argument("--verl-file", help="path of verl 0.9.1's bucketed_weight_transfer.py, where verl is not "
                                         "installed (see _verl_bucketed)")
@@ -307,6 +380,7 @@ def main() -> None:
                 for n in args.senders:
                     row[f"astate_{t}{n}_gbps"] = gbps(
                         bench_inplace(names, args.tensor_mib, args.repeats, n) if t == "inplace" else
+                        bench_carried(names, args.tensor_mib, args.repeats, n, args.slot_mib) if t == "carried" else
                         bench_astate(names, args.tensor_mib, dst, args.repeats, n, args.slot_mib, dev, t))
         rows.append(row)
         limit = _memcpy_limit(row)
