@@ -185,8 +185,8 @@ def _astate(steps: list[dict], run: Mapping[str, Any], syncs: Sequence[Mapping[s
     how = "in place into the rollout workers' parameters" if inplace or syncs else "copied"
     if engine == "astate":
         how += ", through astate's checkpoint engine"
-    out: dict[str, Any] = {"on": True, "how": how, "options": run.get("astate_inplace") or {},
-                           "update_weights_s": timing}
+    options = run.get("astate") or run.get("astate_inplace") or {}  # the section's name in older runs' records
+    out: dict[str, Any] = {"on": True, "how": how, "options": options, "update_weights_s": timing}
     if inplace or syncs:
         out |= _sync_facts(syncs)
         if not syncs:

@@ -122,7 +122,7 @@ class RunRecord:
             "trainer_mode": _get(trainer, "v1.trainer_mode", "sync"), "c3po": _get(trainer, "v1.c3po"),
             "checkpoint_engine": _get(rollout, "checkpoint_engine.backend"),
             "weight_transfer": _get(rollout, "engine_kwargs.vllm.weight_transfer_config.backend"),
-            "astate_inplace": _get(rollout, "checkpoint_engine.engine_kwargs.astate_inplace"),
+            "astate": _get(rollout, "checkpoint_engine.engine_kwargs.astate"),
         })
         return record
 

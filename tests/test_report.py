@@ -18,7 +18,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 RUN = {"project": "ring_ext", "experiment": "t", "jobs": ["01000000"], "loss_mode": "icepop", "mismatch_loss": True,
        "policy_loss": {"loss_mode": "icepop", "icepop_alpha": 0.5, "icepop_beta": 5.0, "clip_ratio": 0.2},
        "trainer_mode": "c3po", "c3po": {"token_budget": 256, "pool_prompts": 24, "max_retention": 1},
-       "checkpoint_engine": "naive", "weight_transfer": "astate", "astate_inplace": None}
+       "checkpoint_engine": "naive", "weight_transfer": "astate", "astate": None}
 
 
 def _step(step: int, **metrics: float) -> dict:

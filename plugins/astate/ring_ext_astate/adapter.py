@@ -22,40 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from ring_ext.knobs import check_knobs, from_mapping, knob
 from ring_ext.run_record import record_sync
 from ring_ext_astate.control import descriptor_path
 from ring_ext_astate.errors import SyncError
 from ring_ext_astate.inplace import InPlaceSender, WriteStats
+from ring_ext_astate.options import AStateOptions
 from ring_ext_astate.plan import Plan
-from ring_ext_astate.verify import VerifyMode, verified
 
 logger = logging.getLogger("ring_ext")
 BACKEND = "astate"
-SECTION = "actor_rollout_ref.rollout.checkpoint_engine.engine_kwargs.astate_inplace"
-
-
-@dataclass(frozen=True)
-class InPlaceOptions:
-    """``actor_rollout_ref.rollout.checkpoint_engine.engine_kwargs.astate_inplace``."""
-
-    verify: VerifyMode = "audit"  # audit: every byte hashed on the 1st, every K-th and each retry (verify.verified)
-    audit_every: int = knob(10, ge=1)  # K
-    retries: int = knob(2, ge=0)  # whole-sync retries after a failed attempt (0 also skips keeping sources alive)
-    backoff_s: float = knob(1.0, ge=0)  # doubled per retry
-    timeout_s: float = knob(120.0, gt=0)  # every wait of an attempt
-    shadow: bool = False  # a second arena: a sync writes the inactive one, its commit switches (2x weight memory)
-
-    def __post_init__(self) -> None:
-        check_knobs(self, SECTION)
-
-    def verified(self, version: int, attempt: int) -> bool:
-        return verified(self.verify, version, attempt, self.audit_every)
-
-    @classmethod
-    def from_rollout_config(cls, rollout: Any) -> "InPlaceOptions":
-        kwargs = dict(rollout.checkpoint_engine.get("engine_kwargs", {}).get("astate_inplace", {}) or {})
-        return from_mapping(cls, kwargs, SECTION)
 
 
 def in_place(rollout: Any) -> bool:
@@ -72,7 +47,7 @@ class _State:
     def __init__(self, adapter: Any) -> None:
         import ray
 
-        self.options = InPlaceOptions.from_rollout_config(adapter.config)
+        self.options = AStateOptions.from_rollout_config(adapter.config)
         self.dir = run_dir(ray.get_runtime_context().get_job_id(), adapter.replica_rank)
         self.rank = adapter.rollout_rank
         self.leader = adapter._has_server

@@ -1,7 +1,7 @@
 """verl checkpoint engine ``astate``: the AState-like transports behind verl 0.9.1's CheckpointEngine interface.
 
-Select it with ``actor_rollout_ref.rollout.checkpoint_engine.backend=astate``; options (`AStateOptions`) go
-under ``checkpoint_engine.engine_kwargs.astate``. verl builds one engine per trainer rank (with
+Select it with ``actor_rollout_ref.rollout.checkpoint_engine.backend=astate``; options (`AStateOptions`, every
+astate knob, ring_ext_astate.options) go under ``checkpoint_engine.engine_kwargs.astate``. verl builds one engine per trainer rank (with
 ``is_master``) and one per rollout worker (without it), then per sync calls prepare -> build_topology ->
 init_process_group -> send_weights / receive_weights -> finalize.
 
@@ -25,7 +25,6 @@ unless `dist`.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import socket
 import time
@@ -35,8 +34,6 @@ from typing import Any, AsyncGenerator, Iterable, Literal
 import torch
 from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegistry
 
-from ring_ext.knobs import check_knobs, knob
-
 from ring_ext_astate.adapter import DirectTarget, WrittenInPlace, direct_target
 from ring_ext_astate.cuda_transport import CudaIpcReceiver, CudaIpcSender
 from ring_ext_astate.direct_sync import carried_slices, direct_metrics, receive_into_place, write_in_place
@@ -44,8 +41,8 @@ from ring_ext_astate.direct_transport import DirectShmReceiver, DirectShmSender
 from ring_ext_astate.dist_transport import DistReceiver, DistSender, free_port, gloo_group
 from ring_ext_astate.errors import SyncError
 from ring_ext_astate.inplace import InPlaceSender, WriteStats
+from ring_ext_astate.options import SECTION, AStateOptions
 from ring_ext_astate.shm_transport import Meta, ShmReceiver, ShmSender, _meta
-from ring_ext_astate.verify import VerifyMode, verified
 
 
 logger = logging.getLogger("ring_ext")
@@ -76,30 +73,12 @@ TRANSPORTS = {
 }
 
 
-@dataclass(frozen=True)
-class AStateOptions:
-    slots: int = knob(4, ge=1)  # buckets in flight per sender: bounds shared memory to slots x slot size
-    slot_megabytes: int = knob(16, ge=1)  # capped by verl's update_weights_bucket_megabytes
-    timeout_s: float = knob(120.0, gt=0)  # every wait of a sync; a dead peer ends the sync with an error after this
-    verify: VerifyMode = "audit"  # bit-exact digests of the assembled weights: verify.verified, as in place
-    audit_every: int = knob(10, ge=1)
-    transport: str = "shm"  # a key of TRANSPORTS; see the module docstring
-
-    def __post_init__(self) -> None:
-        check_knobs(self, "actor_rollout_ref.rollout.checkpoint_engine.engine_kwargs")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"actor_rollout_ref.rollout.checkpoint_engine.engine_kwargs.transport must be one of "
-                             f"{sorted(TRANSPORTS)}, got {self.transport!r}")
-
-
 @CheckpointEngineRegistry.register("astate")
 class AStateCheckpointEngine(CheckpointEngine):
     def __init__(self, bucket_size: int, is_master: bool | None = None, **options: Any) -> None:
-        try:
-            self.options = AStateOptions(**options)
-        except TypeError as e:
-            known = ", ".join(AStateOptions.__dataclass_fields__)
-            raise TypeError(f"astate engine_kwargs: {e}; known options: {known}") from None
+        self.options = AStateOptions.from_kwargs(options)
+        if self.options.transport not in TRANSPORTS:
+            raise ValueError(f"{SECTION}.transport must be one of {sorted(TRANSPORTS)}, got {self.options.transport!r}")
         self.sender_side = is_master is not None  # verl passes is_master to trainer ranks only
         self.slot_bytes = min(bucket_size, self.options.slot_megabytes << 20)
         self.syncs = 0
@@ -130,8 +109,6 @@ class AStateCheckpointEngine(CheckpointEngine):
         meta = {"host": host, "sender": self.sender_side, "transport": self.options.transport}
         many_hosts = TRANSPORTS[self.options.transport].many_hosts
         target = None if self.sender_side else direct_target(host, with_plan=many_hosts)
-        if target is not None:  # verified if either section asks (this engine's `verify` or the in-place one's)
-            target = dataclasses.replace(target, verify=target.verify or self._verify(target.version))
         self.offered = target
         if target is not None and not many_hosts:  # the trainer ranks write the worker themselves: no staging
             self._drop_peer()
@@ -212,8 +189,8 @@ class AStateCheckpointEngine(CheckpointEngine):
             self.peer.world = world
         self.peer.connect(peers)
 
-    def _verify(self, version: int | None = None) -> bool:
-        return verified(self.options.verify, version or self.syncs + 1, audit_every=self.options.audit_every)
+    def _verify(self) -> bool:
+        return self.options.verified(self.syncs + 1)
 
     async def send_weights(self, weights: Iterable[tuple[str, torch.Tensor]], global_steps: int | None = None):
         if self.via == "inplace":

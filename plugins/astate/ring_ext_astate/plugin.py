@@ -21,16 +21,18 @@ def check_inplace_config(config: Any) -> None:
     """In the driver: the in-place options parse, astate is not asked for where it cannot run, and the start-up
     log says which sync runs, and why when it is verl's copy."""
     from ring_ext.device import training_device
-    from ring_ext_astate.adapter import InPlaceOptions, in_place
+    from ring_ext_astate.adapter import in_place
+    from ring_ext_astate.options import SECTION, AStateOptions
     from ring_ext_astate.support import unavailable
 
     rollout = config.actor_rollout_ref.rollout
-    options = InPlaceOptions.from_rollout_config(rollout)
+    options = AStateOptions.from_rollout_config(rollout)
     why_not = unavailable(training_device()) if rollout.name == "vllm" else f"rollout.name={rollout.name}"
     if not in_place(rollout):
-        if rollout.checkpoint_engine.get("engine_kwargs", {}).get("astate_inplace"):
-            logger.warning("ring-ext: checkpoint_engine.engine_kwargs.astate_inplace is set but vLLM's "
-                           "weight_transfer_config.backend is not astate: the in-place options are not used")
+        if options.in_place_knobs_set():
+            logger.warning("ring-ext: %s.%s set, but vLLM's weight_transfer_config.backend is not astate: the "
+                           "in-place sync does not run, so they are not used", SECTION,
+                           "/".join(options.in_place_knobs_set()))
         logger.warning("ring-ext: weight sync = verl's copy (ServerAdapter.update_weights: buckets into the vLLM "
                        "worker's load_weights), not astate in place: %s", why_not or (
                            f"{SETTING} is not {{backend: astate}}, as set (astate can run here)"))

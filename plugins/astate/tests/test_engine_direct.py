@@ -99,19 +99,18 @@ def test_the_adapter_gets_the_sync_to_commit_and_nothing_to_iterate() -> None:
     assert asyncio.run(drain()) == [] and (written.version, written.senders) == (4, 2)
 
 
-@pytest.mark.parametrize("mode, verify", [("always", True), ("audit", False)])
-def test_a_rollout_worker_offers_its_worker_and_the_engines_verify_still_holds(monkeypatch, mode: str,
-                                                                               verify: bool) -> None:
-    """The adapter's in-place state (what `direct_target` reads) stands in for a worker set up by a first sync; the
-    checkpoint engine's own `verify` must still apply to the syncs the trainer ranks write (sync 2: `audit` skips it,
-    `always` does not)."""
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_rollout_worker_offers_its_worker_and_drops_its_staging(monkeypatch, verify: bool) -> None:
+    """The adapter's in-place state (what `direct_target` reads) stands in for a worker set up by a first sync: the
+    engine offers it, keeps no staging arena, and hands the adapter the sync to commit with the offer's verification
+    (one options section decides it for the writers and the worker alike)."""
     import ring_ext_astate.engine as engine_module
 
-    offer = DirectTarget("/run/worker0.json", version=2, verify=False, host="h")
+    offer = DirectTarget("/run/worker0.json", version=2, verify=verify, host="h")
     monkeypatch.setattr(engine_module, "direct_target", lambda host, with_plan=False: offer)
-    receiver = AStateCheckpointEngine(bucket_size=1 << 20, verify=mode)
+    receiver = AStateCheckpointEngine(bucket_size=1 << 20, verify="always")
     meta = receiver.prepare()
-    assert meta["direct"].verify is verify and "address" not in meta  # no staging arena kept
+    assert meta["direct"] is offer and "address" not in meta and receiver.peer is None
     receiver.init_process_group(rank=0, world=3, peers=[], via="inplace")
     written = receiver.receive_weights()
     assert isinstance(written, WrittenInPlace) and (written.version, written.senders, written.verify) == (2, 3, verify)
@@ -143,8 +142,8 @@ def test_across_hosts_the_transport_carries_the_workers_slices_into_its_paramete
     from ring_ext_astate.inplace import InPlaceSender
 
     writer = InPlaceSender(str(descriptor_path(worker["dir"], 0)), timeout_s=5)  # the server adapter's, on that host
-    offer = DirectTarget(str(descriptor_path(worker["dir"], 0)), 1, False, "rollout-host", writer.welcome.plan,
-                         writer.welcome.ignored)
+    offer = DirectTarget(str(descriptor_path(worker["dir"], 0)), 1, True, "rollout-host", writer.welcome.plan,
+                         writer.welcome.ignored)  # verified: the transport checks the bytes against the trainer's
     monkeypatch.setattr(engine_module, "direct_target", lambda host, with_plan=False: offer if with_plan else None)
     monkeypatch.setattr(engine_module, "_node_ip", lambda: "127.0.0.1")
     receiver = AStateCheckpointEngine(bucket_size=1 << 20, transport="dist", timeout_s=30)
@@ -160,7 +159,7 @@ def test_across_hosts_the_transport_carries_the_workers_slices_into_its_paramete
         receiver.init_process_group(**{k: v[0] for k, v in rollout.items()})
         written = receiver.receive_weights()
         assert isinstance(written, WrittenInPlace) and written.senders == 1 and written.receive is not None
-        stats = asyncio.run(written.receive(writer, 1, True))  # as the adapter does once vLLM's session is open
+        stats = asyncio.run(written.receive(writer, 1, written.verify))  # as the adapter does, the session open
         sent = q_out.get(timeout=60)
     finally:
         proc.join(30)
@@ -177,3 +176,25 @@ def test_across_hosts_the_transport_carries_the_workers_slices_into_its_paramete
     assert receiver.peer.pool and {t.untyped_storage().data_ptr() for t in receiver.peer.pool.values()} == {arena}
     writer.close()
     receiver.finalize()
+
+
+def test_one_section_holds_every_astate_knob_and_the_old_one_is_named() -> None:
+    from omegaconf import OmegaConf
+
+    from ring_ext_astate.options import AStateOptions
+
+    rollout = OmegaConf.create({"checkpoint_engine": {"engine_kwargs": {"astate": {
+        "verify": "always", "retries": 0, "transport": "dist", "slots": 2}}}})
+    o = AStateOptions.from_rollout_config(rollout)
+    assert (o.verify, o.retries, o.transport, o.slots, o.timeout_s) == ("always", 0, "dist", 2, 120.0)
+    assert o.in_place_knobs_set() == ["retries"]
+    engine = AStateCheckpointEngine(bucket_size=1 << 20, **rollout.checkpoint_engine.engine_kwargs.astate)
+    assert engine.options == o  # verl hands the engine the same section the adapter reads
+    old = OmegaConf.create({"checkpoint_engine": {"engine_kwargs": {"astate_inplace": {"shadow": True}}}})
+    with pytest.raises(ValueError, match=r"astate_inplace is now part of .*engine_kwargs.astate .* set "
+                                         r".*engine_kwargs\.astate\.shadow instead"):
+        AStateOptions.from_rollout_config(old)
+    with pytest.raises(ValueError, match=r"unknown .*engine_kwargs.astate key\(s\) \['slot'\]"):
+        AStateCheckpointEngine(bucket_size=1 << 20, slot=2)
+    with pytest.raises(ValueError, match=r"engine_kwargs.astate.transport must be one of \['cuda_ipc', 'dist', 'shm'\]"):
+        AStateCheckpointEngine(bucket_size=1 << 20, transport="rdma")
