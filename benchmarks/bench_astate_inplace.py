@@ -272,7 +272,8 @@ def main() -> None:
     (args.out / "astate_inplace.json").write_text(json.dumps(payload, indent=1))
     plot(results, args.out / "astate_inplace.png")
     for r in results:
-        print(f"{r.get('model', 'dense')} tp{r.get('tp', 1)} {r['gib']} GiB: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in r["gb_per_s"].items())
+        print(f"{r.get('model', 'dense')} tp{r.get('tp', 1)} vllm {r.get('vllm', '0.31.0')} {r['gib']} GiB: "
+              + ", ".join(f"{k} {v:.2f} GB/s" for k, v in r["gb_per_s"].items())
               + f"; astate/memcpy {r['astate_over_memcpy']:.2f} (verified {r['astate_verified_over_memcpy']:.2f}), "
               f"astate/verl {r['astate_over_verl']:.2f}")
 

@@ -130,7 +130,7 @@ async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int 
             raise SyncError(f"astate: the trainer ranks wrote sync {weights.version}, rollout worker {st.rank} "
                             f"expects {st.version + 1}")
         senders, items, retries = weights.senders, None, 0  # the writes are theirs: a retry would need them again
-        direct_verify = weights.verify  # what the trainer ranks were told (either options section may ask for it)
+        direct_verify = weights.verify  # what the trainer ranks were told: the same options decide it here
         how = "this process, from the trainer ranks' slices across hosts" if weights.receive else \
             f"{senders} trainer rank(s) directly"
     elif hasattr(weights, "__aiter__"):  # separate_async staged: what the checkpoint engine received

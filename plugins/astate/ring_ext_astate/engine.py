@@ -1,9 +1,9 @@
 """verl checkpoint engine ``astate``: the AState-like transports behind verl 0.9.1's CheckpointEngine interface.
 
 Select it with ``actor_rollout_ref.rollout.checkpoint_engine.backend=astate``; options (`AStateOptions`, every
-astate knob, ring_ext_astate.options) go under ``checkpoint_engine.engine_kwargs.astate``. verl builds one engine per trainer rank (with
-``is_master``) and one per rollout worker (without it), then per sync calls prepare -> build_topology ->
-init_process_group -> send_weights / receive_weights -> finalize.
+astate knob, ring_ext_astate.options) go under ``checkpoint_engine.engine_kwargs.astate``. verl builds one engine
+per trainer rank (with ``is_master``) and one per rollout worker (without it), then per sync calls prepare ->
+build_topology -> init_process_group -> send_weights / receive_weights -> finalize.
 
 Without staging (from the second sync on, `direct_sync`): once the first sync has set the rollout worker's in-place
 engine up (ring_ext_astate.adapter), each rollout worker offers it in `prepare`. On one host every trainer rank then
@@ -15,8 +15,8 @@ Staged (the first sync; several rollout workers across hosts): every trainer ran
 rank-0 funnel); each rollout worker stages the whole update and hands it to verl's server adapter only after every
 sender committed (cost: one staged copy of the weights on the rollout host).
 
-Transports (option `transport`): `shm` (default; shared memory, one host: the first sync through a ring of
-slots, the later ones written by the trainer ranks straight into each rollout worker's staging arena), `dist` (gloo
+Transports (option `transport`), for the staged syncs and the carried ones: `shm` (default; shared memory, one
+host: the trainer ranks write into each rollout worker's staging arena), `dist` (gloo
 point to point plus ZeroMQ TCP, for workers on several hosts: a fresh gloo group per sync, its store served by
 trainer rank 0) and `cuda_ipc` (device memory between GPUs of one host). `build_topology` refuses several hosts
 unless `dist`.

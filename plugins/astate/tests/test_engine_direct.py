@@ -196,5 +196,5 @@ def test_one_section_holds_every_astate_knob_and_the_old_one_is_named() -> None:
         AStateOptions.from_rollout_config(old)
     with pytest.raises(ValueError, match=r"unknown .*engine_kwargs.astate key\(s\) \['slot'\]"):
         AStateCheckpointEngine(bucket_size=1 << 20, slot=2)
-    with pytest.raises(ValueError, match=r"engine_kwargs.astate.transport must be one of \['cuda_ipc', 'dist', 'shm'\]"):
+    with pytest.raises(ValueError, match=r"astate.transport must be one of \['cuda_ipc', 'dist', 'shm'\]"):
         AStateCheckpointEngine(bucket_size=1 << 20, transport="rdma")
