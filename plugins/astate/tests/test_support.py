@@ -71,3 +71,18 @@ def test_the_recipe_and_the_start_up_log_follow_the_installed_vllm(
     monkeypatch.setattr(support, "installed_vllm", lambda: support.GPU_VLLM)  # requirements-gpu.txt's vLLM
     wtc, log = _sync_of(caplog)
     assert wtc is None and "the GPU writer is not built" in log, log
+
+
+def test_the_one_options_section_is_checked_at_start(caplog: pytest.LogCaptureFixture, device) -> None:
+    """Every astate knob is in checkpoint_engine.engine_kwargs.astate: in-place-only knobs set where the in-place sync
+    does not run are reported, and the former astate_inplace section stops the run before Ray, naming where to go."""
+    device("cpu")
+    section = "actor_rollout_ref.rollout.checkpoint_engine.engine_kwargs"
+    _, log = _sync_of(caplog, "actor_rollout_ref.rollout.engine_kwargs.vllm.weight_transfer_config=null",
+                      f"+{section}.astate.shadow=true", f"+{section}.astate.retries=0")
+    assert f"{section}.astate.retries/shadow set, but vLLM's weight_transfer_config.backend is not astate" in log, log
+    _, log = _sync_of(caplog, f"+{section}.astate.retries=0")  # in place: used, nothing to report
+    assert "not used" not in log and "weight sync in place through astate" in log
+    with pytest.raises(ValueError, match=rf"{section}.astate_inplace is now part of {section}.astate .* set "
+                                         rf"{section}.astate.shadow instead"):
+        _sync_of(caplog, f"+{section}.astate_inplace.shadow=true")
