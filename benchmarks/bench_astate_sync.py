@@ -171,8 +171,29 @@ def _commit(server, plan, arena, version: int, senders: int, verify: bool) -> No
     check_reports(plan, server.wait_reports(version, senders, timeout_s=300), version, arena.bytes, verify, rank=0)
 
 
+def _timed_syncs(qs: list, repeats: int, sync) -> list[float]:
+    """A verified warm-up sync, then `repeats` timed unverified ones: each round starts every sender (its queue gets
+    (version, verify)) and times `sync(version, verify)`, this process's end of it."""
+    times = []
+    for version in range(1, repeats + 2):
+        verify = version == 1
+        for q in qs:
+            q.put((version, verify))
+        t0 = time.perf_counter()
+        sync(version, verify)
+        times.append(time.perf_counter() - t0)
+    return times[1:]  # the first round pays process start, imports and the verification
+
+
+def _stop(qs: list, procs: list) -> None:
+    for q in qs:
+        q.put(None)
+    for p in procs:
+        p.join()
+
+
 def bench_inplace(names: list[str], tensor_mib: int, repeats: int, senders: int) -> list[float]:
-    ctx, times = mp.get_context("spawn"), []
+    ctx = mp.get_context("spawn")
     with _worker(names, tensor_mib) as (arena, plan, server):
         qs = [ctx.Queue() for _ in range(senders)]
         procs = [ctx.Process(target=_inplace_sender, args=(r, senders, names, tensor_mib, str(server.descriptor),
@@ -180,19 +201,9 @@ def bench_inplace(names: list[str], tensor_mib: int, repeats: int, senders: int)
         for p in procs:
             p.start()
         try:
-            for version in range(1, repeats + 2):
-                verify = version == 1
-                for q in qs:
-                    q.put((version, verify))
-                t0 = time.perf_counter()
-                _commit(server, plan, arena, version, senders, verify)
-                times.append(time.perf_counter() - t0)
+            return _timed_syncs(qs, repeats, lambda v, verify: _commit(server, plan, arena, v, senders, verify))
         finally:
-            for q in qs:
-                q.put(None)
-            for p in procs:
-                p.join()
-    return times[1:]
+            _stop(qs, procs)
 
 
 def _carried_sender(rank: int, world: int, names: list[str], tensor_mib: int, slot_mib: int, port: int, plan,
@@ -218,7 +229,7 @@ def bench_carried(names: list[str], tensor_mib: int, repeats: int, senders: int,
     from ring_ext_astate.dist_transport import free_port
     from ring_ext_astate.inplace import InPlaceSender
 
-    ctx, port, times = mp.get_context("spawn"), free_port("127.0.0.1"), []
+    ctx, port = mp.get_context("spawn"), free_port("127.0.0.1")
     with _worker(names, tensor_mib) as (arena, plan, server):
         qs, reply = [ctx.Queue() for _ in range(senders)], ctx.Queue()
         procs = [ctx.Process(target=_carried_sender, args=(r, senders, names, tensor_mib, slot_mib, port, plan, qs[r],
@@ -231,23 +242,17 @@ def bench_carried(names: list[str], tensor_mib: int, repeats: int, senders: int,
             q.put([recv.address()])
         recv.connect([addrs[r] for r in range(senders)])
         writer = InPlaceSender(str(server.descriptor), timeout_s=300)  # the rollout host's mapping of the arena
+
+        def sync(version: int, verify: bool) -> None:
+            writer.report(version, 0, receive_into_place(recv, writer, version, verify))
+            _commit(server, plan, arena, version, 1, verify)
+
         try:
-            for version in range(1, repeats + 2):
-                verify = version == 1
-                for q in qs:
-                    q.put((version, verify))
-                t0 = time.perf_counter()
-                writer.report(version, 0, receive_into_place(recv, writer, version, verify))
-                _commit(server, plan, arena, version, 1, verify)
-                times.append(time.perf_counter() - t0)
+            return _timed_syncs(qs, repeats, sync)
         finally:
             writer.close()
             recv.close()
-            for q in qs:
-                q.put(None)
-            for p in procs:
-                p.join()
-    return times[1:]
+            _stop(qs, procs)
 
 
 def _verl_sender(handle: str, names: list[str], tensor_mib: int, bucket_mib: int, q, device: str) -> None:
@@ -321,22 +326,16 @@ def bench_astate(names, tensor_mib, dst, repeats: int, senders: int, slot_mib: i
     for q in qs:
         q.put([recv.address() if transport == "dist" else recv.address()["address"]])
     recv.connect([addrs[r] for r in range(senders)])
-    times = []
-    for version in range(1, repeats + 2):
-        verify = version == 1
-        for q in qs:
-            q.put((version, verify))
-        t0 = time.perf_counter()
+
+    def sync(version: int, verify: bool) -> None:
         for n, t in recv.receive(version, verify=verify).items():
             dst[n].copy_(t)
         _sync(device)
-        times.append(time.perf_counter() - t0)
+
+    times = _timed_syncs(qs, repeats, sync)
     recv.close()  # before the senders exit: their slots are mapped here (CUDA IPC)
-    for q in qs:
-        q.put(None)
-    for p in procs:
-        p.join()
-    return times[1:]
+    _stop(qs, procs)
+    return times
 
 
 def main() -> None:
