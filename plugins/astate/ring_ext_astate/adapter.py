@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from ring_ext.run_record import record_sync
-from ring_ext_astate.control import descriptor_path
+from ring_ext_astate.control import descriptor_path, wait_for_file
 from ring_ext_astate.errors import SyncError
 from ring_ext_astate.inplace import InPlaceSender, WriteStats
 from ring_ext_astate.options import AStateOptions
@@ -108,11 +108,7 @@ class WrittenInPlace:
 
 
 async def _wait_for(path: Path, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise SyncError(f"astate: no {what} at {path} within {timeout_s}s")
-        await asyncio.sleep(0.05)
+    await asyncio.to_thread(wait_for_file, path, timeout_s, what)  # the event loop keeps serving meanwhile
 
 
 async def update_weights_in_place(adapter: Any, weights: Any, global_steps: int | None = None) -> dict:

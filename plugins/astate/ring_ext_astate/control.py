@@ -34,6 +34,16 @@ def private_dir(path: str | Path) -> Path:
     return path
 
 
+def wait_for_file(path: Path, timeout_s: float, what: str) -> None:
+    """Until `path` exists (a descriptor, a replica leader's "session open" marker); SyncError naming it after
+    `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SyncError(f"astate: no {what} at {path} within {timeout_s}s")
+        time.sleep(0.01)
+
+
 def descriptor_path(run_dir: str | Path, rank: int) -> Path:
     return Path(run_dir) / f"worker{rank}.json"
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 
 from ring_ext_astate.adapter import DirectTarget, started_marker
+from ring_ext_astate.control import wait_for_file
 from ring_ext_astate.errors import SyncError
 from ring_ext_astate.inplace import InPlaceSender, WriteStats, source_slice, write_workers
 from ring_ext_astate.shm_transport import ShmReceiver, host_digest
@@ -29,14 +29,6 @@ def direct_metrics(moved: int, seconds: float, version: int, verify: bool, bucke
     return {"astate/bytes_per_sender": moved, "astate/buckets": buckets, "astate/seconds": seconds,
             "astate/gb_per_s": moved / max(seconds, 1e-9) / 1e9, "astate/version": version, "astate/direct": 1.0,
             "astate/verified": float(verify)}
-
-
-def _wait_for_file(path: Path, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise SyncError(f"astate: no {what} at {path} within {timeout_s}s")
-        time.sleep(0.01)
 
 
 def write_in_place(writers: dict[str, InPlaceSender], weights: Iterable[tuple[str, torch.Tensor]],
@@ -51,7 +43,7 @@ def write_in_place(writers: dict[str, InPlaceSender], weights: Iterable[tuple[st
     for t in targets:
         if t.descriptor not in writers:
             writers[t.descriptor] = InPlaceSender(t.descriptor, timeout_s)
-        _wait_for_file(started_marker(t.descriptor, version), timeout_s, f"start of sync {version}")
+        wait_for_file(started_marker(t.descriptor, version), timeout_s, f"start of sync {version}")
     mine = [writers[t.descriptor] for t in targets]
     stats = write_workers(mine, weights, version, verify, [w.welcome.plan.share(rank, world) for w in mine])
     for w, st in zip(mine, stats):
