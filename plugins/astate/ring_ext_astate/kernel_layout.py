@@ -58,7 +58,8 @@ def probe(step: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
 
     `step` gets all the tensors at once (a layer's step rearranges all of them). Each element's index is written
     into its bytes, 16 bits per pass for 2-byte dtypes (two passes); None for a tensor the step does not move
-    unchanged (a cast, arithmetic, another shape) or whose dtype has no integer twin."""
+    unchanged (a cast, arithmetic, another shape), whose dtype has no integer twin, or of 2**31 elements or more
+    (the probe holds three int64 copies of each index: such a stack keeps the rearrangement after each sync)."""
     sizes = {n: torch.empty((), dtype=dt).element_size() for n, (_, dt) in specs.items()}
     perms: dict[str, torch.Tensor | None] = {
         n: torch.zeros(math.prod(shape), dtype=torch.int64) if sizes[n] in CODES and math.prod(shape) < 2**31 else None
