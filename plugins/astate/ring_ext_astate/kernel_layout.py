@@ -80,19 +80,33 @@ def probe(step: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
             mask = (1 << 8 * sizes[n]) - 1
             perms[n] |= (out[n].contiguous().view(CODES[sizes[n]]).reshape(-1).to(torch.int64) & mask) << shift
     for n, perm in perms.items():
-        if perm is not None and not torch.equal(torch.sort(perm).values, torch.arange(perm.numel())):
+        if perm is not None and not _is_permutation(perm):
             perms[n] = None
     return perms
+
+
+def _is_permutation(perm: torch.Tensor) -> bool:
+    """Every index in [0, n) exactly once (O(n): a sort of a large stack's indices costs seconds)."""
+    if perm.numel() == 0:
+        return True
+    if int(perm.min()) < 0 or int(perm.max()) >= perm.numel():
+        return False
+    seen = torch.zeros(perm.numel(), dtype=torch.bool)
+    seen[perm] = True
+    return bool(seen.all())
 
 
 def match(perm: torch.Tensor, shape: tuple[int, ...]) -> Blocked | None:
     """The blocked layout whose order is `perm` over a stack of `shape` (rows = all leading dims), or None."""
     k = shape[-1]
     n = math.prod(shape) // k
-    idx = torch.arange(n * k, dtype=torch.int64)
+    idx = torch.arange(n * k, dtype=torch.int64).view(n, k)
     for layout in CANDIDATES:
-        if layout.fits(n, k) and not (layout.rows == 1 and layout.pack == 1) and \
-                torch.equal(layout.apply(idx.view(n, k)).reshape(-1), perm):
+        if not layout.fits(n, k) or (layout.rows == 1 and layout.pack == 1):
+            continue
+        head = layout.rows * k  # the first row block decides most candidates without a pass over the stack
+        if torch.equal(layout.apply(idx[:layout.rows]).reshape(-1), perm[:head]) and \
+                torch.equal(layout.apply(idx).reshape(-1), perm):
             return layout
     return None
 

@@ -37,6 +37,9 @@ def test_a_step_that_computes_or_shuffles_has_no_layout() -> None:
     perm = _perm(lambda c: c.reshape(-1)[shuffle].view(c.shape))
     assert torch.equal(perm, shuffle)  # recovered exactly ...
     assert match(perm, SHAPE) is None  # ... but no blocked layout is that order
+    dup = torch.arange(torch.Size(SHAPE).numel())
+    dup[1] = 0  # element 0 twice, element 1 lost: a gather, not a permutation
+    assert _perm(lambda c: c.reshape(-1)[dup].view(c.shape)) is None
     assert probe(lambda codes: codes, {"w": (SHAPE, torch.uint8)}) == {"w": None}  # no 16-bit integer twin
 
 
