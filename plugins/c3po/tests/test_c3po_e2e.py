@@ -222,12 +222,11 @@ def test_a_pool_that_finishes_under_the_budget_refills_and_a_tight_band_masks(re
     data = [s["data"] for s in refill["steps"]]
     assert [s["step"] for s in refill["steps"]] == list(range(1, C3PO_TWO_HOSTS_STEPS + 1))
     for d in data:
-        assert d["c3po/tokens_trained"] >= C3PO_TWO_HOSTS_BUDGET
-        # replaced while decoding: the pool alone does not hold Phi. A phase that starts from groups the last step
-        # left finished (`gate_carried_tokens`, up to 316 of Phi's 768 seen in CI) may not need a new prompt
-        if d["c3po/gate_carried_tokens"] == 0:
-            assert d["c3po/prompts_added"] >= 1, d
-    assert sum(d["c3po/gate_carried_tokens"] == 0 for d in data) >= 1  # step 1 at least: never vacuous
+        assert d["c3po/tokens_trained"] >= C3PO_TWO_HOSTS_BUDGET  # every phase reached Phi: none waited forever
+    # replaced while decoding: the pool alone does not hold Phi. Not every phase needs it: one that starts from groups
+    # the last step left finished (`gate_carried_tokens`, up to 316 of Phi's 768 seen in CI) or whose groups admitted
+    # at its start happen to be long (once in CI: 3 added at the start, none during, 800 tokens trained) may not
+    assert any(d["c3po/prompts_added"] >= 1 for d in data if d["c3po/gate_carried_tokens"] == 0), data
     assert any(d["actor/mismatch/kept_frac"] < 1.0 for d in data)
     assert all(math.isfinite(d["actor/pg_loss"]) and math.isfinite(d["actor/grad_norm"]) for d in data)
 
