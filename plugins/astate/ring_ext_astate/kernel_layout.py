@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ring_ext_astate.plan import Destination
+from ring_ext_astate.plan import Destination, replay
 
 CODES = {2: torch.int16, 4: torch.int32}  # a parameter's bytes carry an index code in a same-width integer
 WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -45,8 +45,7 @@ class Blocked:
 
     def apply(self, t: torch.Tensor) -> torch.Tensor:
         """`t` (..., k) row-major, in this layout's order (a view; `.contiguous()` makes the kernel's bytes)."""
-        k = t.shape[-1]
-        return t.reshape(t.numel() // k // self.rows, self.rows, k // self.pack, self.pack).permute(0, 2, 1, 3)
+        return replay(t, self.ops(t.numel() // t.shape[-1], t.shape[-1]))
 
 
 CANDIDATES = tuple(Blocked(r, p) for r in (1, 4, 8, 16, 32, 64) for p in (1, 2, 4))
@@ -64,12 +63,10 @@ def probe(step: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     perms: dict[str, torch.Tensor | None] = {
         n: torch.zeros(math.prod(shape), dtype=torch.int64) if sizes[n] in CODES and math.prod(shape) < 2**31 else None
         for n, (shape, _) in specs.items()}
-    for shift in (0, 16):  # a 4-byte code carries the whole index in the first pass
-        codes = {}
-        for n, (shape, dt) in specs.items():
-            idx, bits = torch.arange(math.prod(shape), dtype=torch.int64), 8 * sizes[n]
-            codes[n] = ((idx >> shift) & ((1 << min(bits, 32)) - 1)).to(CODES.get(sizes[n], torch.int32))
-            codes[n] = codes[n].view(dt).view(shape) if sizes[n] in CODES else torch.zeros(shape, dtype=dt)
+    idx = {n: torch.arange(math.prod(shape), dtype=torch.int64) for n, (shape, _) in specs.items()}
+    for shift in (0, 16):  # a 4-byte code carries the whole index in the first pass (the second repeats it)
+        codes = {n: _code(idx[n], shift if sizes[n] == 2 else 0, sizes[n]).view(dt).view(shape)
+                 if sizes[n] in CODES else torch.zeros(shape, dtype=dt) for n, (shape, dt) in specs.items()}
         out = step(codes)
         for n, (shape, dt) in specs.items():
             if perms[n] is None or (sizes[n] == 4 and shift):
@@ -83,6 +80,11 @@ def probe(step: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
         if perm is not None and not _is_permutation(perm):
             perms[n] = None
     return perms
+
+
+def _code(idx: torch.Tensor, shift: int, size: int) -> torch.Tensor:
+    """Bits [shift, shift + 8 * size) of each index, in the integer twin of a `size`-byte dtype."""
+    return ((idx >> shift) & ((1 << 8 * size) - 1)).to(CODES[size])
 
 
 def _is_permutation(perm: torch.Tensor) -> bool:

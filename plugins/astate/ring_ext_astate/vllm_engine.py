@@ -254,9 +254,7 @@ def replan(worker: Any, kernel_layouts: bool, rearrange: bool = True) -> tuple[i
     engine (`collective_rpc(replan, ...)`; senders must say hello again). Returns (layers written in their kernel's
     layout, layers rearranged after each sync)."""
     eng = worker.weight_transfer_engine
-    plan, _, _ = bake(eng.model, eng.arenas.all[0], eng.plan.params, eng.checkpoint)
-    eng.repack = Repack(eng.model, eng.plan.params)
-    eng.plan = eng.repack.into_kernel_layout(plan) if kernel_layouts else plan
+    eng._record_plan(eng.plan.params, kernel_layouts)
     if not rearrange:
         eng.repack.layers = []
     return len(eng.repack.direct), len(eng.repack.layers)
@@ -296,13 +294,7 @@ class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpda
         layout = self.arenas.layout
         try:
             self.checkpoint = checkpoint_tensors(self.model_config.model)
-            self.plan, self.ignored, refused = bake(self.model, self.arenas.all[0], layout, self.checkpoint)
-            if refused:
-                raise PlanError(f"rollout worker {self.rank}: vLLM's loaders transform {sorted(refused)}: "
-                                f"{next(iter(refused.values()))}; they cannot be written in place")
-            self.plan.check_covers()
-            self.repack = Repack(self.model, layout)
-            self.plan = self.repack.into_kernel_layout(self.plan)
+            self._record_plan(layout, kernel_layouts=True)
         except BaseException:
             self.arenas.unlink()
             raise
@@ -314,6 +306,16 @@ class AStateWeightTransferEngine(WeightTransferEngine[AStateInitInfo, AStateUpda
                        f"({self.repack.nbytes / 2**20:.1f} MiB)" if self.repack.layers else "",
                        f", {len(self.repack.direct)} layers written in their kernel's layout "
                        f"({next(iter(self.repack.direct.values()))})" if self.repack.direct else "")
+
+    def _record_plan(self, layout: dict[str, tuple[int, int]], kernel_layouts: bool) -> None:
+        """The plan from vLLM's loaders, checked, in its kernels' layouts where `kernel_layouts` and they allow."""
+        plan, self.ignored, refused = bake(self.model, self.arenas.all[0], layout, self.checkpoint)
+        if refused:
+            raise PlanError(f"rollout worker {self.rank}: vLLM's loaders transform {sorted(refused)}: "
+                            f"{next(iter(refused.values()))}; they cannot be written in place")
+        plan.check_covers()
+        self.repack = Repack(self.model, layout)
+        self.plan = self.repack.into_kernel_layout(plan) if kernel_layouts else plan
 
     def _welcome(self) -> Welcome:
         assert self.arenas is not None
