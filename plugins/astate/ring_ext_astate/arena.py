@@ -24,10 +24,13 @@ STEP = 1 << 20  # bytes per copy step: source and destination of one step are st
 SHM_DIR = "/dev/shm"
 
 
-def _map(path: str, size: int) -> mmap.mmap:
+def _map(path: str, size: int, populate: bool = False) -> mmap.mmap:
     fd = os.open(path, os.O_RDWR)
     try:
-        return mmap.mmap(fd, size)
+        # populate: the page tables filled now, so the first sync does not fault on each of the arena's pages
+        # (a 0.5 GiB arena's first write took 2.9x its second without it; Linux only)
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        return mmap.mmap(fd, size, flags=flags)
     finally:
         os.close(fd)
 
@@ -129,4 +132,4 @@ def map_arena(name: str, size: int) -> torch.Tensor:
     """Sender side: the worker's arena as bytes (the mapping stays open as long as the tensor lives)."""
     if "/" in name or not name.startswith(PREFIX + "_"):
         raise PlanError(f"not an astate arena name: {name!r}")
-    return torch.frombuffer(_map(f"{SHM_DIR}/{name}", max(size, 1)), dtype=torch.uint8)
+    return torch.frombuffer(_map(f"{SHM_DIR}/{name}", max(size, 1), populate=True), dtype=torch.uint8)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ring_ext_astate.plan import Destination, replay
+from ring_ext_astate.word_transpose import transpose_words
 
 CODES = {2: torch.int16, 4: torch.int32}  # a parameter's bytes carry an index code in a same-width integer
 WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -130,9 +131,12 @@ def into_layout(d: Destination, param_offset: int, param_shape: tuple[int, ...],
 
 def copy_words(dst: torch.Tensor, src: torch.Tensor) -> None:
     """`dst.copy_(src)`; where both end in a short contiguous run of one dtype (a blocked layout's column groups),
-    the run moves as one wider word: torch's strided copy costs per element, so bf16 pairs copy 3x faster."""
+    the run moves as one wider word: torch's strided copy costs per element, so bf16 pairs copy 3x faster; 16-row
+    blocks of 4-byte words go through the tile transpose where it is built (`word_transpose`: 2x faster again)."""
     if src.dtype == dst.dtype:
         dst, src = _words(dst, src)
+        if transpose_words(dst, src):
+            return
     dst.copy_(src)
 
 

@@ -174,3 +174,22 @@ def test_shadow_writes_the_inactive_arena_and_the_commit_switches() -> None:
     arenas.target(2).bytes[off:off + n].view(torch.bfloat16).fill_(7.0)  # sync 2 written, then it fails: no commit
     assert torch.equal(model.norm.detach(), torch.ones(4, dtype=torch.bfloat16))  # the old weights serve at once
     arenas.unlink()
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MAP_POPULATE"), reason="MAP_POPULATE is Linux's")
+def test_a_senders_mapping_is_populated_so_its_first_write_takes_no_page_faults() -> None:
+    import resource
+
+    from ring_ext_astate.arena import ParamArena
+
+    arena = ParamArena(64 << 20)  # 16,384 pages of 4 KiB, resident in the owner as a worker's parameters are
+    arena.bytes.fill_(1)
+    try:
+        faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # noqa: E731
+        mapped = map_arena(arena.name, arena.size)
+        before = faults()
+        mapped.fill_(2)  # the sender's first sync
+        assert faults() - before < 100, "the first write faulted page by page: the mapping was not populated"
+        assert int(arena.bytes[-1]) == 2  # the owner's pages
+    finally:
+        arena.unlink()
