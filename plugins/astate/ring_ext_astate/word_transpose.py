@@ -100,17 +100,20 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "torch's strided copy (no C compiler: set CC or install gcc for the AVX-512 tile transpose)"
     key = hashlib.sha256(f"{SOURCE}{platform.machine()}".encode()).hexdigest()[:16]
     lib = cache_dir() / f"word_transpose_{key}.so"
-    if not lib.exists():
-        lib.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # compiled aside, then renamed: processes race here
-            src, out = Path(tmp) / "t.c", Path(tmp) / "t.so"
-            src.write_text(SOURCE)
-            done = subprocess.run([cc, "-O3", "-shared", "-fPIC", "-o", str(out), str(src)], capture_output=True,
-                                  text=True)
-            if done.returncode:
-                return None, f"torch's strided copy ({cc} failed: {done.stderr.strip()[:200]})"
-            os.replace(out, lib)
-    handle = ctypes.CDLL(str(lib))
+    try:
+        if not lib.exists():
+            lib.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # compiled aside, then renamed: processes race
+                src, out = Path(tmp) / "t.c", Path(tmp) / "t.so"
+                src.write_text(SOURCE)
+                done = subprocess.run([cc, "-O3", "-shared", "-fPIC", "-o", str(out), str(src)], capture_output=True,
+                                      text=True, timeout=120)
+                if done.returncode:
+                    return None, f"torch's strided copy ({cc} failed: {done.stderr.strip()[:200]})"
+                os.replace(out, lib)
+        handle = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.TimeoutExpired) as e:  # an unwritable cache, a compiler that hangs, a bad library
+        return None, f"torch's strided copy (building {lib} failed: {e})"
     if not handle.ring_ext_has_avx512():
         return None, "torch's strided copy (this CPU has no AVX-512)"
     handle.ring_ext_transpose_u32.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [
