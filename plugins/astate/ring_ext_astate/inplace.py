@@ -54,6 +54,7 @@ class InPlaceSender:
         self.client = ControlClient(descriptor, timeout_s)
         self.welcome: Welcome = self.client.hello()
         self.maps = [map_arena(name, self.welcome.size) for name in self.welcome.arenas]
+        self._dsts: dict[tuple, torch.Tensor] = {}  # (arena, offset, shape) -> the destination's view
 
     def target(self, version: int) -> torch.Tensor:
         """The arena sync `version` writes (the inactive one, with shadow)."""
@@ -93,7 +94,10 @@ class InPlaceSender:
 
     def _write_one(self, name: str, t: torch.Tensor, d: Destination, stats: WriteStats, verify: bool) -> None:
         src = source_slice(name, t, d)
-        dst = self.bytes[d.offset:d.offset + d.nbytes].view(getattr(torch, d.dtype)).view(d.shape)
+        key = (self.bytes.data_ptr(), d.offset, d.shape)
+        dst = self._dsts.get(key)
+        if dst is None:  # the views into the arena are made once per arena (hundreds of slices, each sync)
+            dst = self._dsts[key] = self.bytes[d.offset:d.offset + d.nbytes].view(getattr(torch, d.dtype)).view(d.shape)
         stats.ranges.append((d.offset, d.offset + d.nbytes))
         stats.bytes += d.nbytes
         if not verify:  # one copy per slice: stepping only pays where each step is hashed while in cache
@@ -123,7 +127,7 @@ class InPlaceSender:
 
     def close(self) -> None:
         self.client.close()
-        self.maps, self.bytes = [], None  # unmapped with the last reference
+        self.maps, self.bytes, self._dsts = [], None, {}  # unmapped with the last reference
 
 
 def write_workers(senders: list[InPlaceSender], weights: Iterable[tuple[str, torch.Tensor]], version: int,

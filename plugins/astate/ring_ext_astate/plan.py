@@ -75,18 +75,24 @@ class Plan:
     def share(self, rank: int, world: int) -> frozenset[tuple[str, int]]:
         """The destinations (checkpoint name, index) that sender `rank` of `world` writes when several trainer ranks
         write one worker: each destination to exactly one rank, largest first to the least-loaded rank, so every
-        rank derives the same split from the plan alone and their bytes differ by at most the largest destination."""
+        rank derives the same split from the plan alone and their bytes differ by at most the largest destination.
+        Split once per world size (a sort of every destination; each sync asks again)."""
         if not 0 <= rank < world:
             raise ValueError(f"sender rank {rank} outside a world of {world}")
-        load, mine = [0] * world, set()
-        order = sorted(((d.nbytes, n, i) for n, ds in self.destinations.items() for i, d in enumerate(ds)),
-                       key=lambda x: (-x[0], x[1], x[2]))
-        for nbytes, name, i in order:
-            r = min(range(world), key=lambda k: (load[k], k))
-            load[r] += nbytes
-            if r == rank:
-                mine.add((name, i))
-        return frozenset(mine)
+        return self._split(world)[rank]
+
+    def _split(self, world: int) -> tuple[frozenset[tuple[str, int]], ...]:
+        cache = self.__dict__.setdefault("_splits", {})  # frozen: the cache lives beside the cached properties
+        if world not in cache:
+            load, shares = [0] * world, [set() for _ in range(world)]
+            order = sorted(((d.nbytes, n, i) for n, ds in self.destinations.items() for i, d in enumerate(ds)),
+                           key=lambda x: (-x[0], x[1], x[2]))
+            for nbytes, name, i in order:
+                r = min(range(world), key=lambda k: (load[k], k))
+                load[r] += nbytes
+                shares[r].add((name, i))
+            cache[world] = tuple(frozenset(s) for s in shares)
+        return cache[world]
 
     def check_covers(self) -> None:
         """Every destination is contiguous, and the destinations tile the parameters: each byte exactly once."""
