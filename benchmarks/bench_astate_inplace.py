@@ -16,7 +16,8 @@ weight-transfer backend), and the same tensors are pushed into it, alternating t
   its first sync, every K-th and retries);
 - astate_rearranged (MoE only): the same engine with the plan recorded in checkpoint layout (`vllm_engine.replan`:
   the path of a kernel whose after-loading step is not a blocked permutation): the worker re-runs the expert
-  prepack in `finish_weight_update` and copies it back, unverified.
+  prepack in `finish_weight_update` and copies it back, unverified. Each plan has its own senders, made once and
+  kept across rounds (as a trainer's sender keeps its mapping of the worker's arena across syncs).
 Every path is timed from the first byte to the worker's return, and each push is checked: after it, the engine's
 greedy log-probs equal the ones it gave right after the first push of the same weights. This process copies with
 one torch thread (memcpy, astate's writes, verl's bucket packing); verl's path also runs the vLLM worker's
@@ -197,21 +198,15 @@ def run_size(gib: float, repeats: int, work: Path, bucket_mb: int, model: str = 
         times["astate_rearranged"] = []
     version, reference = 0, {}
 
+    plain: list = []  # senders of the plan in checkpoint layout: both sets live across rounds, as a sender does
+
     def rearranged(weights: dict[str, torch.Tensor], v: int) -> float:
-        nonlocal senders
-
-        def again() -> list:  # senders of the re-recorded plan (mapped and populated here, untimed, as at init)
-            for s in senders:
-                s.close()
-            return hello()
-
-        llm.collective_rpc(replan, args=(False,))
-        senders = again()
+        llm.collective_rpc(replan, args=(False,))  # the same plan (and digest) each time it is recorded
         try:
-            return push_astate(llm, senders, weights, v, False)
+            plain[:] = plain or hello()
+            return push_astate(llm, plain, weights, v, False)
         finally:
             llm.collective_rpc(replan, args=(True,))
-            senders = again()
 
     for r in range(repeats + 1):  # round 0 warms every path up (first touch, plan), then is dropped
         for w_name, weights in (("second", second), ("first", first)):
@@ -234,7 +229,7 @@ def run_size(gib: float, repeats: int, work: Path, bucket_mb: int, model: str = 
             times["memcpy"].append(memcpy(first, [n / nbytes for n in per_worker]))
         print(f"{model} tp{tp} {gib} GiB round {r}: "
               + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items() if v and r))
-    for sender in senders:
+    for sender in senders + plain:
         sender.close()
     llm.llm_engine.engine_core.shutdown()  # before the next engine: its workers would keep cores busy
     llm = None

@@ -9,7 +9,9 @@ For a seeded bf16 stack of `--shape` (experts, rows, columns), best of `--repeat
 - words_torch: the same words moved by torch's strided `copy_` (the write without the tile transpose);
 - elements: the same write element by element (torch's strided `copy_` of bf16);
 - prepack: vLLM-CPU's own `cpu_prepack_moe_weight` (what the rearranging path runs in the worker after each sync, plus
-  a copy back).
+  a copy back);
+- compare / compare_torch: a verified sync's check that the written layout holds the source's bits
+  (`kernel_layout.equal_bytes`: tile by tile where the transpose is built), and torch's strided compare of the words.
 Every way's result is checked against the prepack's bytes. Writes kernel_layout_copy.json to `--out`.
 """
 
@@ -42,7 +44,7 @@ def main() -> None:
     from vllm._custom_ops import cpu_prepack_moe_weight
 
     from ring_ext_astate import word_transpose
-    from ring_ext_astate.kernel_layout import _words, copy_words, match, probe
+    from ring_ext_astate.kernel_layout import _words, copy_words, equal_bytes, match, probe
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", type=int, nargs=3, default=[8, 2048, 1024], help="experts, rows, columns")
@@ -61,13 +63,16 @@ def main() -> None:
     words_dst, words_src = _words(out, view)
     ways = {"memcpy": lambda: dst.copy_(src), "words": lambda: copy_words(out, view),
             "words_torch": lambda: words_dst.copy_(words_src), "elements": lambda: out.copy_(view),
-            "prepack": lambda: cpu_prepack_moe_weight(src, isa)}
+            "prepack": lambda: cpu_prepack_moe_weight(src, isa), "compare": lambda: equal_bytes(out, view),
+            "compare_torch": lambda: torch.equal(words_dst, words_src)}
     gbps = {}
     for name, fn in ways.items():
         gbps[name] = best_gbps(fn, src.nbytes, args.repeats)
         if name in ("words", "words_torch", "elements") and not torch.equal(dst.view(torch.int16),
                                                                           want.view(torch.int16)):
             raise AssertionError(f"{name}: the bytes differ from vLLM's prepack")
+        if name.startswith("compare") and not fn():
+            raise AssertionError(f"{name}: the written layout compared unequal to its source")
     result = {"command": "python " + " ".join(sys.argv), "torch_threads": 1, "isa": isa, "shape": shape,
               "layout": {"rows": layout.rows, "pack": layout.pack}, "gb_per_s": gbps,
               "transpose": word_transpose.status(), "words_over_memcpy": gbps["words"] / gbps["memcpy"],

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ring_ext_astate.plan import Destination, replay
-from ring_ext_astate.word_transpose import transpose_words
+from ring_ext_astate.word_transpose import equal_transposed, transpose_words
 
 CODES = {2: torch.int16, 4: torch.int32}  # a parameter's bytes carry an index code in a same-width integer
 WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -142,8 +142,13 @@ def copy_words(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def equal_bytes(dst: torch.Tensor, src: torch.Tensor) -> bool:
     """Same dtype and the same bits, element by element (a strided source needs no contiguous copy to be hashed;
-    bitwise, so a NaN equals itself and -0 differs from +0, as hashed bytes would)."""
-    return src.dtype == dst.dtype and src.shape == dst.shape and torch.equal(*_words(dst, src))
+    bitwise, so a NaN equals itself and -0 differs from +0, as hashed bytes would). A 16-row block of words is
+    compared by the tile transpose where it is built (no strided compare, no copy of src)."""
+    if src.dtype != dst.dtype or src.shape != dst.shape:
+        return False
+    words = _words(dst, src)
+    same = equal_transposed(*words)
+    return torch.equal(*words) if same is None else same
 
 
 def _words(dst: torch.Tensor, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

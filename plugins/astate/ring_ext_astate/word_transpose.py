@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = r"""
 #include <stdint.h>
+#include <string.h>
 #include <immintrin.h>
 
 __attribute__((target("avx512f")))
@@ -58,9 +59,11 @@ static void tile16(const uint32_t *s, int64_t rs, uint32_t *d) {
 
 int ring_ext_has_avx512(void) { __builtin_cpu_init(); return __builtin_cpu_supports("avx512f"); }
 
-/* dst (contiguous, [outer..., C, B]) = src ([outer..., C, B], C stride 1, B stride rs); outer dims in words. */
-void ring_ext_transpose_u32(const uint32_t *src, uint32_t *dst, int64_t C, int64_t B, int64_t rs, int64_t nd,
-                            const int64_t *shape, const int64_t *stride) {
+/* dst (contiguous, [outer..., C, B]) = src ([outer..., C, B], C stride 1, B stride rs); outer dims in words.
+   With compare: dst is left alone and 1 is returned where it already holds those words, else 0. */
+int ring_ext_transpose_u32(const uint32_t *src, uint32_t *dst, int64_t C, int64_t B, int64_t rs, int64_t nd,
+                           const int64_t *shape, const int64_t *stride, int compare) {
+    uint32_t tile[256];
     int64_t total = 1;
     for (int64_t k = 0; k < nd; k++) total *= shape[k];
     for (int64_t o = 0; o < total; o++) {
@@ -70,10 +73,18 @@ void ring_ext_transpose_u32(const uint32_t *src, uint32_t *dst, int64_t C, int64
         uint32_t *d = dst + o * C * B;
         int64_t c0 = 0;
         if (B == 16)
-            for (; c0 + 16 <= C; c0 += 16) tile16(s + c0, rs, d + c0 * 16);
+            for (; c0 + 16 <= C; c0 += 16) {
+                if (!compare) { tile16(s + c0, rs, d + c0 * 16); continue; }
+                tile16(s + c0, rs, tile);
+                if (memcmp(tile, d + c0 * 16, sizeof tile)) return 0;
+            }
         for (int64_t r = 0; r < B; r++)
-            for (int64_t c = c0; c < C; c++) d[c * B + r] = s[r * rs + c];
+            for (int64_t c = c0; c < C; c++) {
+                if (!compare) d[c * B + r] = s[r * rs + c];
+                else if (d[c * B + r] != s[r * rs + c]) return 0;
+            }
     }
+    return 1;
 }
 """
 
@@ -117,7 +128,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if not handle.ring_ext_has_avx512():
         return None, "torch's strided copy (this CPU has no AVX-512)"
     handle.ring_ext_transpose_u32.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [
-        ctypes.POINTER(ctypes.c_int64)] * 2
+        ctypes.POINTER(ctypes.c_int64)] * 2 + [ctypes.c_int]
     return handle, f"the AVX-512 tile transpose ({lib})"
 
 
@@ -129,18 +140,27 @@ def status() -> str:
 def transpose_words(dst: torch.Tensor, src: torch.Tensor) -> bool:
     """`dst.copy_(src)` where dst is contiguous [..., C, 16] int32 and src the same shape with its C axis contiguous
     (a row block's words read row by row); False, copying nothing, for anything else or without the library."""
+    return _run(dst, src, compare=False) is not None
+
+
+def equal_transposed(dst: torch.Tensor, src: torch.Tensor) -> bool | None:
+    """Whether dst holds src's words (shapes as `transpose_words`), compared tile by tile in cache without a
+    contiguous copy of src; None where the tile transpose does not apply."""
+    return _run(dst, src, compare=True)
+
+
+def _run(dst: torch.Tensor, src: torch.Tensor, compare: bool) -> bool | None:
     while dst.dim() > 2 and dst.shape[-1] == 1:  # a column group's trailing unit dim (the word holds the pair)
         dst, src = dst.squeeze(-1), src.squeeze(-1)
     if (dst.dtype != torch.int32 or src.dtype != torch.int32 or dst.device.type != "cpu"
             or src.device.type != "cpu" or dst.dim() < 2 or dst.shape != src.shape or dst.shape[-1] != 16
             or not dst.is_contiguous() or src.stride(-2) != 1 or dst.numel() == 0):
-        return False
+        return None
     lib = _library()[0]
     if lib is None:
-        return False
+        return None
     outer = dst.shape[:-2]
     shape = (ctypes.c_int64 * max(1, len(outer)))(*outer)
     stride = (ctypes.c_int64 * max(1, len(outer)))(*src.stride()[:-2])
-    lib.ring_ext_transpose_u32(src.data_ptr(), dst.data_ptr(), dst.shape[-2], 16, src.stride(-1), len(outer), shape,
-                               stride)
-    return True
+    return bool(lib.ring_ext_transpose_u32(src.data_ptr(), dst.data_ptr(), dst.shape[-2], 16, src.stride(-1),
+                                           len(outer), shape, stride, int(compare)))

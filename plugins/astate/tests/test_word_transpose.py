@@ -45,6 +45,17 @@ def test_a_tp_slices_rows_and_strided_experts_are_read_where_they_lie() -> None:
     assert torch.equal(dst, src.contiguous())
 
 
+@pytest.mark.skipif(not AVX512, reason="the tile transpose is AVX-512's")
+@pytest.mark.parametrize("where", [(1, 2, 5, 9), (1, 3, 35, 15)])  # inside a whole tile; in the tail of 8 columns
+def test_the_compare_finds_one_changed_word_without_copying_the_source(where: tuple[int, ...]) -> None:
+    src = _words(64, 40).view(2, 4, 16, 40).transpose(-1, -2)
+    dst = src.contiguous()
+    assert word_transpose.equal_transposed(dst, src) is True
+    dst[where] ^= 1  # one bit of one word
+    assert word_transpose.equal_transposed(dst, src) is False
+    assert word_transpose.equal_transposed(dst.view(torch.int16), src.contiguous().view(torch.int16)) is None
+
+
 def test_what_is_not_a_16_row_block_of_words_is_declined_and_left_alone() -> None:
     src = _words(64, 32).view(2, 8, 8, 32).transpose(-1, -2)  # 8-row blocks
     dst = torch.zeros(src.shape, dtype=torch.int32)
