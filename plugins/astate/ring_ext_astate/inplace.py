@@ -55,6 +55,7 @@ class InPlaceSender:
         self.welcome: Welcome = self.client.hello()
         self.maps = [map_arena(name, self.welcome.size) for name in self.welcome.arenas]
         self._dsts: dict[tuple, torch.Tensor] = {}  # (arena, offset, shape) -> the destination's view
+        self._views: dict[tuple, tuple] = {}  # (offset, source layout) -> the source slice's size, stride, offset
 
     def target(self, version: int) -> torch.Tensor:
         """The arena sync `version` writes (the inactive one, with shadow)."""
@@ -92,8 +93,20 @@ class InPlaceSender:
             raise SyncError(f"the trainer sent no {missing[:5]}{'...' if len(missing) > 5 else ''} "
                             f"({len(missing)} tensors rollout worker {self.welcome.rank} needs)")
 
-    def _write_one(self, name: str, t: torch.Tensor, d: Destination, stats: WriteStats, verify: bool) -> None:
+    def _source(self, name: str, t: torch.Tensor, d: Destination) -> torch.Tensor:
+        """`source_slice`, replayed once per destination and source layout: later syncs take the same view of the
+        new tensor in one `as_strided` (a chain of views per slice costs more than a small slice's copy)."""
+        key = (d.offset, tuple(t.shape), t.stride(), t.dtype, t.device)
+        seen = self._views.get(key)
+        if seen is not None:
+            return t.as_strided(seen[0], seen[1], t.storage_offset() + seen[2])
         src = source_slice(name, t, d)
+        if src.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():  # a view, not a copy the chain made
+            self._views[key] = (tuple(src.shape), src.stride(), src.storage_offset() - t.storage_offset())
+        return src
+
+    def _write_one(self, name: str, t: torch.Tensor, d: Destination, stats: WriteStats, verify: bool) -> None:
+        src = self._source(name, t, d)
         key = (self.bytes.data_ptr(), d.offset, d.shape)
         dst = self._dsts.get(key)
         if dst is None:  # the views into the arena are made once per arena (hundreds of slices, each sync)
@@ -127,7 +140,7 @@ class InPlaceSender:
 
     def close(self) -> None:
         self.client.close()
-        self.maps, self.bytes, self._dsts = [], None, {}  # unmapped with the last reference
+        self.maps, self.bytes, self._dsts, self._views = [], None, {}, {}  # unmapped with the last reference
 
 
 def write_workers(senders: list[InPlaceSender], weights: Iterable[tuple[str, torch.Tensor]], version: int,

@@ -159,8 +159,13 @@ def _run(dst: torch.Tensor, src: torch.Tensor, compare: bool) -> bool | None:
     lib = _library()[0]
     if lib is None:
         return None
-    outer = dst.shape[:-2]
-    shape = (ctypes.c_int64 * max(1, len(outer)))(*outer)
-    stride = (ctypes.c_int64 * max(1, len(outer)))(*src.stride()[:-2])
+    outer = tuple(dst.shape[:-2])
+    shape, stride = _outer(outer, tuple(src.stride()[:-2]))
     return bool(lib.ring_ext_transpose_u32(src.data_ptr(), dst.data_ptr(), dst.shape[-2], 16, src.stride(-1),
                                            len(outer), shape, stride, int(compare)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _outer(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[ctypes.Array, ctypes.Array]:
+    """The outer dims as C arrays (made once per layout: every sync writes the same ones)."""
+    return (ctypes.c_int64 * max(1, len(shape)))(*shape), (ctypes.c_int64 * max(1, len(stride)))(*stride)

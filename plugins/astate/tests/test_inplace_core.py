@@ -53,6 +53,31 @@ def test_a_sync_lands_in_the_parameters_and_commits(worker: dict) -> None:
     sender.close()
 
 
+def test_a_later_sync_takes_the_same_slices_of_new_tensors_wherever_they_lie(worker: dict) -> None:
+    """The sender replays each slice's views once per source layout and then takes them with one as_strided: a new
+    tensor at another storage offset, or with other strides, must still give its own rows."""
+    sender = InPlaceSender(str(descriptor_path(worker["dir"], 0)), timeout_s=5)
+    for v, (seed, lay) in enumerate([(0, "plain"), (1, "offset"), (2, "transposed"), (3, "offset")], start=1):
+        w = fused_weights(seed)
+        if lay == "offset":  # inside a larger buffer, as a flat-parameter shard is
+            buf = torch.zeros(7 + sum(t.numel() for t in w.values()))
+            at = 7
+            for n, t in list(w.items()):
+                w[n] = buf[at:at + t.numel()].view(t.shape).copy_(t)
+                at += t.numel()
+        if lay == "transposed":  # the same values, column-major
+            w["k"] = w["k"].t().contiguous().t()
+        stats = sender.write(w.items(), v, verify=False)
+        sender.report(v, 0, stats)
+        check_reports(worker["plan"], worker["server"].wait_reports(v, 1, timeout_s=5), v, worker["arena"].bytes,
+                      verify=False, rank=0)
+        qk = worker["model"].qk.detach()
+        assert torch.equal(qk[:4], w["q"].bfloat16()) and torch.equal(qk[4:], w["k"][:2].bfloat16()), lay
+        assert torch.equal(worker["model"].norm.detach(), w["norm"].bfloat16()), lay
+    assert len(sender._views) > len(worker["plan"].destinations)  # the transposed k was replayed for its layout
+    sender.close()
+
+
 def test_the_commit_check_refuses_double_writes_gaps_old_versions_and_changed_bytes(worker: dict) -> None:
     sender = InPlaceSender(str(descriptor_path(worker["dir"], 0)), timeout_s=5)
     stats = sender.write(fused_weights(1).items(), 1, verify=True)

@@ -122,7 +122,9 @@ def test_every_step_synced_across_hosts_and_logs_finite_metrics(run: dict) -> No
         assert d["astate/direct"] == 1.0 and d["astate/bytes_per_sender"] == model_bytes, step
     carried = re.findall(r"sync (\d+) into rollout worker 0 in place: .* from the trainer ranks' slices across hosts",
                          run["log"])
-    assert carried == [str(v) for v in range(2, STEPS + 2)], carried
+    # each line once or twice (two nodes on one machine; Ray's de-duplication of repeated lines is timing-dependent):
+    # each version once, in order
+    assert list(dict.fromkeys(carried)) == [str(v) for v in range(2, STEPS + 2)], carried
     # the receiver logs a failed sync (and keeps vLLM's previous weights) instead of raising
     assert "Traceback" not in run["log"] and "astate: weight sync" not in run["log"]
 

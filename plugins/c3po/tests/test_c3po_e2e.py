@@ -56,7 +56,9 @@ def test_the_start_up_log_names_each_technique_and_its_knobs(run: dict) -> None:
     # weights move through astate, in place, at every sync (the initial one and one per step)
     assert "weight sync in place through astate into every vLLM worker's parameters" in run["log"]
     assert re.search(r"rollout worker 0 writes in place: 26 checkpoint tensors -> \d+ parameters", run["log"])
-    synced = re.findall(r"sync (\d+) into rollout worker 0 in place: .* verified=(\w+), attempts=1", run["log"])
+    # each line once or twice: two nodes on one machine, and Ray's de-duplication of repeated lines is timing-dependent
+    synced = list(dict.fromkeys(re.findall(r"sync (\d+) into rollout worker 0 in place: .* verified=(\w+), attempts=1",
+                                           run["log"])))
     assert [int(v) for v, _ in synced] == list(range(1, HALF + 2)), synced
     assert synced[0][1] == "True" and synced[1][1] == "False"  # audit: the first sync hashes every byte
 
