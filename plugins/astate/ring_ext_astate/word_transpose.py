@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ring_ext")
 
 SOURCE = r"""
 #include <stdint.h>
@@ -98,7 +98,7 @@ def cache_dir() -> Path:
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the compiled library, what serves the copy), said once per process (at its first blocked-layout write)."""
     lib, what = _load()
-    (logger.info if lib is not None else logger.warning)("astate: kernel-layout words written by %s", what)
+    logger.warning("ring-ext astate: kernel-layout words written by %s", what)  # the sync lines' level: shown
     return lib, what
 
 
