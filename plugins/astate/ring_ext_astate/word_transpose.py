@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ring_ext.tiny import default_cache_dir
+
 logger = logging.getLogger("ring_ext")
 
 SOURCE = r"""
@@ -89,11 +91,6 @@ int ring_ext_transpose_u32(const uint32_t *src, uint32_t *dst, int64_t C, int64_
 """
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("RING_EXT_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                               / "ring_ext"))
-
-
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the compiled library, what serves the copy), said once per process (at its first blocked-layout write)."""
@@ -103,14 +100,14 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    """Compiled once per source and machine kind into `cache_dir()`, then loaded from there."""
+    """Compiled once per source and machine kind into ring-ext's cache (`RING_EXT_CACHE`), then loaded from there."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return None, f"torch's strided copy ({platform.machine()}: the tile transpose is x86's AVX-512)"
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None, "torch's strided copy (no C compiler: set CC or install gcc for the AVX-512 tile transpose)"
     key = hashlib.sha256(f"{SOURCE}{platform.machine()}".encode()).hexdigest()[:16]
-    lib = cache_dir() / f"word_transpose_{key}.so"
+    lib = default_cache_dir() / f"word_transpose_{key}.so"  # beside the tiny default
     try:
         if not lib.exists():
             lib.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
