@@ -214,7 +214,8 @@ def test_a_senders_mapping_is_populated_so_its_first_write_takes_no_page_faults(
         mapped = map_arena(arena.name, arena.size)
         before = faults()
         mapped.fill_(2)  # the sender's first sync
-        assert faults() - before < 100, "the first write faulted page by page: the mapping was not populated"
+        # < 1,000 of 16,384: other threads of this process (Ray, ZeroMQ) may fault a few pages meanwhile
+        assert faults() - before < 1000, "the first write faulted page by page: the mapping was not populated"
         assert int(arena.bytes[-1]) == 2  # the owner's pages
     finally:
         arena.unlink()
