@@ -140,8 +140,10 @@ def test_the_standalone_rollout_was_synced_by_astate_every_step(run: dict) -> No
                           run["log"])) == STEPS
     assert len(re.findall(r"sync 1 into rollout worker 0 in place: .* written by this process", run["log"])) == 1
     assert "'backend': 'astate'" in run["log"] and "'trainer_mode': 'separate_async'" in run["log"]
-    # the receiver logs a failed sync (and keeps vLLM's previous weights) instead of raising
-    assert "Traceback" not in run["log"] and "astate: weight sync" not in run["log"]
+    # the receiver logs a failed sync (and keeps vLLM's previous weights) instead of raising; after the last step
+    # vLLM's server may report its engine core gone while the run's actors are torn down (a clean-clone run did)
+    steps_log = run["log"].split("ring-ext: run summary in")[0]
+    assert "Traceback" not in steps_log and "astate: weight sync" not in run["log"]
 
 
 def test_rollout_logprobs_follow_the_synced_weights(run: dict) -> None:
